@@ -1,0 +1,58 @@
+"""Test-wide isolation: nothing leaks into the user's home, nothing reaches the network.
+
+The environment is set at import time, before any test module imports Prefect, MLflow or
+huggingface_hub, because those read their settings on import.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import pytest
+
+_SANDBOX = Path(tempfile.mkdtemp(prefix="sanitator-tests-"))
+os.environ.update({
+    "PREFECT_HOME": str(_SANDBOX / "prefect"),
+    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    "DO_NOT_TRACK": "true",
+    "MLFLOW_TRACKING_URI": f"sqlite:///{_SANDBOX / 'mlflow.db'}",
+    "MLFLOW_DISABLE_TELEMETRY": "true",
+    "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
+    "HF_HOME": str(_SANDBOX / "hf"),
+    "HF_HUB_OFFLINE": "1",
+    "HF_HUB_DISABLE_TELEMETRY": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+})
+
+
+@pytest.fixture(scope="session")
+def sandbox() -> Path:
+    """The session's private folder (PREFECT_HOME, MLflow db and HF cache live here)."""
+    return _SANDBOX
+
+
+@pytest.fixture(scope="session")
+def minilm_2layer(tmp_path_factory) -> Path:
+    """MiniLM-L6 truncated to 2 layers: real pretrained weights, fast."""
+    from sanitator.models import truncated_minilm
+
+    return truncated_minilm(2, tmp_path_factory.mktemp("minilm2") / "model")
+
+
+@pytest.fixture(scope="session")
+def minilm_1layer(tmp_path_factory) -> Path:
+    """MiniLM-L6 truncated to 1 layer: real pretrained weights, fastest."""
+    from sanitator.models import truncated_minilm
+
+    return truncated_minilm(1, tmp_path_factory.mktemp("minilm1") / "model")
+
+
+@pytest.fixture(scope="session")
+def tiny_encoders(tmp_path_factory) -> dict[str, Path]:
+    """One tiny randomly initialised encoder folder per architecture (plumbing tests)."""
+    from sanitator.models import TINY_ARCHITECTURES, build_tiny_encoder
+
+    root = tmp_path_factory.mktemp("tiny")
+    return {arch: build_tiny_encoder(arch, root / arch) for arch in TINY_ARCHITECTURES}
