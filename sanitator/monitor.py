@@ -1,0 +1,174 @@
+"""PV monitoring at inference: sign agreement against the PV set, then input purging.
+
+REFERENCE.md §5: an output is flagged when its sign pattern agrees with some PV on more than
+`threshold` of the hidden units (zero counts as positive). Flagged inputs are purged by
+deleting one word (with all its repeats) at a time, left to right, and keeping the first
+variant the monitor passes; an input no variant rescues is rejected.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+from sanitator.encoders import Feature, select_feature
+
+Text = str | tuple[str, str]
+
+
+def signs(values: torch.Tensor) -> torch.Tensor:
+    """+1/-1 signs with zero counted as positive, as floats (for matrix products)."""
+    return torch.where(values >= 0, 1.0, -1.0).to(torch.float32)
+
+
+def sign_agreement(outputs: torch.Tensor, pvs: torch.Tensor) -> torch.Tensor:
+    """[B, K] fraction of hidden units whose signs agree, in one matrix product.
+
+    agreement = (H + s(O) @ s(V)^T) / (2H), since each agreeing unit adds +1 and each
+    disagreeing unit -1 to the dot product of sign vectors.
+    """
+    hidden = outputs.shape[-1]
+    dots = signs(outputs) @ signs(pvs.to(outputs.device)).T
+    return (hidden + dots) / (2 * hidden)
+
+
+class SignMonitor:
+    """Flags encoder outputs whose sign pattern matches a stored PV."""
+
+    def __init__(self, pvs: torch.Tensor, threshold: float = 0.8):
+        if pvs.ndim != 2:
+            raise ValueError(f"pvs must be [K, H], got shape {tuple(pvs.shape)}")
+        if not 0.5 <= threshold < 1.0:
+            raise ValueError("threshold must be in [0.5, 1)")
+        self.pvs = pvs.detach().float().cpu()
+        self.threshold = threshold
+
+    @property
+    def empty(self) -> bool:
+        return self.pvs.shape[0] == 0
+
+    def best_match(self, outputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Best agreement [B] and the index of the PV achieving it [B] (-1 when no PVs)."""
+        if self.empty:
+            zeros = torch.zeros(outputs.shape[0])
+            return zeros, torch.full((outputs.shape[0],), -1, dtype=torch.long)
+        agreement = sign_agreement(outputs.detach().float().cpu(), self.pvs)
+        best, index = agreement.max(dim=1)
+        return best, index
+
+    def flag(self, outputs: torch.Tensor) -> torch.Tensor:
+        """Boolean [B]: the output matches some PV (strictly above the threshold)."""
+        return self.best_match(outputs)[0] > self.threshold
+
+
+@dataclass
+class MonitoredBatch:
+    """What a monitored forward pass returns for a batch of inputs."""
+
+    predictions: torch.Tensor      # [B] predicted class, -1 where the input was rejected
+    flagged: torch.Tensor          # [B] bool: the original input matched a PV
+    agreement: torch.Tensor        # [B] best sign agreement of the original input
+    purged_texts: list[Text | None]  # the text that was finally classified (None: rejected)
+    rejected: torch.Tensor         # [B] bool: flagged and not rescued (or rejected by policy)
+
+
+def delete_word_variants(text: str) -> list[str]:
+    """Left-to-right purge candidates: drop word j and every other occurrence of it."""
+    words = text.split()
+    variants, seen = [], set()
+    for word in words:
+        if word in seen:
+            continue
+        seen.add(word)
+        variants.append(" ".join(w for w in words if w != word))
+    return variants
+
+
+def _default_feature(output, _batch) -> torch.Tensor:
+    feature = getattr(output, "feature", None)
+    return feature if feature is not None else select_feature(output, Feature.CLS)
+
+
+class MonitoredEncoder:
+    """Wraps an encoder or a prompt-tuned classifier with the sign monitor and purging.
+
+    `model(**tokenized)` must return an object with `logits` (for predictions) and either a
+    `feature` attribute or a `last_hidden_state` (CLS is read); pass `feature_fn` for any
+    other layout. `on_flag` is `purge` (delete words until the monitor passes) or `reject`.
+    """
+
+    def __init__(self, model: torch.nn.Module, tokenizer, monitor: SignMonitor, *,
+                 on_flag: Literal["purge", "reject"] = "purge", max_length: int = 128,
+                 batch_size: int = 64, purge_field: int = 0,
+                 feature_fn: Callable | None = None):
+        if on_flag not in ("purge", "reject"):
+            raise ValueError("on_flag must be 'purge' or 'reject'")
+        self.model, self.tokenizer, self.monitor = model, tokenizer, monitor
+        self.on_flag, self.max_length, self.batch_size = on_flag, max_length, batch_size
+        self.purge_field = purge_field
+        self.feature_fn = feature_fn or _default_feature
+
+    def _tokenize(self, texts: Sequence[Text]) -> dict[str, torch.Tensor]:
+        if texts and isinstance(texts[0], tuple):
+            first, second = zip(*texts, strict=True)
+            batch = self.tokenizer(list(first), list(second), truncation=True,
+                                   max_length=self.max_length, padding=True, return_tensors="pt")
+        else:
+            batch = self.tokenizer(list(texts), truncation=True, max_length=self.max_length,
+                                   padding=True, return_tensors="pt")
+        device = next(self.model.parameters()).device
+        return {key: value.to(device) for key, value in batch.items()}
+
+    @torch.no_grad()
+    def _run(self, texts: Sequence[Text]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Predictions [N] and features [N, H], in batches."""
+        predictions, features = [], []
+        for start in range(0, len(texts), self.batch_size):
+            batch = self._tokenize(texts[start:start + self.batch_size])
+            output = self.model(**batch)
+            logits = getattr(output, "logits", None)
+            if logits is not None:
+                predictions.append(logits.argmax(dim=-1).cpu())
+            features.append(self.feature_fn(output, batch).float().cpu())
+        preds = torch.cat(predictions) if predictions else torch.full((len(texts),), -1)
+        return preds, torch.cat(features)
+
+    def _with_field(self, text: Text, replacement: str) -> Text:
+        if isinstance(text, tuple):
+            parts = list(text)
+            parts[self.purge_field] = replacement
+            return (parts[0], parts[1])
+        return replacement
+
+    def predict(self, texts: Sequence[Text]) -> MonitoredBatch:
+        texts = list(texts)
+        predictions, features = self._run(texts)
+        agreement, _ = self.monitor.best_match(features)
+        flagged = agreement > self.monitor.threshold
+        rejected = flagged.clone()
+        purged: list[Text | None] = [None if f else t for t, f in zip(texts, flagged.tolist(),
+                                                                       strict=True)]
+        flagged_rows = flagged.nonzero().flatten().tolist()
+        if self.on_flag == "purge" and flagged_rows:
+            owners, candidates = [], []
+            for row in flagged_rows:
+                field = texts[row][self.purge_field] if isinstance(texts[row], tuple) \
+                    else texts[row]
+                for variant in delete_word_variants(field):
+                    owners.append(row)
+                    candidates.append(self._with_field(texts[row], variant))
+            if candidates:
+                variant_preds, variant_features = self._run(candidates)
+                passes = ~self.monitor.flag(variant_features)
+                for index in range(len(candidates) - 1, -1, -1):  # so the left-most wins
+                    if passes[index]:
+                        row = owners[index]
+                        predictions[row] = variant_preds[index]
+                        purged[row] = candidates[index]
+                        rejected[row] = False
+        predictions = predictions.clone()
+        predictions[rejected] = -1
+        return MonitoredBatch(predictions, flagged, agreement, purged, rejected)
