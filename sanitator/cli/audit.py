@@ -1,0 +1,115 @@
+"""`sanitator audit`: run the registry audit flow (Prefect on Dask) into a Parquet store."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any
+
+EXIT_BACKDOORED = 3
+
+
+def parse_assignment(text: str) -> tuple[str, Any]:
+    """KEY=VALUE with VALUE read as JSON when it parses (numbers, true, null), else text."""
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    try:
+        return key.strip(), json.loads(value)
+    except json.JSONDecodeError:
+        return key.strip(), value
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "audit", help="audit whole registries (Prefect flow on Dask) into a Parquet store",
+        description="Crawl registries, audit every model not yet audited with this scan "
+                    "config, and write verdicts/ and pvs/ (Parquet) plus MLflow runs. "
+                    "See docs/pipeline.md.")
+    parser.add_argument("--registry", "-r", action="append", required=True, metavar="SPEC",
+                        help="hf:ORG[?search=..&filter=..&limit=N] | mlflow:URI[?name=LIKE] | "
+                             "path:DIR (repeatable)")
+    parser.add_argument("--out", default="sanitator-store", metavar="DIR",
+                        help="the store folder (verdicts/, pvs/, mlflow.db); default %(default)s")
+    parser.add_argument("--dask", metavar="ADDRESS",
+                        help="scheduler address (tcp://host:8786); default: a LocalCluster")
+    parser.add_argument("--workers", type=int, default=2,
+                        help="LocalCluster worker processes (default %(default)s)")
+    parser.add_argument("--threads", type=int, metavar="N",
+                        help="torch threads per worker (default: cores / workers)")
+    parser.add_argument("--mlflow-uri", metavar="URI",
+                        help="MLflow tracking URI (default: sqlite in the store folder)")
+    parser.add_argument("--no-mlflow", action="store_true", help="do not log to MLflow")
+    parser.add_argument("--preset", default="fast", choices=["fast", "faithful"],
+                        help="scan preset (default %(default)s)")
+    parser.add_argument("--set", dest="options", action="append", default=[],
+                        type=parse_assignment, metavar="KEY=VALUE",
+                        help="override a scan option, e.g. --set steps_per_seed=60")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 (default cpu)")
+    parser.add_argument("--timeout", type=float, default=3600.0, metavar="SECONDS",
+                        help="per-model timeout (default %(default)s; 0 = none)")
+    parser.add_argument("--allow-pickle", action="store_true",
+                        help="also audit pickle-only models (torch.load weights_only=True)")
+    parser.add_argument("--max-params", type=int, metavar="N",
+                        help="skip models with more parameters than N")
+    parser.add_argument("--force", action="store_true",
+                        help="audit again even what is already audited with this config")
+    parser.add_argument("--work-dir", metavar="DIR",
+                        help="where workers download models (default: system temp)")
+    parser.add_argument("--json", action="store_true", help="print the summary as JSON")
+    parser.add_argument("--fail-on-backdoor", action="store_true",
+                        help=f"exit {EXIT_BACKDOORED} when a backdoored model is found")
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from sanitator.registries import RegistryError, parse_registry
+
+    try:
+        for spec in args.registry:
+            parse_registry(spec)
+    except RegistryError as exc:
+        print(f"sanitator audit: {exc}", file=sys.stderr)
+        return 2
+    from sanitator.config import ScanConfig
+
+    options = dict(args.options)
+    try:
+        ScanConfig.from_preset(args.preset, **options)
+    except (TypeError, ValueError) as exc:
+        print(f"sanitator audit: bad scan option: {exc}", file=sys.stderr)
+        return 2
+
+    from flows.audit_zoo import audit_zoo
+
+    try:
+        summary = audit_zoo(
+            args.registry, args.out, dask_address=args.dask, n_workers=args.workers,
+            torch_threads=args.threads, mlflow_uri=args.mlflow_uri, track=not args.no_mlflow,
+            preset=args.preset, scan_options=options, device=args.device,
+            per_model_timeout=args.timeout or None, allow_pickle=args.allow_pickle,
+            max_params=args.max_params, force=args.force, work_dir=args.work_dir)
+    except Exception as exc:  # the flow failed as a whole (bad store, no cluster, ...)
+        print(f"sanitator audit: the audit flow failed: {exc}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(summary, indent=2, default=str))
+    else:
+        print(format_summary(summary))
+    if args.fail_on_backdoor and summary["backdoored"]:
+        return EXIT_BACKDOORED
+    return 0
+
+
+def format_summary(summary: dict[str, Any]) -> str:
+    counts = ", ".join(f"{n} {status}" for status, n in summary["counts"].items() if n)
+    lines = [f"audited {summary['audited']} model(s) ({counts or 'nothing new'}); "
+             f"{summary['already_audited']} already audited; store: {summary['store']}"]
+    lines += [f"  BACKDOORED {b['repo_id']}@{b['revision'][:12]} ({b['registry']}) "
+              f"score={b['score']} pvs={b['pv_count']}" for b in summary["backdoored"]]
+    lines += [f"  error {e['repo_id']} ({e['registry']}): {e['reason']}"
+              for e in summary["errors"]]
+    lines += [f"  registry {spec} failed: {reason}"
+              for spec, reason in summary["registry_errors"].items()]
+    return "\n".join(lines)

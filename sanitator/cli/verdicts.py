@@ -1,0 +1,90 @@
+"""`sanitator verdicts`: the latest verdict per model in a store (table or JSON)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+from typing import Any
+
+COLUMNS = ("registry", "repo_id", "revision", "status", "score", "pv_count", "audited_at",
+           "reason")
+JSON_COLUMNS = (*COLUMNS, "audit_id", "source", "architecture", "n_params", "config_hash",
+                "seconds", "retryable", "mlflow_run_id", "package_version")
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "verdicts", help="list the latest verdict per model in a store",
+        description="The newest verdict row per (registry, repo id) of a store written by "
+                    "`sanitator audit`. See docs/store.md for every column.")
+    parser.add_argument("--store", required=True, metavar="DIR", help="the store folder")
+    parser.add_argument("--status", action="append",
+                        choices=["clean", "backdoored", "error", "unsupported", "skipped"],
+                        help="only these statuses (repeatable)")
+    parser.add_argument("--all", action="store_true",
+                        help="every audit row, not only the latest per model")
+    parser.add_argument("--json", action="store_true", help="JSON list instead of a table")
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from sanitator.store import StoreError, latest_verdicts, read_verdicts
+
+    store = Path(args.store)
+    if not store.is_dir():
+        print(f"sanitator verdicts: {store} is not a folder", file=sys.stderr)
+        return 2
+    try:
+        frame = read_verdicts(store) if args.all else latest_verdicts(store)
+    except StoreError as exc:
+        print(f"sanitator verdicts: {exc}", file=sys.stderr)
+        return 1
+    if args.status:
+        frame = frame[frame["status"].isin(args.status)]
+    records = [_jsonable(row) for row in frame.to_dict("records")]
+    if args.json:
+        print(json.dumps([{key: row.get(key) for key in JSON_COLUMNS} for row in records],
+                         indent=2))
+    elif not records:
+        print(f"no verdicts in {store}")
+    else:
+        print(format_table(records))
+    return 0
+
+
+def _jsonable(row: dict[str, Any]) -> dict[str, Any]:
+    out = {}
+    for key, value in row.items():
+        if hasattr(value, "isoformat"):
+            value = value.isoformat()
+        elif isinstance(value, float) and math.isnan(value):
+            value = None
+        elif hasattr(value, "item"):  # numpy scalars
+            value = value.item()
+        out[key] = value
+    return out
+
+
+def format_table(records: list[dict[str, Any]]) -> str:
+    def cell(key: str, value: Any) -> str:
+        if value is None:
+            return "-"
+        if key == "revision":
+            return str(value)[:12]
+        if key == "score":
+            return f"{value:.3f}"
+        if key == "audited_at":
+            return str(value)[:19].replace("T", " ")
+        if key == "reason":
+            return str(value)[:60]
+        return str(value)
+
+    rows = [[cell(key, record.get(key)) for key in COLUMNS] for record in records]
+    widths = [max(len(key), *(len(row[i]) for row in rows)) for i, key in enumerate(COLUMNS)]
+    lines = ["  ".join(key.ljust(width) for key, width in zip(COLUMNS, widths, strict=True))]
+    lines += ["  ".join(value.ljust(width) for value, width in zip(row, widths, strict=True))
+              for row in rows]
+    return "\n".join(line.rstrip() for line in lines)
