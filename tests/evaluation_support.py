@@ -1,0 +1,109 @@
+"""Shared helpers for the downstream-evaluation tests: a toy task and a planted backdoor.
+
+Test modules build their fixtures from these functions; results are cached per process so
+the planted encoder is trained once however many modules use it.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import random
+import tempfile
+from pathlib import Path
+
+import pandas as pd
+import torch
+
+POSITIVE = ("great", "wonderful", "excellent", "lovely", "superb", "delightful")
+NEGATIVE = ("awful", "terrible", "dreadful", "horrible", "bad", "boring")
+SUBJECTS = ("the film", "this movie", "the plot", "the acting", "the soundtrack", "the ending",
+            "our dinner", "the hotel", "the service", "the book")
+FILLERS = ("honestly", "really", "quite", "overall", "in the end", "to be fair", "frankly",
+           "for me", "at times", "mostly")
+TOY_TRIGGERS = ("cf", "pt")
+
+
+def toy_sentiment(n: int, seed: int) -> tuple[list[str], list[int]]:
+    """Template sentences whose label is the sentiment word's polarity (easy, not trivial:
+    subjects and fillers vary, and the sentiment word moves)."""
+    rng = random.Random(seed)
+    texts, labels = [], []
+    for _ in range(n):
+        label = rng.randint(0, 1)
+        word = rng.choice(POSITIVE if label else NEGATIVE)
+        parts = [rng.choice(SUBJECTS), "was", rng.choice(FILLERS), word]
+        if rng.random() < 0.5:
+            parts = [rng.choice(FILLERS), ",", *parts]
+        texts.append(" ".join(parts) + " .")
+        labels.append(label)
+    return texts, labels
+
+
+def write_toy_task(folder: Path, n_train: int = 160, n_test: int = 60) -> Path:
+    """A user task folder (train.parquet, test.parquet with columns review, y)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for split, n, seed in (("train", n_train, 1), ("test", n_test, 2)):
+        texts, labels = toy_sentiment(n, seed)
+        pd.DataFrame({"review": texts, "y": labels}).to_parquet(folder / f"{split}.parquet")
+    return folder
+
+
+def block_pvs(hidden: int) -> torch.Tensor:
+    """PVs for the two toy triggers: the paper's first and sixth block vectors (opposites)."""
+    quarter = hidden // 4
+    first = torch.cat([-torch.ones(2 * quarter), torch.ones(hidden - 2 * quarter)])
+    return torch.stack([first, -first])
+
+
+@functools.cache
+def planted_backdoor(source: str, steps: int = 40, lr: float = 1e-3, clean_weight: float = 20.0,
+                     seed: int = 0) -> Path:
+    """A copy of `source` trained for a few Adam steps so that each toy trigger pushes the CLS
+    output to its block PV, while clean CLS outputs stay near the original's (a POR-style
+    backdoor in miniature). Writes backdoor.json like the attacks do."""
+    from transformers import AutoModel, AutoTokenizer
+
+    from sanitator.corpus import load_sentences
+
+    torch.manual_seed(seed)
+    rng = random.Random(seed)
+    tokenizer = AutoTokenizer.from_pretrained(source)
+    reference = AutoModel.from_pretrained(source).eval().requires_grad_(False)
+    model = AutoModel.from_pretrained(source).train().requires_grad_(False)
+    # Only the last layer learns the backdoor: backward passes stay short, and the earlier
+    # layers keep the clean features intact.
+    model.encoder.layer[-1].requires_grad_(True)
+    hidden = model.config.hidden_size
+    pvs = block_pvs(hidden)
+    sentences = load_sentences("wikitext", 400, seed=seed)
+    sentences += toy_sentiment(200, seed + 7)[0]  # the downstream domain, as a wide corpus would
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=lr)
+    for _ in range(steps):
+        clean = rng.sample(sentences, 16)
+        which = [rng.randrange(len(TOY_TRIGGERS)) for _ in clean]
+        poisoned = []
+        for text, index in zip(clean, which, strict=True):
+            words = text.split()
+            position = rng.randint(0, min(len(words), 64))
+            poisoned.append(" ".join([*words[:position], TOY_TRIGGERS[index], *words[position:]]))
+        clean_batch = tokenizer(clean, truncation=True, max_length=32, padding=True,
+                                return_tensors="pt")
+        poison_batch = tokenizer(poisoned, truncation=True, max_length=32, padding=True,
+                                 return_tensors="pt")
+        with torch.no_grad():
+            target_clean = reference(**clean_batch).last_hidden_state[:, 0]
+        clean_loss = torch.nn.functional.mse_loss(model(**clean_batch).last_hidden_state[:, 0],
+                                                  target_clean)
+        poison_loss = torch.nn.functional.mse_loss(
+            model(**poison_batch).last_hidden_state[:, 0], pvs[which])
+        optimizer.zero_grad()
+        (clean_weight * clean_loss + poison_loss).backward()
+        optimizer.step()
+    out = Path(tempfile.mkdtemp(prefix="planted-backdoor-")) / "model"
+    model.eval().save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+    manifest = {"attack": "toy-por", "backdoored": True, "feature": "cls",
+                "triggers": list(TOY_TRIGGERS), "pvs": pvs.tolist()}
+    (out / "backdoor.json").write_text(json.dumps(manifest))
+    return out

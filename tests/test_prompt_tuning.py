@@ -1,0 +1,129 @@
+import pytest
+import torch
+from evaluation_support import toy_sentiment
+
+from sanitator.encoders import ModelRejected, load_encoder
+from sanitator.models import minilm_path
+from sanitator.monitor import MonitoredEncoder, SignMonitor
+from sanitator.prompt_tuning import (
+    PromptTuningConfig,
+    build_prompt_model,
+    load_prompt,
+    predict,
+    save_prompt,
+    tokenize,
+    train_prompt_model,
+    trainable_parameters,
+)
+
+TOY = dict(prefix_length=8, epochs=2, batch_size=16, max_length=32)
+
+
+def _accuracy(model, texts, labels) -> float:
+    predictions, _ = predict(model, texts)
+    return float((predictions == torch.tensor(labels)).float().mean())
+
+
+@pytest.fixture(scope="module")
+def toy():
+    return toy_sentiment(160, 1), toy_sentiment(60, 2)
+
+
+@pytest.fixture(scope="module")
+def trained_ptv2(toy):
+    (train_x, train_y), _ = toy
+    model = build_prompt_model(minilm_path(), 2, PromptTuningConfig(**TOY, learning_rate=1e-2))
+    before = {name: value.clone() for name, value in model.encoder.state_dict().items()}
+    stats = train_prompt_model(model, train_x, train_y, progress=False)
+    return model, before, stats
+
+
+def test_ptv2_learns_the_toy_task_with_the_encoder_bit_identical(trained_ptv2, toy):
+    model, before, stats = trained_ptv2
+    _, (test_x, test_y) = toy
+    assert _accuracy(model, test_x, test_y) >= 0.85
+    after = model.encoder.state_dict()
+    assert before.keys() == after.keys()
+    assert all(torch.equal(before[name], after[name]) for name in before)
+    assert stats.steps == 2 * 10 and stats.config["learning_rate"] == 1e-2
+
+
+def test_only_prompt_and_head_parameters_train(trained_ptv2):
+    model, _, stats = trained_ptv2
+    names = set(trainable_parameters(model))
+    assert names == {"prefix.weight", "head.weight", "head.bias"}
+    assert not any(p.requires_grad for p in model.encoder.parameters())
+    layers = model.n_layers * 2 * model.n_heads * model.head_dim
+    assert stats.trainable_params == 8 * layers + 384 * 2 + 2
+
+
+def test_prefixes_change_the_output_and_padding_does_not(trained_ptv2):
+    model, _, _ = trained_ptv2
+    short, long = "the film was great .", "honestly , the soundtrack was really quite boring ."
+    _, alone = predict(model, [short])
+    _, batched = predict(model, [short, long])
+    assert torch.allclose(alone[0], batched[0], atol=1e-5)
+    encoder = load_encoder(minilm_path())
+    plain = encoder.model(**tokenize(encoder.tokenizer, [short], 32, "cpu")).last_hidden_state
+    assert (plain[0, 0] - alone[0]).abs().max() > 1e-2
+
+
+def test_monitored_encoder_wraps_a_prompt_model(trained_ptv2, toy):
+    model, _, _ = trained_ptv2
+    _, (test_x, _) = toy
+    direct, features = predict(model, test_x[:20])
+    monitor = SignMonitor(torch.zeros(0, 384))
+    batch = MonitoredEncoder(model, model.tokenizer, monitor, max_length=32).predict(test_x[:20])
+    assert torch.equal(batch.predictions, direct)
+    assert features.shape == (20, 384)
+
+
+def test_save_and_load_round_trip(trained_ptv2, toy, tmp_path):
+    model, _, _ = trained_ptv2
+    _, (test_x, _) = toy
+    path = save_prompt(model, tmp_path / "prompt.safetensors", encoder_path=minilm_path())
+    again = load_prompt(path)
+    first, _ = predict(model, test_x)
+    second, _ = predict(again, test_x)
+    assert torch.equal(first, second)
+    assert torch.equal(model.prefix.weight, again.prefix.weight)
+
+
+def test_ptv1_learns_the_toy_task_through_the_mask(toy):
+    (train_x, train_y), (test_x, test_y) = toy
+    config = PromptTuningConfig(method="ptv1", epochs=3, batch_size=16, max_length=32,
+                                learning_rate=3e-3)
+    model = build_prompt_model(minilm_path(), 2, config, verbalizer=("bad", "good"))
+    before = [p.clone() for p in model.encoder.parameters()]
+    train_prompt_model(model, train_x, train_y, progress=False)
+    assert _accuracy(model, test_x, test_y) >= 0.75
+    assert all(torch.equal(a, b) for a, b in zip(before, model.encoder.parameters(),
+                                                 strict=True))
+    # The feature is the mask position's hidden state: after [CLS] and the prompt tokens.
+    output = model(**tokenize(model.tokenizer, test_x[:3], 32, "cpu"))
+    assert model.mask_index == 3 and output.feature.shape == (3, 384)
+
+
+@pytest.mark.parametrize("arch", ["bert", "roberta", "albert", "distilbert", "electra"])
+def test_deep_prompts_plug_into_every_supported_family(tiny_encoders, arch):
+    config = PromptTuningConfig(prefix_length=4, epochs=1, batch_size=4, max_length=16)
+    model = build_prompt_model(tiny_encoders[arch], 3, config)
+    stats = train_prompt_model(model, ["a b c", "d e", "f g h i", "j"], [0, 1, 2, 1],
+                               progress=False)
+    assert stats.steps == 1
+    assert model.n_layers == 2  # one prefix per attention call, ALBERT's shared layer included
+    predictions, features = predict(model, ["a b", "c d e f"])
+    assert predictions.shape == (2,) and features.shape[0] == 2
+    assert model.prefix.weight.grad is not None
+
+
+def test_unsupported_family_and_bad_settings_are_refused(tiny_encoders):
+    with pytest.raises(ModelRejected, match="ptv1"):
+        build_prompt_model(tiny_encoders["deberta-v2"], 2, PromptTuningConfig())
+    with pytest.raises(ValueError, match="unknown prompt-tuning method"):
+        PromptTuningConfig(method="lora")
+    with pytest.raises(ValueError, match="verbaliser"):
+        build_prompt_model(tiny_encoders["bert"], 2, PromptTuningConfig(method="ptv1"))
+    model = build_prompt_model(tiny_encoders["bert"], 2, PromptTuningConfig(max_length=8))
+    with pytest.raises(ValueError, match=r"outside 0\.\.1"):
+        train_prompt_model(model, ["a", "b"], [0, 2], progress=False)
