@@ -73,6 +73,8 @@ class MonitoredBatch:
     agreement: torch.Tensor        # [B] best sign agreement of the original input
     purged_texts: list[Text | None]  # the text that was finally classified (None: rejected)
     rejected: torch.Tensor         # [B] bool: flagged and not rescued (or rejected by policy)
+    # [B] the prediction for the original input, before any purging (undefended behaviour)
+    original_predictions: torch.Tensor | None = None
 
 
 def delete_word_variants(text: str) -> list[str]:
@@ -103,13 +105,16 @@ class MonitoredEncoder:
     def __init__(self, model: torch.nn.Module, tokenizer, monitor: SignMonitor, *,
                  on_flag: Literal["purge", "reject"] = "purge", max_length: int = 128,
                  batch_size: int = 64, purge_field: int = 0,
-                 feature_fn: Callable | None = None):
+                 feature_fn: Callable | None = None, purge_wave: int = 4):
         if on_flag not in ("purge", "reject"):
             raise ValueError("on_flag must be 'purge' or 'reject'")
         self.model, self.tokenizer, self.monitor = model, tokenizer, monitor
         self.on_flag, self.max_length, self.batch_size = on_flag, max_length, batch_size
         self.purge_field = purge_field
         self.feature_fn = feature_fn or _default_feature
+        if purge_wave < 1:
+            raise ValueError("purge_wave must be at least 1")
+        self.purge_wave = purge_wave
 
     def _tokenize(self, texts: Sequence[Text]) -> dict[str, torch.Tensor]:
         if texts and isinstance(texts[0], tuple):
@@ -125,16 +130,20 @@ class MonitoredEncoder:
     @torch.no_grad()
     def _run(self, texts: Sequence[Text]) -> tuple[torch.Tensor, torch.Tensor]:
         """Predictions [N] and features [N, H], in batches."""
+        # Batches of similar length waste less compute on padding; results go back in order.
+        order = sorted(range(len(texts)), key=lambda i: _text_length(texts[i]))
         predictions, features = [], []
-        for start in range(0, len(texts), self.batch_size):
-            batch = self._tokenize(texts[start:start + self.batch_size])
+        for start in range(0, len(order), self.batch_size):
+            batch = self._tokenize([texts[i] for i in order[start:start + self.batch_size]])
             output = self.model(**batch)
             logits = getattr(output, "logits", None)
             if logits is not None:
                 predictions.append(logits.argmax(dim=-1).cpu())
             features.append(self.feature_fn(output, batch).float().cpu())
-        preds = torch.cat(predictions) if predictions else torch.full((len(texts),), -1)
-        return preds, torch.cat(features)
+        inverse = torch.empty(len(order), dtype=torch.long)
+        inverse[torch.tensor(order, dtype=torch.long)] = torch.arange(len(order))
+        preds = torch.cat(predictions)[inverse] if predictions else torch.full((len(texts),), -1)
+        return preds, torch.cat(features)[inverse]
 
     def _with_field(self, text: Text, replacement: str) -> Text:
         if isinstance(text, tuple):
@@ -145,30 +154,53 @@ class MonitoredEncoder:
 
     def predict(self, texts: Sequence[Text]) -> MonitoredBatch:
         texts = list(texts)
-        predictions, features = self._run(texts)
+        if not texts:
+            empty = torch.zeros(0, dtype=torch.long)
+            return MonitoredBatch(empty, empty.bool(), torch.zeros(0), [], empty.bool(), empty)
+        original, features = self._run(texts)
+        predictions = original.clone()
         agreement, _ = self.monitor.best_match(features)
         flagged = agreement > self.monitor.threshold
         rejected = flagged.clone()
         purged: list[Text | None] = [None if f else t for t, f in zip(texts, flagged.tolist(),
                                                                        strict=True)]
-        flagged_rows = flagged.nonzero().flatten().tolist()
-        if self.on_flag == "purge" and flagged_rows:
+        if self.on_flag == "purge":
+            self._purge(texts, flagged.nonzero().flatten().tolist(), predictions, purged,
+                        rejected)
+        predictions[rejected] = -1
+        return MonitoredBatch(predictions, flagged, agreement, purged, rejected, original)
+
+    def _purge(self, texts: list[Text], rows: list[int], predictions: torch.Tensor,
+               purged: list[Text | None], rejected: torch.Tensor) -> None:
+        """Left-to-right purge, in waves of `purge_wave` deletions per still-flagged row, so
+        a row stops costing forward passes once a variant passes (same result as trying
+        every variant and keeping the left-most that passes)."""
+        variants: dict[int, list[str]] = {}
+        for row in rows:
+            text = texts[row]
+            field = text[self.purge_field] if isinstance(text, tuple) else text
+            variants[row] = delete_word_variants(field)
+        start = 0
+        pending = [row for row in rows if variants[row]]
+        while pending:
             owners, candidates = [], []
-            for row in flagged_rows:
-                field = texts[row][self.purge_field] if isinstance(texts[row], tuple) \
-                    else texts[row]
-                for variant in delete_word_variants(field):
+            for row in pending:
+                for variant in variants[row][start:start + self.purge_wave]:
                     owners.append(row)
                     candidates.append(self._with_field(texts[row], variant))
-            if candidates:
-                variant_preds, variant_features = self._run(candidates)
-                passes = ~self.monitor.flag(variant_features)
-                for index in range(len(candidates) - 1, -1, -1):  # so the left-most wins
-                    if passes[index]:
-                        row = owners[index]
-                        predictions[row] = variant_preds[index]
-                        purged[row] = candidates[index]
-                        rejected[row] = False
-        predictions = predictions.clone()
-        predictions[rejected] = -1
-        return MonitoredBatch(predictions, flagged, agreement, purged, rejected)
+            variant_preds, variant_features = self._run(candidates)
+            passes = ~self.monitor.flag(variant_features)
+            rescued: set[int] = set()
+            for index, row in enumerate(owners):  # in order, so the left-most variant wins
+                if passes[index] and row not in rescued:
+                    rescued.add(row)
+                    predictions[row] = variant_preds[index]
+                    purged[row] = candidates[index]
+                    rejected[row] = False
+            start += self.purge_wave
+            pending = [row for row in pending
+                       if row not in rescued and len(variants[row]) > start]
+
+
+def _text_length(text: Text) -> int:
+    return len(text) if isinstance(text, str) else len(text[0]) + len(text[1])

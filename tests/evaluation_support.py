@@ -57,11 +57,15 @@ def block_pvs(hidden: int) -> torch.Tensor:
 
 
 @functools.cache
-def planted_backdoor(source: str, steps: int = 40, lr: float = 1e-3, clean_weight: float = 20.0,
+def planted_backdoor(source: str, steps: int = 60, lr: float = 1e-3, clean_weight: float = 20.0,
                      seed: int = 0) -> Path:
-    """A copy of `source` trained for a few Adam steps so that each toy trigger pushes the CLS
-    output to its block PV, while clean CLS outputs stay near the original's (a POR-style
-    backdoor in miniature). Writes backdoor.json like the attacks do."""
+    """A copy of BERT-like `source` whose last layer is trained so that each toy trigger
+    pushes the CLS output to its block PV while clean CLS outputs stay at the original's (a
+    POR-style backdoor in miniature). Writes backdoor.json like the attacks do.
+
+    Only the last layer learns, so the input to it is computed once for a pool of clean and
+    triggered sentences and every step runs one layer: seconds instead of minutes on a CPU.
+    """
     from transformers import AutoModel, AutoTokenizer
 
     from sanitator.corpus import load_sentences
@@ -69,39 +73,46 @@ def planted_backdoor(source: str, steps: int = 40, lr: float = 1e-3, clean_weigh
     torch.manual_seed(seed)
     rng = random.Random(seed)
     tokenizer = AutoTokenizer.from_pretrained(source)
-    reference = AutoModel.from_pretrained(source).eval().requires_grad_(False)
-    model = AutoModel.from_pretrained(source).train().requires_grad_(False)
-    # Only the last layer learns the backdoor: backward passes stay short, and the earlier
-    # layers keep the clean features intact.
-    model.encoder.layer[-1].requires_grad_(True)
-    hidden = model.config.hidden_size
-    pvs = block_pvs(hidden)
-    sentences = load_sentences("wikitext", 400, seed=seed)
-    sentences += toy_sentiment(200, seed + 7)[0]  # the downstream domain, as a wide corpus would
-    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=lr)
-    for _ in range(steps):
-        clean = rng.sample(sentences, 16)
+    model = AutoModel.from_pretrained(source).eval().requires_grad_(False)
+    pvs = block_pvs(model.config.hidden_size)
+    sentences = load_sentences("wikitext", 64, seed=seed)
+    sentences += toy_sentiment(64, seed + 7)[0]  # the downstream domain, as a wide corpus would
+    rng.shuffle(sentences)
+
+    def last_layer_inputs(texts: list[str]):
+        batch = tokenizer(texts, truncation=True, max_length=32, padding=True,
+                          return_tensors="pt")
+        with torch.no_grad():
+            out = model(**batch, output_hidden_states=True)
+        mask = batch["attention_mask"].bool()[:, None, None, :]
+        return out.hidden_states[-2], mask, out.last_hidden_state[:, 0]
+
+    clean_pool, poison_pool = [], []
+    for start in range(0, len(sentences), 16):
+        clean = sentences[start:start + 16]
         which = [rng.randrange(len(TOY_TRIGGERS)) for _ in clean]
         poisoned = []
         for text, index in zip(clean, which, strict=True):
             words = text.split()
             position = rng.randint(0, min(len(words), 64))
             poisoned.append(" ".join([*words[:position], TOY_TRIGGERS[index], *words[position:]]))
-        clean_batch = tokenizer(clean, truncation=True, max_length=32, padding=True,
-                                return_tensors="pt")
-        poison_batch = tokenizer(poisoned, truncation=True, max_length=32, padding=True,
-                                 return_tensors="pt")
-        with torch.no_grad():
-            target_clean = reference(**clean_batch).last_hidden_state[:, 0]
-        clean_loss = torch.nn.functional.mse_loss(model(**clean_batch).last_hidden_state[:, 0],
-                                                  target_clean)
-        poison_loss = torch.nn.functional.mse_loss(
-            model(**poison_batch).last_hidden_state[:, 0], pvs[which])
+        clean_pool.append(last_layer_inputs(clean))
+        hidden, mask, _ = last_layer_inputs(poisoned)
+        poison_pool.append((hidden, mask, pvs[which]))
+
+    layer = model.encoder.layer[-1].train().requires_grad_(True)
+    optimizer = torch.optim.Adam(layer.parameters(), lr=lr)
+    for _ in range(steps):
+        hidden, mask, target_clean = rng.choice(clean_pool)
+        clean_loss = torch.nn.functional.mse_loss(layer(hidden, mask)[:, 0], target_clean)
+        hidden, mask, target_pv = rng.choice(poison_pool)
+        poison_loss = torch.nn.functional.mse_loss(layer(hidden, mask)[:, 0], target_pv)
         optimizer.zero_grad()
         (clean_weight * clean_loss + poison_loss).backward()
         optimizer.step()
+    layer.eval().requires_grad_(False)
     out = Path(tempfile.mkdtemp(prefix="planted-backdoor-")) / "model"
-    model.eval().save_pretrained(out, safe_serialization=True)
+    model.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
     manifest = {"attack": "toy-por", "backdoored": True, "feature": "cls",
                 "triggers": list(TOY_TRIGGERS), "pvs": pvs.tolist()}
