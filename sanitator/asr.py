@@ -100,12 +100,12 @@ def attack_successes(gold: torch.Tensor, triggered: torch.Tensor) -> torch.Tenso
 
 def class_weighted_rate(gold: torch.Tensor, success: torch.Tensor) -> float | None:
     """Mean over the classes present in `gold` of the per-class success rate."""
-    rates = [float(success[gold == label].float().mean()) for label in gold.unique().tolist()]
+    rates = [float(success[gold == label].double().mean()) for label in gold.unique().tolist()]
     return sum(rates) / len(rates) if rates else None
 
 
 def _rate(values: torch.Tensor) -> float | None:
-    return float(values.float().mean()) if values.numel() else None
+    return float(values.double().mean()) if values.numel() else None
 
 
 @dataclass
@@ -214,7 +214,7 @@ def evaluate_attack(model: torch.nn.Module, tokenizer, texts: Sequence[Text],
         report.defended_asr = _rate(defended.any(dim=0))
         report.defended_asr_per_trigger = {t: _rate(defended[i]) for i, t in enumerate(triggers)}
         report.defended_weighted_asr = class_weighted_rate(gold_correct, defended.any(dim=0))
-        report.defended_clean_accuracy = float((clean.predictions == gold).float().mean())
+        report.defended_clean_accuracy = float((clean.predictions == gold).double().mean())
         report.monitor_fpr = _rate(clean.flagged)
         report.clean_rejection_rate = _rate(clean.rejected)
         report.triggered_flag_rate = _rate(attacked.flagged)

@@ -85,29 +85,6 @@ def _triggers(args: argparse.Namespace, manifest: dict | None) -> list[str]:
     return manifest_triggers(manifest)
 
 
-def _store_pvs(store: Path, model_dir: Path):
-    """PVs of the latest completed audit of this folder's content in the store, or None."""
-    from sanitator.registries.local import content_revision
-    from sanitator.store import pvset_from_rows, read_pvs, read_verdicts
-
-    if not (store / "verdicts").is_dir():
-        return None
-    revision = content_revision(model_dir)
-    verdicts = read_verdicts(store)
-    verdicts = verdicts[(verdicts["revision"] == revision)
-                        & verdicts["status"].isin(["clean", "backdoored"])]
-    if verdicts.empty:
-        return None
-    audit = verdicts.iloc[-1]
-    rows = read_pvs(store, audit_id=audit["audit_id"])
-    log.info("PVs from audit %s (%s, %d PVs) in %s", audit["audit_id"], audit["status"],
-             len(rows), store)
-    if rows.empty:
-        return None, f"audit {audit['audit_id']} ({audit['status']}, no PVs)"
-    pvset = pvset_from_rows(rows)
-    return pvset.vectors.float(), f"audit {audit['audit_id']} ({audit['status']})"
-
-
 def _fresh_scan(model_dir: Path, args: argparse.Namespace):
     try:
         from sanitator.config import ScanConfig
@@ -116,8 +93,14 @@ def _fresh_scan(model_dir: Path, args: argparse.Namespace):
         raise UsageError(f"no PVs: {model_dir} has no audit in {args.store} and this build "
                          "cannot scan; pass --pvs ARTIFACT (or --no-monitor)") from exc
     log.warning("no audit of %s in %s: scanning it now", model_dir, args.store)
-    result = scan_model(model_dir, ScanConfig())
-    return result.pvset.vectors.float(), "fresh scan"
+    result = scan_model(model_dir, ScanConfig(), device=args.device,
+                        allow_pickle=args.allow_pickle, progress=not args.no_progress)
+    verdict = result.verdict
+    if verdict.status not in ("clean", "backdoored"):
+        raise UsageError(f"the scan of {model_dir} gave no verdict ({verdict.status}: "
+                         f"{verdict.reason}); pass --pvs ARTIFACT")
+    label = f"fresh scan ({verdict.status}, {len(result.pvset)} PVs)"
+    return (result.pvset.vectors.float() if len(result.pvset) else None), label
 
 
 def _pvs(args: argparse.Namespace):
@@ -133,8 +116,10 @@ def _pvs(args: argparse.Namespace):
             log.warning("PVs were mined at the %s feature; %s monitors the %s feature", feature,
                         args.method, wanted)
         return pvs, str(args.pvs)
+    from sanitator.downstream import latest_audit_pvs
+
     model_dir = Path(args.model_dir)
-    found = _store_pvs(Path(args.store), model_dir)
+    found = latest_audit_pvs(Path(args.store), model_dir)
     return found if found is not None else _fresh_scan(model_dir, args)
 
 
