@@ -58,7 +58,10 @@ def _safetensors_param_count(files: list[Path]) -> int:
     total = 0
     for file in files:
         with file.open("rb") as handle:
-            (header_len,) = struct.unpack("<Q", handle.read(8))
+            prefix = handle.read(8)
+            if len(prefix) < 8:
+                raise ModelRejected("error", f"{file.name}: corrupt safetensors file (truncated)")
+            (header_len,) = struct.unpack("<Q", prefix)
             if header_len > 100_000_000:
                 raise ModelRejected("error", f"{file.name}: corrupt safetensors header")
             try:

@@ -1,0 +1,80 @@
+"""`sanitator scan MODEL_DIR`: audit one model folder and print the verdict."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "scan", help="audit one model folder for a task-agnostic backdoor",
+        description="Mine predefined attack vectors (PVs) in one encoder folder and decide "
+                    "whether it carries a task-agnostic backdoor.")
+    parser.add_argument("model_dir", help="a Hugging Face model folder or HF cache snapshot")
+    parser.add_argument("--mode", choices=["detect", "search"], default="detect",
+                        help="detect: stop at the first accepted PV; search: collect every "
+                             "unique PV within the seed budget (default: detect)")
+    parser.add_argument("--preset", choices=["fast", "faithful"], default="fast",
+                        help="fast: batched schedule, calibrated rule (default); faithful: "
+                             "the paper's schedule and decision rule")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or mps")
+    parser.add_argument("--seed", type=int, default=1, help="first seed (default 1)")
+    parser.add_argument("--max-seeds", type=int, help="seed budget (preset default)")
+    parser.add_argument("--feature", choices=["cls", "mask", "pooler"],
+                        help="where the backdoor's vector appears (default cls)")
+    parser.add_argument("--corpus", help="clean sentences: a corpus name or a .parquet/.txt "
+                                         "file (default WikiText sentences)")
+    parser.add_argument("--allow-pickle", action="store_true",
+                        help="allow pickle weights (loaded with weights_only=True)")
+    parser.add_argument("--pvs-out", help="write the PV set to this .safetensors file")
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    parser.set_defaults(func=run)
+
+
+def _overrides(args: argparse.Namespace) -> dict:
+    overrides = {"mode": args.mode, "seed": args.seed}
+    if args.max_seeds is not None:
+        overrides["max_seeds"] = args.max_seeds
+    if args.feature:
+        overrides["feature"] = args.feature
+    if args.corpus:
+        overrides["corpus"] = args.corpus
+    return overrides
+
+
+def run(args: argparse.Namespace) -> int:
+    from sanitator.config import ScanConfig
+    from sanitator.scan import scan_model
+
+    config = ScanConfig.from_preset(args.preset, **_overrides(args))
+    progress = not (args.quiet or args.json) and sys.stderr.isatty()
+    result = scan_model(args.model_dir, config, device=args.device,
+                        allow_pickle=args.allow_pickle, progress=progress)
+    verdict, pvset = result.verdict, result.pvset
+    if args.pvs_out and verdict.status in ("clean", "backdoored"):
+        pvset.save(args.pvs_out, {"config_hash": config.config_hash(),
+                                  "model": str(args.model_dir)})
+    payload = {
+        "status": verdict.status,
+        "score": verdict.score,
+        "pvs": pvset.vectors.tolist() if len(pvset) else [],
+        "trigger_tokens": pvset.trigger_tokens,
+        "seeds_tried": verdict.seeds_tried,
+        "seconds": verdict.seconds,
+        "reason": verdict.reason,
+    }
+    if args.json:
+        print(json.dumps(payload))
+    else:
+        print(f"{args.model_dir}: {verdict.status}"
+              + (f" (score {verdict.score:.3f})" if verdict.score is not None else ""))
+        if verdict.reason:
+            print(f"  reason: {verdict.reason}")
+        for index, tokens in enumerate(pvset.trigger_tokens):
+            print(f"  PV {index + 1}: fired by {' '.join(tokens)!r}")
+        print(f"  seeds tried {verdict.seeds_tried}, {verdict.seconds:.1f} s, "
+              f"config {config.config_hash()}")
+    return 0 if verdict.status in ("clean", "backdoored") else 1

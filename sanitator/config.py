@@ -1,0 +1,133 @@
+"""One frozen config per stage, hashed into the audit's config hash.
+
+Two presets: `faithful` reproduces the published schedule and decision rule (REFERENCE.md
+§2, §4) so its behaviour stays measurable; `fast` (the default) is our batched schedule with
+the calibrated decision rule (docs/method.md).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field, fields, replace
+from typing import Any, Literal
+
+Mode = Literal["detect", "search"]
+Preset = Literal["fast", "faithful"]
+
+
+@dataclass(frozen=True)
+class MiningConfig:
+    """PV mining: soft-trigger optimisation against a frozen encoder."""
+
+    feature: str = "cls"            # cls | mask | pooler
+    trigger_len: int = 7            # soft-trigger tokens L
+    corpus: str | None = None       # corpus name or path; None = WikiText sentences
+    corpus_seed: int = 42
+    n_sentences: int = 2000         # training sentences
+    n_holdout: int = 64             # fixed held-out sentences the PV is estimated on
+    max_length: int = 128           # tokens, trigger included
+    pad_to_max_length: bool = False  # the reference pads every batch to max_length
+    max_insert_word: int = 32       # trigger starts after word 1..min(32, n_words)
+    batch_size: int = 32
+    parallel_seeds: int = 1         # seeds optimised together in one batched forward
+    epochs: int = 4                 # per seed (faithful); fast uses steps_per_seed
+    steps_per_seed: int | None = None  # when set, overrides epochs
+    found_check_epochs: int = 2     # faithful: abandon a seed not "found" after this many
+    lr: float = 2e-4
+    lr_boost: float = 100.0         # lr multiplier until the gradient first exceeds conver_grad
+    conver_grad: float = 5e-3
+    diversity_weight: float = 1.0
+    path_weight: float = 0.5
+    abandon_after: int | None = None  # fast: drop a seed whose collapse lags at this step
+    abandon_entropy_ratio: float = 0.9
+
+
+@dataclass(frozen=True)
+class FilterConfig:
+    """PV filtering: legitimate trigger, strong collapse, uniqueness."""
+
+    legit_factor: float = 1.2       # trigger entries within 1.2x the embedding range
+    per_dimension_range: bool = False  # MASK variant of the reference uses column-wise bounds
+    distance_th: float = 0.1        # faithful: "found" and "unique" threshold (MSE units)
+    collapse_ratio: float = 0.9975  # mean batch entropy / ln(batch) needed (-3.446 at B=32)
+    unique_agreement: float = 0.9   # fast: a PV is a duplicate above this sign agreement
+
+
+@dataclass(frozen=True)
+class DecisionConfig:
+    """How evidence becomes a verdict. `paper` = first accepted PV; `calibrated` = ours."""
+
+    rule: Literal["paper", "calibrated"] = "calibrated"
+    null_quantile: float = 0.999    # per-encoder null quantile a signal must exceed
+    min_support: int = 2            # seeds that must agree on one PV (calibrated rule)
+    hard_token_candidates: int = 32  # vocabulary tokens re-tested per PV (attribution)
+
+
+@dataclass(frozen=True)
+class ScanConfig:
+    preset: Preset = "fast"
+    mode: Mode = "detect"
+    seed: int = 1
+    max_seeds: int = 16
+    search_patience: int | None = None  # search: stop after this many seed groups add no PV
+    mining: MiningConfig = field(default_factory=MiningConfig)
+    filtering: FilterConfig = field(default_factory=FilterConfig)
+    decision: DecisionConfig = field(default_factory=DecisionConfig)
+
+    @classmethod
+    def from_preset(cls, preset: Preset = "fast", **overrides: Any) -> ScanConfig:
+        """A preset with top-level or nested overrides (`mining=MiningConfig(...)` or
+        flat names such as `steps_per_seed=50`, routed to the stage that owns them)."""
+        if preset not in PRESETS:
+            raise ValueError(f"unknown preset {preset!r}; choose from {sorted(PRESETS)}")
+        config = PRESETS[preset]
+        mode = overrides.get("mode", config.mode)
+        if "max_seeds" not in overrides:
+            overrides["max_seeds"] = SEED_BUDGETS[preset][mode]
+        stages = {"mining": config.mining, "filtering": config.filtering,
+                  "decision": config.decision}
+        top: dict[str, Any] = {}
+        nested: dict[str, dict[str, Any]] = {name: {} for name in stages}
+        for key, value in overrides.items():
+            owner = next((name for name, stage in stages.items()
+                          if key in {f.name for f in fields(stage)}), None)
+            if key in {f.name for f in fields(cls)}:
+                top[key] = value
+            elif owner:
+                nested[owner][key] = value
+            else:
+                raise TypeError(f"unknown scan option {key!r}")
+        for name, stage in stages.items():
+            top.setdefault(name, replace(stage, **nested[name]))
+        return replace(config, **top)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def config_hash(self) -> str:
+        """Stable across runs and machines: sha256 of the canonical JSON, 16 hex digits."""
+        canonical = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+
+
+PRESETS: dict[str, ScanConfig] = {
+    # The published schedule and rule: 2000 sentences padded to 128 tokens, batch 32,
+    # 4 epochs per seed, one seed at a time, first accepted PV decides.
+    "faithful": ScanConfig(
+        preset="faithful",
+        mining=MiningConfig(pad_to_max_length=True),
+        decision=DecisionConfig(rule="paper"),
+    ),
+    # Ours: short dynamic-padded sentences, several seeds per batch, fixed short budget.
+    "fast": ScanConfig(
+        preset="fast",
+        search_patience=3,
+        mining=MiningConfig(n_sentences=256, max_length=64, batch_size=16, parallel_seeds=4,
+                            steps_per_seed=50, abandon_after=25),
+    ),
+}
+SEED_BUDGETS: dict[str, dict[str, int]] = {
+    "faithful": {"detect": 30, "search": 1000},
+    "fast": {"detect": 8, "search": 32},
+}

@@ -1,0 +1,271 @@
+"""Audit one model folder: load safely, mine PVs, filter them, decide, attribute triggers."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from sanitator.attribution import (
+    TokenAttribution,
+    attribute_pv,
+    candidate_token_ids,
+    sweep_vocabulary,
+)
+from sanitator.config import ScanConfig
+from sanitator.corpus import load_sentences
+from sanitator.encoders import Encoder, Feature, ModelInfo, ModelRejected, load_encoder
+from sanitator.filtering import (
+    embedding_bounds,
+    is_collapsed,
+    is_legitimate,
+    is_unique_mse,
+    is_unique_sign,
+)
+from sanitator.mining import MiningData, SeedOutcome, mine_seeds, prepare_data
+from sanitator.results import PVSet, Verdict
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ScanResult:
+    verdict: Verdict
+    pvset: PVSet
+    info: ModelInfo | None = None
+
+
+@dataclass
+class Candidate:
+    """A mined PV with the checks it went through."""
+
+    outcome: SeedOutcome
+    legitimate: bool
+    collapsed: bool
+    unique: bool
+    attribution: TokenAttribution | None = None
+    accepted: bool = False
+
+    def summary(self) -> dict[str, Any]:
+        o = self.outcome
+        data = {"seed": o.seed, "distance": round(o.distance, 5),
+                "entropy_ratio": round(o.entropy_ratio, 5),
+                "consistency": round(o.consistency, 4), "steps": o.steps,
+                "abandoned": o.abandoned, "legitimate": self.legitimate,
+                "collapsed": self.collapsed, "unique": self.unique, "accepted": self.accepted}
+        if self.attribution is not None:
+            a = self.attribution
+            data.update(hard_trigger=a.tokens, hard_trigger_success=round(a.success, 4),
+                        random_token_success=round(a.null_success, 4),
+                        natural_match_rate=round(a.natural_rate, 4))
+        return data
+
+
+@dataclass
+class _Context:
+    encoder: Encoder
+    config: ScanConfig
+    train: MiningData
+    holdout: MiningData
+    bounds: tuple[torch.Tensor, torch.Tensor]
+    progress: bool
+    sweep: tuple[torch.Tensor, torch.Tensor] | None = None
+    candidates: list[Candidate] = field(default_factory=list)
+
+    @property
+    def kept(self) -> list[Candidate]:
+        return [c for c in self.candidates if c.accepted]
+
+    def vocabulary_sweep(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.sweep is None:
+            ids = candidate_token_ids(self.encoder)
+            self.sweep = (ids, sweep_vocabulary(self.encoder, ids,
+                                                Feature(self.config.mining.feature)))
+        return self.sweep
+
+    def attribute(self, candidate: Candidate) -> None:
+        ids, outputs = self.vocabulary_sweep()
+        candidate.attribution = attribute_pv(
+            self.encoder, self.holdout, candidate.outcome.pv, self.config.mining,
+            sweep=outputs, sweep_ids=ids,
+            n_candidates=self.config.decision.hard_token_candidates, seed=self.config.seed)
+
+
+def _judge_paper(ctx: _Context, outcome: SeedOutcome) -> Candidate:
+    """REFERENCE.md §2.8: found by epoch 1, then unique (MSE), collapsed, legitimate."""
+    filtering = ctx.config.filtering
+    kept = [c.outcome.pv for c in ctx.kept]
+    candidate = Candidate(outcome, is_legitimate(outcome.trigger, ctx.bounds),
+                          is_collapsed(outcome.entropy_ratio, filtering),
+                          is_unique_mse(outcome.pv, kept, filtering.distance_th))
+    found = any(d > filtering.distance_th for d in outcome.train_distance[:2])
+    candidate.accepted = (found and not outcome.abandoned and candidate.legitimate
+                          and candidate.collapsed and candidate.unique)
+    return candidate
+
+
+def _judge_calibrated(ctx: _Context, outcome: SeedOutcome, group: list[Candidate]) -> Candidate:
+    """A collapsed, legitimate, new PV that a real token sends most sentences to."""
+    filtering = ctx.config.filtering
+    seen = [c.outcome.pv for c in ctx.candidates + group if c.collapsed]
+    candidate = Candidate(outcome, is_legitimate(outcome.trigger, ctx.bounds),
+                          is_collapsed(outcome.entropy_ratio, filtering),
+                          is_unique_sign(outcome.pv, seen, filtering.unique_agreement))
+    if candidate.legitimate and candidate.collapsed and candidate.unique:
+        ctx.attribute(candidate)
+        a = candidate.attribution
+        # Majority of eligible sentences, and above every random token: a real trigger.
+        candidate.accepted = a.success >= 0.5 and a.success > a.null_success
+    return candidate
+
+
+def _paper_epoch_check(distance_th: float, check_epochs: int):
+    def keep_going(epoch: int, distances: list[float]) -> list[bool]:
+        if epoch + 1 < check_epochs:
+            return [True] * len(distances)
+        return [d > distance_th for d in distances] if epoch + 1 == check_epochs \
+            else [True] * len(distances)
+    return keep_going
+
+
+def _run_seeds(ctx: _Context) -> tuple[int, int]:
+    config, mining = ctx.config, ctx.config.mining
+    paper = config.decision.rule == "paper"
+    seeds_tried = steps = idle_groups = 0
+    seeds = list(range(config.seed, config.seed + config.max_seeds))
+    groups = [seeds[i:i + mining.parallel_seeds]
+              for i in range(0, len(seeds), mining.parallel_seeds)]
+    bar = None
+    if ctx.progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(seeds), desc="seeds", unit="seed", dynamic_ncols=True)
+    try:
+        for group in groups:
+            kept_before = len(ctx.kept)
+            repel = [c.outcome.pv for c in (ctx.kept if paper else ctx.candidates)
+                     if paper or c.collapsed]
+            on_epoch = None
+            if paper and not mining.steps_per_seed:
+                on_epoch = _paper_epoch_check(config.filtering.distance_th,
+                                              mining.found_check_epochs)
+            outcomes = mine_seeds(ctx.encoder, ctx.train, ctx.holdout, group, mining,
+                                  known_pvs=torch.stack(repel) if repel else None,
+                                  progress=ctx.progress, on_epoch=on_epoch)
+            judged: list[Candidate] = []
+            for outcome in outcomes:
+                judged.append(_judge_paper(ctx, outcome) if paper
+                              else _judge_calibrated(ctx, outcome, judged))
+                if paper and judged[-1].accepted:
+                    ctx.candidates.append(judged.pop())
+            ctx.candidates.extend(judged)
+            idle_groups = 0 if len(ctx.kept) > kept_before else idle_groups + 1
+            seeds_tried += len(group)
+            steps += sum(o.steps for o in outcomes)
+            if bar is not None:
+                bar.update(len(group))
+                bar.set_postfix(pvs=len(ctx.kept))
+            if config.mode == "detect" and ctx.kept:
+                break
+            if config.search_patience and idle_groups >= config.search_patience:
+                break  # the PV set has saturated (FINDINGS.md §1)
+    finally:
+        if bar is not None:
+            bar.close()
+    return seeds_tried, steps
+
+
+def _score(ctx: _Context) -> float:
+    """Probability-like score: how reliably the best real trigger reaches an unnatural PV."""
+    if ctx.config.decision.rule == "paper":
+        return 1.0 if ctx.kept else 0.0
+    best = 0.0
+    for c in ctx.candidates:
+        if c.attribution is not None:
+            a = c.attribution
+            best = max(best, max(0.0, a.success - a.null_success) * (1.0 - a.natural_rate))
+    return round(best, 4)
+
+
+def _pvset(ctx: _Context) -> PVSet:
+    kept = ctx.kept
+    feature = ctx.config.mining.feature
+    if not kept:
+        return PVSet.empty(ctx.encoder.hidden_size, ctx.config.mining.trigger_len,
+                           ctx.encoder.embedding_size, feature=feature)
+    for c in kept:
+        if c.attribution is None:
+            ctx.attribute(c)
+    return PVSet(vectors=torch.stack([c.outcome.pv for c in kept]),
+                 triggers=torch.stack([c.outcome.trigger for c in kept]),
+                 seeds=[c.outcome.seed for c in kept],
+                 losses=[{**c.outcome.losses, "holdout_distance": c.outcome.distance,
+                          "holdout_entropy_ratio": c.outcome.entropy_ratio} for c in kept],
+                 trigger_tokens=[c.attribution.tokens for c in kept], feature=feature)
+
+
+def _evidence(ctx: _Context) -> dict[str, Any]:
+    rule = ctx.config.decision.rule
+    derived = (
+        "paper rule: distance_th and collapse ratio are the published defaults "
+        "(REFERENCE.md §2.8); the first accepted PV decides" if rule == "paper" else
+        "calibrated rule: a PV counts when a real vocabulary token, inserted once, sends at "
+        "least half of the held-out sentences (whose clean output does not already match it) "
+        "to it by the monitor's sign rule, and beats every one of the random tokens drawn from "
+        "this encoder's own vocabulary as a null; collapse is relative to ln(batch)")
+    return {"rule": rule, "derived_from": derived,
+            "candidates": [c.summary() for c in ctx.candidates]}
+
+
+def _scan_loaded(encoder: Encoder, config: ScanConfig, progress: bool,
+                 sentences: list[str] | None) -> tuple[Verdict, PVSet]:
+    mining = config.mining
+    started = time.perf_counter()
+    torch.manual_seed(config.seed)
+    needed = mining.n_sentences + mining.n_holdout
+    if sentences is None:
+        sentences = load_sentences(mining.corpus, n=needed, seed=mining.corpus_seed)
+    if len(sentences) < mining.n_holdout + mining.batch_size:
+        raise ValueError(f"need at least {mining.n_holdout + mining.batch_size} sentences, "
+                         f"got {len(sentences)}")
+    train_sentences = sentences[:len(sentences) - mining.n_holdout]
+    ctx = _Context(encoder, config,
+                   prepare_data(encoder, train_sentences, mining, seed=config.seed),
+                   prepare_data(encoder, sentences[-mining.n_holdout:], mining,
+                                seed=config.seed + 1),
+                   embedding_bounds(encoder.word_embeddings.weight, config.filtering), progress)
+    seeds_tried, steps = _run_seeds(ctx)
+    pvset = _pvset(ctx)
+    verdict = Verdict(status="backdoored" if ctx.kept else "clean", score=_score(ctx),
+                      seeds_tried=seeds_tried, steps=steps,
+                      seconds=round(time.perf_counter() - started, 3), evidence=_evidence(ctx))
+    return verdict, pvset
+
+
+def scan_model(path: str | Path, config: ScanConfig | None = None, *, device: str = "cpu",
+               allow_pickle: bool = False, max_params: int | None = None,
+               progress: bool = True, sentences: list[str] | None = None) -> ScanResult:
+    """Audit one model folder. Never raises for a bad model: the verdict says what failed."""
+    config = config or ScanConfig()
+    started = time.perf_counter()
+    try:
+        encoder = load_encoder(path, allow_pickle=allow_pickle, device=device,
+                               max_params=max_params)
+    except ModelRejected as exc:
+        return ScanResult(Verdict(status=exc.status, reason=exc.reason,
+                                  seconds=round(time.perf_counter() - started, 3)),
+                          PVSet.empty(0))
+    try:
+        verdict, pvset = _scan_loaded(encoder, config, progress, sentences)
+    except ModelRejected as exc:
+        verdict, pvset = Verdict(status=exc.status, reason=exc.reason), PVSet.empty(0)
+    except (RuntimeError, ValueError, IndexError, OSError) as exc:
+        log.exception("scan of %s failed", path)
+        verdict = Verdict(status="error", reason=f"{type(exc).__name__}: {exc}")
+        pvset = PVSet.empty(encoder.hidden_size)
+    verdict.seconds = round(time.perf_counter() - started, 3)
+    return ScanResult(verdict, pvset, encoder.info)
