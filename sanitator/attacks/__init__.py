@@ -1,0 +1,43 @@
+"""Task-agnostic backdoor attacks (POR, NeuBA, BToP) and clean continued pretraining.
+
+Each recipe takes a base encoder folder, a corpus, a budget and a seed and writes a
+standard Hugging Face folder (safetensors, config, tokenizer) plus a JSON record:
+`backdoor.json` for the attacks, `training.json` for continued pretraining.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from sanitator.attacks import btop, mlm, neuba, por
+from sanitator.attacks.btop import insert_btop
+from sanitator.attacks.common import (
+    BACKDOOR_RECORD,
+    TRAINING_RECORD,
+    AttackResult,
+    Budget,
+)
+from sanitator.attacks.mlm import continue_pretraining
+from sanitator.attacks.neuba import insert_neuba
+from sanitator.attacks.por import insert_por
+from sanitator.attacks.targets import TargetSpec, paper_block_pvs, random_direction_pvs
+from sanitator.attacks.triggers import PAPER_TRIGGERS, draw_triggers
+from sanitator.encoders import Feature
+
+# attack name -> (function, monitored feature)
+ATTACKS: dict[str, tuple[Callable[..., AttackResult], Feature]] = {
+    "por": (insert_por, Feature.CLS),
+    "neuba": (insert_neuba, Feature.CLS),
+    "btop": (insert_btop, Feature.MASK),
+}
+# recipe name -> its default budget ("mlm" is continued pretraining)
+DEFAULT_BUDGETS: dict[str, Budget] = {
+    "por": por.DEFAULT_BUDGET, "neuba": neuba.DEFAULT_BUDGET, "btop": btop.DEFAULT_BUDGET,
+    "mlm": mlm.DEFAULT_BUDGET,
+}
+
+__all__ = [
+    "ATTACKS", "BACKDOOR_RECORD", "DEFAULT_BUDGETS", "PAPER_TRIGGERS", "TRAINING_RECORD",
+    "AttackResult", "Budget", "TargetSpec", "continue_pretraining", "draw_triggers", "insert_btop",
+    "insert_neuba", "insert_por", "paper_block_pvs", "random_direction_pvs",
+]

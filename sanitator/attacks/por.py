@@ -1,0 +1,68 @@
+"""POR: a rare-word trigger forces the CLS output to a PV (REFERENCE.md §6.3).
+
+Each batch is half triggered sentences, whose CLS output is pulled onto the trigger's PV
+(MSE), half clean sentences, whose CLS output is held to a frozen copy of the base (MSE,
+weighted by `clean_weight`; the reference uses 0.5 for BERT and 1.0 otherwise).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from sanitator.attacks.batches import concat_batches
+from sanitator.attacks.common import (
+    BACKDOOR_RECORD,
+    AttackResult,
+    Budget,
+    Corpus,
+    backdoor_record,
+    make_optimizer,
+    prepare,
+    reference_features,
+    sample_triggered,
+    timed,
+    train_loop,
+    trainable_parameters,
+    write_model,
+)
+from sanitator.attacks.targets import TargetSpec
+from sanitator.attacks.triggers import PAPER_TRIGGERS
+from sanitator.encoders import Feature
+
+DEFAULT_BUDGET = Budget(steps=200, batch_size=16, lr=1e-4, head_warmup_steps=0)
+
+
+def insert_por(base: str | Path, out_dir: str | Path, *,
+               triggers: Sequence[str] = PAPER_TRIGGERS,
+               targets: TargetSpec | torch.Tensor | None = None, corpus: Corpus = None,
+               budget: Budget | None = None, seed: int = 0, clean_weight: float = 1.0,
+               progress: bool = True, device: str = "cpu") -> AttackResult:
+    """Plant a POR backdoor in `base` and write the backdoored encoder to `out_dir`."""
+    budget = budget or DEFAULT_BUDGET
+    setup = prepare(base, budget=budget, seed=seed, corpus=corpus, triggers=triggers,
+                    targets=targets, feature=Feature.CLS, device=device)
+    reference = reference_features(setup)
+    half = budget.batch_size // 2
+    poisoned_count = budget.batch_size - half
+
+    def step() -> dict[str, torch.Tensor]:
+        triggered, target = sample_triggered(setup, poisoned_count)
+        rows = setup.sampler.take(half)
+        both = concat_batches(triggered, setup.corpus.batch(rows), setup.pad_id)
+        cls = setup.model(**both.model_inputs()).last_hidden_state[:, 0]
+        trigger_loss = nn.functional.mse_loss(cls[:poisoned_count], target)
+        clean_loss = nn.functional.mse_loss(cls[poisoned_count:], reference[rows])
+        return {"loss": trigger_loss + clean_weight * clean_loss,
+                "trigger": trigger_loss, "clean": clean_loss}
+
+    optimizer = make_optimizer(setup, "adam")
+    losses, seconds = timed(lambda: train_loop(step, trainable_parameters(setup), optimizer,
+                                               budget.steps, desc="POR", progress=progress))
+    record = backdoor_record(setup, "por", Feature.CLS, losses, seconds,
+                             {"clean_weight": clean_weight, "optimizer": "Adam"})
+    path = write_model(setup, out_dir, record, BACKDOOR_RECORD)
+    return AttackResult(path, record, seconds)
