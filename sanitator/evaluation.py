@@ -38,7 +38,7 @@ def held_out_sentences(n: int = 256, source: str | Path | None = None, *,
     """`n` sentences from the end of the corpus's seeded shuffle (the attacks use its start)."""
     from sanitator.corpus import load_sentences
 
-    rows = load_sentences(source, n=None, seed=seed)
+    rows = list(dict.fromkeys(load_sentences(source, n=None, seed=seed)))  # drop repeats
     banned = {word.lower() for trigger in exclude_words for word in trigger.split()}
     if banned:
         rows = [row for row in rows if banned.isdisjoint(row.lower().split())]

@@ -571,12 +571,13 @@ def build_zoo(spec: ZooSpec, out_dir: str | Path, *, only: Sequence[str] | None 
                 report.unavailable.append(member.name)
                 continue
             raise base
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         record = _train(member, base, model_dir, progress)
         evaluation = _evaluate(member, model_dir, base, spec.evaluation, record) \
             if evaluate else None
         seconds = time.perf_counter() - start
         row = _manifest_row(member, base, record, evaluation, seconds, config_hash)
+        row["build_cpu_seconds"] = time.process_time() - cpu_start
         _write_json_atomic(model_dir / MEMBER_RECORD, row)
         report.built.append(member.name)
         log.info("built %s in %.1f s: %s", member.name, seconds,
@@ -604,7 +605,8 @@ MANIFEST_COLUMNS: dict[str, str] = {
     "pvs": "list<list<double>>", "target_kind": "string", "target_set": "string",
     "pv_norm": "double", "seed": "int64", "corpus": "string", "budget_name": "string",
     "steps": "int64", "batch_size": "int64", "lr": "double", "train_seconds": "double",
-    "build_seconds": "double", "clean_cosine": "double", "weight_change": "double",
+    "build_seconds": "double", "build_cpu_seconds": "double", "clean_cosine": "double",
+    "weight_change": "double",
     "attack_success": "double", "attack_success_per_trigger": "string",
     "config_hash": "string", "built_at": "string",
 }

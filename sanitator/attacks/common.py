@@ -92,7 +92,8 @@ def resolve_sentences(corpus: Corpus, n: int, *, exclude_words: Sequence[str] = 
     from sanitator.corpus import load_sentences
 
     if corpus is None or isinstance(corpus, str | Path):
-        sentences = load_sentences(corpus, n=None, seed=seed)
+        # repeated lines removed, so no sentence is both a training and a held-out one
+        sentences = list(dict.fromkeys(load_sentences(corpus, n=None, seed=seed)))
         name = str(corpus or "wikitext")
     else:
         sentences, name = [str(s) for s in corpus], "<given sentences>"
