@@ -1,0 +1,1 @@
+"""Prefect tasks: thin wrappers over `sanitator` that add retries, timeouts and placement."""
