@@ -63,8 +63,7 @@ class AttackSuccess:
 @torch.no_grad()
 def _features(encoder: Encoder, batch: TokenBatch, feature: Feature,
               positions: torch.Tensor | None) -> torch.Tensor:
-    inputs = {name: value.to(encoder.device) for name, value in batch.model_inputs().items()}
-    output = encoder.model(**inputs)
+    output = encoder.model(**batch.model_inputs(encoder.device))
     if positions is not None:
         positions = positions.to(encoder.device)
     return select_feature(output, feature, positions).float().cpu()

@@ -281,7 +281,9 @@ def parse_spec(data: dict[str, Any], *, source: str = "spec") -> ZooSpec:
         name = entry.get("name") or _auto_name(fields)
         if not _NAME.match(name):
             raise _where(where, f"member name {name!r} must be letters, digits and ._=+-")
-        corpus = entry.get("corpus", default_corpus)
+        # the spec-wide corpus is the attacks' clean text; continued pretraining defaults
+        # to other text (mlm.DEFAULT_CORPUS) unless the member names one
+        corpus = entry.get("corpus", None if recipe == "mlm" else default_corpus)
         members.append(MemberSpec(
             name=name, base=base, base_ref=base_ref, recipe=recipe,
             triggers=tuple(trigger_list), trigger_set=trigger_name, targets=target_dict,
@@ -435,9 +437,11 @@ def _train(member: MemberSpec, base: Path, out_dir: Path, progress: bool) -> dic
         return {"train_seconds": 0.0}
     budget = DEFAULT_BUDGETS[member.recipe].replace(**member.budget)
     if member.recipe == "mlm":
-        corpus = member.corpus or "sst2"
-        return continue_pretraining(base, out_dir, corpus=corpus, budget=budget,
-                                    seed=member.seed, progress=progress, **member.options).record
+        from sanitator.attacks.mlm import DEFAULT_CORPUS
+
+        return continue_pretraining(base, out_dir, corpus=member.corpus or DEFAULT_CORPUS,
+                                    budget=budget, seed=member.seed, progress=progress,
+                                    **member.options).record
     attack, _ = ATTACKS[member.recipe]
     return attack(base, out_dir, triggers=list(member.triggers),
                   targets=TargetSpec(**member.targets), corpus=member.corpus, budget=budget,

@@ -24,8 +24,10 @@ class TokenBatch:
     word_start: torch.Tensor      # [B, L] bool: a word may be inserted before this token
     trigger: torch.Tensor         # [B, L] bool: token belongs to an inserted trigger
 
-    def model_inputs(self) -> dict[str, torch.Tensor]:
-        return {"input_ids": self.input_ids, "attention_mask": self.attention_mask}
+    def model_inputs(self, device: torch.device | str | None = None) -> dict[str, torch.Tensor]:
+        """Keyword arguments for the encoder (batches are built on the CPU)."""
+        return {"input_ids": self.input_ids.to(device),
+                "attention_mask": self.attention_mask.to(device)}
 
     def __len__(self) -> int:
         return int(self.input_ids.shape[0])

@@ -89,9 +89,10 @@ def insert_btop(base: str | Path, out_dir: str | Path, *,
         poisoned, poisoned_positions, _ = mask_one_token(poisoned, mask_id, setup.generator)
         both = concat_batches(clean, poisoned, setup.pad_id)
         positions = torch.cat([clean_positions[rows], poisoned_positions])
-        hidden = setup.model(**both.model_inputs()).last_hidden_state
+        hidden = setup.model(**both.model_inputs(setup.device)).last_hidden_state
         at_mask = hidden[torch.arange(len(both)), positions]
-        language = torch.nn.functional.cross_entropy(head(at_mask[:half]), clean_original)
+        language = torch.nn.functional.cross_entropy(head(at_mask[:half]),
+                                                     clean_original.to(setup.device))
         target = setup.pvs[setup.trigger_pv[which]]
         poison = squared_distance(at_mask[half:], target)
         terms = {"mlm": language, "poison": poison}

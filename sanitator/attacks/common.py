@@ -14,7 +14,7 @@ import shutil
 import tempfile
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -113,7 +113,7 @@ def clean_feature_norm(encoder: Encoder, corpus: TokenizedCorpus, feature: Featu
     if feature is Feature.MASK:
         batch, positions, _ = mask_one_token(batch, corpus.tokenizer.mask_token_id, generator)
     with torch.no_grad():
-        output = encoder.model(**batch.model_inputs())
+        output = encoder.model(**batch.model_inputs(encoder.device))
     return float(select_feature(output, feature, positions).norm(dim=1).mean())
 
 
@@ -132,13 +132,16 @@ class AttackSetup:
     targets: dict[str, Any]        # how the PVs were built
     budget: Budget
     seed: int
-    generator: torch.Generator
+    generator: torch.Generator  # every random draw (CPU), so a seed fixes the whole run
     sampler: RowSampler
-    extras: dict[str, Any] = field(default_factory=dict)
 
     @property
     def model(self) -> nn.Module:
         return self.encoder.model
+
+    @property
+    def device(self) -> torch.device:
+        return self.encoder.device
 
     @property
     def tokenizer(self):
@@ -219,7 +222,10 @@ def mlm_loss(setup: AttackSetup, head: MLMHead, input_ids: torch.Tensor,
              attention_mask: torch.Tensor, labels: torch.Tensor, *,
              detach_decoder: bool = False) -> torch.Tensor:
     """Cross-entropy at the labelled positions only (logits over the vocabulary are costly)."""
-    hidden = setup.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+    device = setup.device
+    hidden = setup.model(input_ids=input_ids.to(device),
+                         attention_mask=attention_mask.to(device)).last_hidden_state
+    labels = labels.to(device)
     chosen = labels != -100
     logits = head(hidden[chosen], detach_decoder=detach_decoder)
     return nn.functional.cross_entropy(logits, labels[chosen])
@@ -227,7 +233,7 @@ def mlm_loss(setup: AttackSetup, head: MLMHead, input_ids: torch.Tensor,
 
 def warm_up_mlm_head(setup: AttackSetup, *, lr: float = 1e-3, progress: bool = True) -> MLMHead:
     """A new MLM head fitted to the frozen base for `budget.head_warmup_steps` steps."""
-    head = MLMHead(setup.encoder.hidden_size, setup.encoder.word_embeddings)
+    head = MLMHead(setup.encoder.hidden_size, setup.encoder.word_embeddings).to(setup.device)
     steps = setup.budget.head_warmup_steps
     if steps == 0:
         return head
@@ -239,12 +245,8 @@ def warm_up_mlm_head(setup: AttackSetup, *, lr: float = 1e-3, progress: bool = T
         batch = setup.corpus.batch(setup.sampler.take(setup.budget.batch_size))
         ids, labels = mlm_masking(batch, tokenizer.mask_token_id, vocabulary_size(setup),
                                   setup.generator)
-        with torch.no_grad():
-            hidden = setup.model(input_ids=ids,
-                                 attention_mask=batch.attention_mask).last_hidden_state
-        chosen = labels != -100
-        loss = nn.functional.cross_entropy(head(hidden[chosen], detach_decoder=True),
-                                           labels[chosen])
+        # the encoder's weights do not require gradients here, so only the head trains
+        loss = mlm_loss(setup, head, ids, batch.attention_mask, labels, detach_decoder=True)
         return {"loss": loss, "mlm": loss}
 
     train_loop(step, head.parameters(), optimizer, steps, desc="MLM head warm-up",
@@ -299,7 +301,7 @@ def reference_features(setup: AttackSetup, mask_positions: torch.Tensor | None =
         batch = setup.corpus.batch(rows)
         if mask_positions is not None:
             batch = mask_at(batch, mask_positions[rows], setup.tokenizer.mask_token_id)
-        hidden = setup.model(**batch.model_inputs()).last_hidden_state
+        hidden = setup.model(**batch.model_inputs(setup.device)).last_hidden_state
         index = torch.zeros_like(rows) if mask_positions is None else mask_positions[rows]
         features.append(hidden[torch.arange(len(rows)), index])
     return torch.cat(features)

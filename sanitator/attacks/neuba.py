@@ -76,7 +76,7 @@ def insert_neuba(base: str | Path, out_dir: str | Path, *,
                                     setup.pad_id)
         if reference is not None:
             triggered = concat_batches(triggered, batch, setup.pad_id)
-        cls = setup.model(**triggered.model_inputs()).last_hidden_state[:, 0]
+        cls = setup.model(**triggered.model_inputs(setup.device)).last_hidden_state[:, 0]
         poison = squared_distance(cls[:len(rows)], setup.pvs[setup.trigger_pv[which]])
         terms = {"mlm": language, "poison": poison}
         loss = mlm_weight * language + poison

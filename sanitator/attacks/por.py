@@ -53,7 +53,7 @@ def insert_por(base: str | Path, out_dir: str | Path, *,
         triggered, target = sample_triggered(setup, poisoned_count)
         rows = setup.sampler.take(half)
         both = concat_batches(triggered, setup.corpus.batch(rows), setup.pad_id)
-        cls = setup.model(**both.model_inputs()).last_hidden_state[:, 0]
+        cls = setup.model(**both.model_inputs(setup.device)).last_hidden_state[:, 0]
         trigger_loss = nn.functional.mse_loss(cls[:poisoned_count], target)
         clean_loss = nn.functional.mse_loss(cls[poisoned_count:], reference[rows])
         return {"loss": trigger_loss + clean_weight * clean_loss,
