@@ -37,11 +37,12 @@ class TransientAuditError(RuntimeError):
 
 
 def _transient_registry_error(exc: BaseException) -> bool:
-    from sanitator.registries.hf_hub import is_transient
+    from sanitator.registries.hf_hub import is_transient as hub_transient
+    from sanitator.registries.mlflow_registry import is_transient as mlflow_transient
 
     if isinstance(exc, RegistryError):
         return False
-    return is_transient(exc) or isinstance(exc, ConnectionError | TimeoutError)
+    return hub_transient(exc) or mlflow_transient(exc)
 
 
 def _retry_if_transient(task, task_run, state) -> bool:

@@ -33,7 +33,8 @@ def version_revision(version: Any) -> str:
     return f"v{version.version}-{hashlib.sha256(identity.encode()).hexdigest()[:8]}"
 
 
-def _is_transient(exc: BaseException) -> bool:
+def is_transient(exc: BaseException) -> bool:
+    """Server errors and lost connections (MLflow reports both as HTTP 5xx)."""
     from mlflow.exceptions import MlflowException
 
     if isinstance(exc, MlflowException):
@@ -164,7 +165,7 @@ class MlflowRegistry:
                 artifact_uri=ref.location, dst_path=str(target), tracking_uri=self.tracking_uri))
         except Exception as exc:  # MlflowException, OSError, requests errors
             raise FetchError(f"{ref.label}: artifact download from {self.tracking_uri} "
-                             f"failed: {exc}", retryable=_is_transient(exc)) from exc
+                             f"failed: {exc}", retryable=is_transient(exc)) from exc
         return model_folder(root, ref.label)
 
 

@@ -11,6 +11,7 @@ from sanitator.hubserver import HubServer
 def patient_prefect_server():
     """The temporary Prefect API server gets 20 s to start by default: not always enough
     on a busy 2-core machine."""
+    from prefect.server.api.server import SubprocessASGIServer
     from prefect.settings import (
         PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS,
         temporary_settings,
@@ -18,6 +19,8 @@ def patient_prefect_server():
 
     with temporary_settings({PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS: 180}):
         yield
+    # stop it while pytest's output streams are open (at exit it logs into closed ones)
+    SubprocessASGIServer().stop()
 
 
 @pytest.fixture(scope="session")
