@@ -19,7 +19,7 @@ import datetime as dt
 import json
 import os
 import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -257,15 +257,3 @@ def pvset_from_rows(rows) -> Any:
                                  for tokens in rows["trigger_tokens"]],
                  feature=str(rows["feature"].iloc[0] or "cls"))
 
-
-def dataset_paths(store: str | Path) -> dict[str, Path]:
-    return {name: Path(store) / name for name in DATASETS}
-
-
-def iter_partitions(store: str | Path, dataset: str) -> Iterable[str]:
-    """Audit dates present in a dataset, sorted."""
-    folder = Path(store) / dataset
-    if not folder.is_dir():
-        return []
-    return sorted(entry.name.split("=", 1)[1] for entry in folder.iterdir()
-                  if entry.is_dir() and entry.name.startswith(f"{PARTITION}="))
