@@ -215,8 +215,12 @@ def _forward(encoder: Encoder, data: MiningData, rows: list[int], triggers: torc
     if data.mask_at is not None:
         shift = (data.mask_at[rows] >= data.insert_at[rows]).long() * config.trigger_len
         mask_at = (data.mask_at[rows] + shift).repeat(triggers.shape[0]).to(encoder.device)
-    feats = encoder.forward_features(inputs_embeds=embeds, attention_mask=mask,
-                                     feature=Feature(config.feature), mask_positions=mask_at)
+    # bf16 autocast on GPU: the frozen encoder's matmuls dominate, the trigger stays fp32
+    with torch.autocast(device_type="cuda", dtype=torch.bfloat16,
+                        enabled=encoder.device.type == "cuda"):
+        feats = encoder.forward_features(inputs_embeds=embeds, attention_mask=mask,
+                                         feature=Feature(config.feature),
+                                         mask_positions=mask_at)
     return feats.float().reshape(triggers.shape[0], len(rows), -1)
 
 

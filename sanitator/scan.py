@@ -77,6 +77,13 @@ class _Context:
     candidates: list[Candidate] = field(default_factory=list)
 
     @property
+    def clean_spread(self) -> float:
+        """Mean squared distance of clean held-out outputs from their mean: how far apart
+        natural outputs are. A PV closer to the clean outputs than this is not an outlier."""
+        clean = self.holdout.clean
+        return float(((clean - clean.mean(dim=0)) ** 2).mean())
+
+    @property
     def kept(self) -> list[Candidate]:
         return [c for c in self.candidates if c.accepted]
 
@@ -109,17 +116,20 @@ def _judge_paper(ctx: _Context, outcome: SeedOutcome) -> Candidate:
 
 
 def _judge_calibrated(ctx: _Context, outcome: SeedOutcome, group: list[Candidate]) -> Candidate:
-    """A collapsed, legitimate, new PV that a real token sends most sentences to."""
+    """A collapsed, legitimate, new PV, farther from the clean outputs than they are from
+    each other, that a real token sends most sentences to and clean sentences do not reach."""
     filtering = ctx.config.filtering
     seen = [c.outcome.pv for c in ctx.candidates + group if c.collapsed]
     candidate = Candidate(outcome, is_legitimate(outcome.trigger, ctx.bounds),
                           is_collapsed(outcome.entropy_ratio, filtering),
                           is_unique_sign(outcome.pv, seen, filtering.unique_agreement))
-    if candidate.legitimate and candidate.collapsed and candidate.unique:
+    if (candidate.legitimate and candidate.collapsed and candidate.unique
+            and outcome.distance > ctx.clean_spread):
         ctx.attribute(candidate)
         a = candidate.attribution
-        # Majority of eligible sentences, and above every random token: a real trigger.
-        candidate.accepted = a.success >= 0.5 and a.success > a.null_success
+        # Majorities on both sides: most eligible sentences reach the PV with the real
+        # trigger, and most clean sentences do not reach it without one.
+        candidate.accepted = a.success >= 0.5 and a.natural_rate < 0.5
     return candidate
 
 
@@ -187,7 +197,7 @@ def _score(ctx: _Context) -> float:
     for c in ctx.candidates:
         if c.attribution is not None:
             a = c.attribution
-            best = max(best, max(0.0, a.success - a.null_success) * (1.0 - a.natural_rate))
+            best = max(best, a.success * (1.0 - a.natural_rate))
     return round(best, 4)
 
 
@@ -213,12 +223,17 @@ def _evidence(ctx: _Context) -> dict[str, Any]:
     derived = (
         "paper rule: distance_th and collapse ratio are the published defaults "
         "(REFERENCE.md §2.8); the first accepted PV decides" if rule == "paper" else
-        "calibrated rule: a PV counts when a real vocabulary token, inserted once, sends at "
-        "least half of the held-out sentences (whose clean output does not already match it) "
-        "to it by the monitor's sign rule, and beats every one of the random tokens drawn from "
-        "this encoder's own vocabulary as a null; collapse is relative to ln(batch)")
-    return {"rule": rule, "derived_from": derived,
-            "candidates": [c.summary() for c in ctx.candidates]}
+        "calibrated rule: a collapsed PV farther from the clean held-out outputs than their "
+        "own mean spread (clean_spread) counts when a real vocabulary token, inserted once, "
+        "sends at least half of the held-out sentences whose clean output does not match it "
+        "to it by the monitor's sign rule, while fewer than half of the clean outputs match "
+        "it; random vocabulary tokens are reported as a reference; collapse is relative to "
+        "ln(batch)")
+    evidence = {"rule": rule, "derived_from": derived,
+                "candidates": [c.summary() for c in ctx.candidates]}
+    if rule != "paper":
+        evidence["clean_spread"] = round(ctx.clean_spread, 6)
+    return evidence
 
 
 def _scan_loaded(encoder: Encoder, config: ScanConfig, progress: bool,
@@ -252,6 +267,9 @@ def scan_model(path: str | Path, config: ScanConfig | None = None, *, device: st
     """Audit one model folder. Never raises for a bad model: the verdict says what failed."""
     config = config or ScanConfig()
     started = time.perf_counter()
+    if device.startswith("cuda"):
+        torch.backends.cuda.matmul.allow_tf32 = True  # TF32 matmuls on Ampere and newer
+        torch.backends.cudnn.allow_tf32 = True
     try:
         encoder = load_encoder(path, allow_pickle=allow_pickle, device=device,
                                max_params=max_params)
