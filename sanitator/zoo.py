@@ -179,12 +179,15 @@ def _parse_budget(value: Any, path: str) -> dict[str, Any]:
     return dict(mapping)
 
 
-def _pick(value: Any, named: dict[str, Any], kind: str, path: str, parse) -> tuple[Any, str | None]:
-    """A named entry (string key of `named`) or an inline value parsed with `parse`."""
-    if isinstance(value, str) and value in named:
-        return named[value], value
-    if isinstance(value, str) and value != "paper":
-        raise _where(path, f"unknown {kind} {value!r}; defined: {sorted(named)}")
+def _pick(value: Any, named: dict[str, Any], kind: str, path: str,
+          parse) -> tuple[Any, str | None]:
+    """(value, name): a named entry, the built-in `paper`, or an inline value (no name)."""
+    if isinstance(value, str):
+        if value in named:
+            return named[value], value
+        if value != "paper":
+            raise _where(path, f"unknown {kind} {value!r}; defined: {sorted(named)}")
+        return parse(value, path), "paper"
     return parse(value, path), None
 
 
@@ -235,7 +238,11 @@ def parse_spec(data: dict[str, Any], *, source: str = "spec") -> ZooSpec:
     evaluation = {"n_sentences": 256, "corpus": None, "seed": 1,
                   **_as_mapping(data.get("evaluation"), "evaluation")}
     _check_keys(evaluation, {"n_sentences", "corpus", "seed"}, "evaluation")
+    if not isinstance(evaluation["n_sentences"], int) or evaluation["n_sentences"] < 1:
+        raise _where("evaluation.n_sentences", "must be a positive integer")
     default_seed = data.get("seed", 0)
+    if not isinstance(default_seed, int):
+        raise _where("seed", f"must be an integer, got {default_seed!r}")
     default_corpus = data.get("corpus")
     entries = data.get("members")
     if not isinstance(entries, list) or not entries:
@@ -248,9 +255,9 @@ def parse_spec(data: dict[str, Any], *, source: str = "spec") -> ZooSpec:
         if recipe not in RECIPES:
             raise _where(where, f"recipe must be one of {RECIPES}, got {recipe!r}")
         base = entry.get("base")
+        if not isinstance(base, str):
+            raise _where(where, "every member needs a base (a name under bases, or a reference)")
         if base not in bases:
-            if not isinstance(base, str):
-                raise _where(where, "every member needs a base")
             bases[base] = _parse_base(base, where)  # an inline reference names itself
         base_ref, optional = bases[base]
         seed = entry.get("seed", default_seed)
@@ -267,10 +274,6 @@ def parse_spec(data: dict[str, Any], *, source: str = "spec") -> ZooSpec:
                                                "trigger set", where, _parse_trigger_set)
             target_dict, target_name = _pick(entry.get("targets", "paper"), targets,
                                              "target set", where, _parse_targets)
-            if trigger_name is None and entry.get("triggers", "paper") == "paper":
-                trigger_name = "paper"
-            if target_name is None and entry.get("targets", "paper") == "paper":
-                target_name = "paper"
             n_pvs = target_dict.get("n", 6)
             if target_dict.get("kind") != "file" and len(trigger_list) < n_pvs:
                 raise _where(where, f"{n_pvs} PVs need at least {n_pvs} triggers, the trigger "

@@ -48,11 +48,19 @@ def test_matrix_members_are_expanded_and_named():
     ([{"base": "rob", "name": "a"}, {"base": "rob", "name": "a"}], "duplicate member"),
     ([{"base": "rob", "recipe": "por", "options": {"mlm_weight": 1}}], "unknown key"),
     ([{"base": "rob", "name": "bad name!"}], "member name"),
+    ([{"recipe": "por"}], "needs a base"),
     ([], "non-empty list"),
 ])
 def test_bad_specs_get_clear_errors(members, message):
     with pytest.raises(SpecError, match=message):
         parse_spec(_spec(members=members))
+
+
+def test_bad_top_level_entries():
+    with pytest.raises(SpecError, match="n_sentences"):
+        parse_spec({**_spec(members=[{"base": "rob"}]), "evaluation": {"n_sentences": 0}})
+    with pytest.raises(SpecError, match="unknown key"):
+        parse_spec({**_spec(members=[{"base": "rob"}]), "bazes": {}})
 
 
 def test_checked_in_spec_parses():
