@@ -16,6 +16,7 @@ _SANDBOX = Path(tempfile.mkdtemp(prefix="sanitator-tests-"))
 os.environ.update({
     "PREFECT_HOME": str(_SANDBOX / "prefect"),
     "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "180",
     "DO_NOT_TRACK": "true",
     "MLFLOW_TRACKING_URI": f"sqlite:///{_SANDBOX / 'mlflow.db'}",
     "MLFLOW_DISABLE_TELEMETRY": "true",
