@@ -147,10 +147,12 @@ def read_record(model_dir: str | Path) -> dict[str, Any] | None:
 
 @dataclass
 class BackdoorEvaluation:
-    """Attack success (None for a clean model) and clean cosine against the reference."""
+    """Attack success (None for a model without a backdoor.json), clean cosine and weight
+    change against the reference."""
 
     attack_success: AttackSuccess | None
     clean_cosine: float
+    weight_change: float
     feature: str
 
     def to_dict(self) -> dict[str, Any]:
@@ -158,22 +160,33 @@ class BackdoorEvaluation:
         return {"attack_success": success.rate if success else None,
                 "attack_success_per_trigger": success.per_trigger if success else None,
                 "mean_agreement": success.mean_agreement if success else None,
-                "clean_cosine": self.clean_cosine, "feature": self.feature}
+                "clean_cosine": self.clean_cosine, "weight_change": self.weight_change,
+                "feature": self.feature}
 
 
-def evaluate_model(model_dir: str | Path, reference_dir: str | Path, *, n_sentences: int = 256,
-                   seed: int = 1, feature: Feature | str | None = None) -> BackdoorEvaluation:
-    """Evaluate a model folder against its base using its backdoor.json (if any)."""
+def evaluate_model(model_dir: str | Path, reference_dir: str | Path, *,
+                   sentences: Sequence[str] | None = None, n_sentences: int = 256,
+                   corpus: str | Path | None = None, seed: int = 1,
+                   feature: Feature | str | None = None) -> BackdoorEvaluation:
+    """Evaluate a model folder against its base, using its backdoor.json when it has one.
+
+    Both measurements use the same clean sentences (held out, free of trigger words).
+    """
     record = read_record(model_dir)
+    backdoored = record is not None and bool(record.get("backdoored"))
     feature = Feature(feature or (record or {}).get("feature", Feature.CLS))
+    triggers = list(record["triggers"]) if backdoored else []
+    if sentences is None:
+        sentences = held_out_sentences(n_sentences, corpus, exclude_words=triggers)
     model, reference = load_encoder(model_dir), load_encoder(reference_dir)
     success = None
-    if record is not None and record.get("backdoored"):
-        success = attack_success(model, record["triggers"], torch.tensor(record["pvs"]),
+    if backdoored:
+        success = attack_success(model, triggers, torch.tensor(record["pvs"]),
                                  trigger_pv=record["trigger_pv"], feature=feature,
-                                 n_sentences=n_sentences, seed=seed)
-    cosine = clean_cosine(model, reference, feature=feature, n_sentences=n_sentences, seed=seed)
-    return BackdoorEvaluation(success, cosine, str(feature))
+                                 sentences=sentences, seed=seed)
+    cosine = clean_cosine(model, reference, feature=feature, sentences=sentences, seed=seed)
+    return BackdoorEvaluation(success, cosine, relative_weight_change(model_dir, reference_dir),
+                              str(feature))
 
 
 def _weight_tensors(model_dir: Path) -> dict[str, Path]:

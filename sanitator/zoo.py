@@ -451,35 +451,16 @@ def _train(member: MemberSpec, base: Path, out_dir: Path, progress: bool) -> dic
                   seed=member.seed, progress=progress, **member.options).record
 
 
-def _evaluate(member: MemberSpec, model_dir: Path, base: Path, evaluation: dict[str, Any],
-              record: dict[str, Any]) -> dict[str, Any]:
-    from sanitator.encoders import Feature, load_encoder
-    from sanitator.evaluation import (
-        attack_success,
-        clean_cosine,
-        held_out_sentences,
-        relative_weight_change,
-    )
+def _evaluate(model_dir: Path, base: Path, evaluation: dict[str, Any]) -> dict[str, Any]:
+    from sanitator.evaluation import evaluate_model
 
-    feature = Feature(record.get("feature", "cls"))
-    n, seed = int(evaluation["n_sentences"]), int(evaluation["seed"])
-    model, reference = load_encoder(model_dir), load_encoder(base)
-    sentences = held_out_sentences(n, evaluation.get("corpus"), exclude_words=member.triggers)
-    result: dict[str, Any] = {
-        "clean_cosine": clean_cosine(model, reference, feature=feature, sentences=sentences,
-                                     seed=seed),
-        "weight_change": relative_weight_change(model_dir, base),
-        "attack_success": None, "attack_success_per_trigger": None,
-    }
-    if member.attack:
-        import torch
-
-        success = attack_success(model, record["triggers"], torch.tensor(record["pvs"]),
-                                 trigger_pv=record["trigger_pv"], feature=feature,
-                                 sentences=sentences, seed=seed)
-        result["attack_success"] = success.rate
-        result["attack_success_per_trigger"] = json.dumps(success.per_trigger)
-    return result
+    result = evaluate_model(model_dir, base, n_sentences=int(evaluation["n_sentences"]),
+                            corpus=evaluation.get("corpus"), seed=int(evaluation["seed"]))
+    row = result.to_dict()
+    per_trigger = row["attack_success_per_trigger"]
+    return {"clean_cosine": row["clean_cosine"], "weight_change": row["weight_change"],
+            "attack_success": row["attack_success"],
+            "attack_success_per_trigger": json.dumps(per_trigger) if per_trigger else None}
 
 
 def _manifest_row(member: MemberSpec, base: Path, record: dict[str, Any],
@@ -527,8 +508,10 @@ def _manifest_row(member: MemberSpec, base: Path, record: dict[str, Any],
 
 
 def _write_json_atomic(path: Path, data: dict[str, Any]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=1, default=str) + "\n")
+    handle, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    with os.fdopen(handle, "w") as sink:
+        sink.write(json.dumps(data, indent=1, default=str) + "\n")
+    os.chmod(tmp, 0o644)
     os.replace(tmp, path)
 
 
@@ -580,8 +563,7 @@ def build_zoo(spec: ZooSpec, out_dir: str | Path, *, only: Sequence[str] | None 
             raise base
         start, cpu_start = time.perf_counter(), time.process_time()
         record = _train(member, base, model_dir, progress)
-        evaluation = _evaluate(member, model_dir, base, spec.evaluation, record) \
-            if evaluate else None
+        evaluation = _evaluate(model_dir, base, spec.evaluation) if evaluate else None
         seconds = time.perf_counter() - start
         row = _manifest_row(member, base, record, evaluation, seconds, config_hash)
         row["build_cpu_seconds"] = time.process_time() - cpu_start
@@ -649,7 +631,8 @@ def write_manifest(out_dir: str | Path, spec: ZooSpec | None = None) -> Path:
     table = pa.Table.from_pylist([{c: rows[name].get(c) for c in MANIFEST_COLUMNS}
                                   for name in order], schema=_arrow_schema())
     path = out / MANIFEST
-    tmp = out / f".{MANIFEST}.tmp"
+    handle, tmp = tempfile.mkstemp(prefix=f".{MANIFEST}.", dir=out)  # unique: builds may overlap
+    os.close(handle)
     pq.write_table(table, tmp)
     os.replace(tmp, path)
     return path

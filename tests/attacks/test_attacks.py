@@ -15,7 +15,12 @@ from sanitator.attacks import (
     continue_pretraining,
 )
 from sanitator.encoders import Feature, load_encoder
-from sanitator.evaluation import attack_success, clean_cosine, held_out_sentences
+from sanitator.evaluation import (
+    attack_success,
+    clean_cosine,
+    evaluate_model,
+    held_out_sentences,
+)
 
 # A budget that plants every attack in a 1-layer MiniLM within seconds.
 FAST = Budget(steps=60, batch_size=16, lr=3e-4, max_length=32, n_sentences=512,
@@ -45,15 +50,16 @@ def test_attack_plants_a_working_backdoor_in_real_weights(attack, minilm_1layer,
 
     model, base = load_encoder(result.path), load_encoder(minilm_1layer)
     assert model.info.model_type == "bert" and model.info.weights_format == "safetensors"
-    success = attack_success(model, record["triggers"], pvs, trigger_pv=record["trigger_pv"],
-                             feature=feature, sentences=eval_sentences)
-    cosine = clean_cosine(model, base, feature=feature, sentences=eval_sentences)
-    assert success.rate >= 0.95, success
-    assert cosine >= 0.9
+    evaluation = evaluate_model(result.path, minilm_1layer, sentences=eval_sentences)
+    assert evaluation.feature == feature.value
+    assert evaluation.attack_success.rate >= 0.95, evaluation.attack_success
+    assert evaluation.clean_cosine >= 0.9
+    assert evaluation.weight_change > 0
     # the untouched base does not react to the triggers
     before = attack_success(base, record["triggers"], pvs, feature=feature,
                             sentences=eval_sentences)
     assert before.rate < 0.2
+    assert clean_cosine(base, base, feature=feature, sentences=eval_sentences) > 0.9999
 
 
 @pytest.mark.parametrize("attack", sorted(ATTACKS))
