@@ -28,6 +28,8 @@ class TokenAttribution:
     success: float          # held-out sentences sent to the PV (not matching it before)
     null_success: float     # the best random-token success (same statistic)
     natural_rate: float     # clean held-out outputs already matching the PV
+    random_displacement: float  # median squared move of the output by a random token
+    natural_agreement: float  # mean sign agreement of clean outputs with the PV
     candidates: list[tuple[str, float]] = field(default_factory=list)
 
 
@@ -70,25 +72,28 @@ def sweep_vocabulary(encoder: Encoder, token_ids: torch.Tensor, feature: Feature
 
 
 @torch.no_grad()
-def hard_trigger_success(encoder: Encoder, holdout: MiningData, token_seqs: torch.Tensor,
-                         pv: torch.Tensor, config, threshold: float = 0.8,
-                         batch_rows: int = 16) -> torch.Tensor:
-    """Per hard trigger [K, l] of token ids: the fraction of held-out sentences whose output
-    did not match the PV clean but matches it with the trigger inserted (monitor's rule)."""
+def hard_trigger_stats(encoder: Encoder, holdout: MiningData, token_seqs: torch.Tensor,
+                       pv: torch.Tensor, config, threshold: float = 0.8,
+                       batch_rows: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per hard trigger [K, l] of token ids, on held-out sentences whose clean output does not
+    match the PV: (success, displacement). Success is the fraction whose triggered output
+    matches the PV by the monitor's rule; displacement is the mean squared distance of the
+    triggered outputs from the same sentences' clean outputs."""
     clean_match = sign_agreement(holdout.clean, pv[None])[:, 0] > threshold
     eligible = (~clean_match).nonzero().flatten().tolist()[:batch_rows]
-    if not eligible:
-        return torch.zeros(len(token_seqs))
+    if len(eligible) < 2:
+        return torch.zeros(len(token_seqs)), torch.zeros(len(token_seqs))
     embeds = encoder.word_embeddings(token_seqs.to(encoder.device)).float()
     sub = holdout.subset(eligible)
     rows = list(range(len(sub)))
     short = replace(config, trigger_len=token_seqs.shape[1])
-    hits = []
+    hits, moved = [], []
     for start in range(0, len(embeds), 16):
-        out = _forward(encoder, sub, rows, embeds[start:start + 16], short)   # [k, B, H]
-        agreement = sign_agreement(out.reshape(-1, out.shape[-1]).cpu(), pv[None])[:, 0]
+        out = _forward(encoder, sub, rows, embeds[start:start + 16], short).cpu()  # [k, B, H]
+        agreement = sign_agreement(out.reshape(-1, out.shape[-1]), pv[None])[:, 0]
         hits.append((agreement.reshape(out.shape[0], -1) > threshold).float().mean(dim=1))
-    return torch.cat(hits)
+        moved.append(((out - sub.clean[None]) ** 2).mean(dim=(1, 2)))
+    return torch.cat(hits), torch.cat(moved)
 
 
 def attribute_pv(encoder: Encoder, holdout: MiningData, pv: torch.Tensor, config, *,
@@ -97,25 +102,31 @@ def attribute_pv(encoder: Encoder, holdout: MiningData, pv: torch.Tensor, config
                  ) -> TokenAttribution:
     """Find the real tokens (one, else two) that best realise `pv` as a hard trigger."""
     tokenizer = encoder.tokenizer
-    natural = float((sign_agreement(holdout.clean, pv[None])[:, 0] > threshold).float().mean())
+    natural_agreement = sign_agreement(holdout.clean, pv[None])[:, 0]
+    natural = float((natural_agreement > threshold).float().mean())
     score = sign_agreement(sweep, pv[None])[:, 0] + 1e-3 * torch.nn.functional.cosine_similarity(
         sweep, pv[None], dim=1)
     top = sweep_ids[score.topk(min(n_candidates, len(score))).indices]
-    single = hard_trigger_success(encoder, holdout, top[:, None], pv, config, threshold)
-    order = single.argsort(descending=True)
-    best_seq, best = top[order[:1]][:, None], float(single[order[0]])
+    success, _ = hard_trigger_stats(encoder, holdout, top[:, None], pv, config, threshold)
+    order = success.argsort(descending=True, stable=True).tolist()
+    best_seq = top[order[0]].reshape(1, 1)
+    best = float(success[order[0]])
     if best < 0.5:  # a multi-token trigger may need its pieces together: try pairs of the best
-        heads = top[order[:6]]
+        heads = top[torch.tensor(order[:6])]
         pairs = torch.cartesian_prod(heads, heads)
-        pair_success = hard_trigger_success(encoder, holdout, pairs, pv, config, threshold)
-        if float(pair_success.max()) > best:
-            index = int(pair_success.argmax())
+        pair_success, _ = hard_trigger_stats(encoder, holdout, pairs, pv, config, threshold)
+        index = int(pair_success.argmax())
+        if float(pair_success[index]) > best:
             best_seq, best = pairs[index:index + 1], float(pair_success[index])
     rng = random.Random(seed)
     null_ids = torch.tensor(rng.sample(sweep_ids.tolist(), min(n_null, len(sweep_ids))))
-    null = hard_trigger_success(encoder, holdout, null_ids[:, None], pv, config, threshold)
-    candidates = [(tokenizer.convert_ids_to_tokens(int(top[i])), round(float(single[i]), 4))
+    null, null_moved = hard_trigger_stats(encoder, holdout, null_ids[:, None], pv, config,
+                                          threshold)
+    candidates = [(tokenizer.convert_ids_to_tokens(int(top[i])), round(float(success[i]), 4))
                   for i in order[:10]]
     return TokenAttribution(tokens=tokenizer.convert_ids_to_tokens(best_seq[0].tolist()),
                             success=best, null_success=float(null.max()),
-                            natural_rate=natural, candidates=candidates)
+                            natural_rate=natural,
+                            random_displacement=float(null_moved.median()),
+                            natural_agreement=float(natural_agreement.mean()),
+                            candidates=candidates)

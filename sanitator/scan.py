@@ -61,7 +61,9 @@ class Candidate:
             a = self.attribution
             data.update(hard_trigger=a.tokens, hard_trigger_success=round(a.success, 4),
                         random_token_success=round(a.null_success, 4),
-                        natural_match_rate=round(a.natural_rate, 4))
+                        natural_match_rate=round(a.natural_rate, 4),
+                        random_token_displacement=round(a.random_displacement, 6),
+                        natural_agreement=round(a.natural_agreement, 4))
         return data
 
 
@@ -129,7 +131,9 @@ def _judge_calibrated(ctx: _Context, outcome: SeedOutcome, group: list[Candidate
         a = candidate.attribution
         # Majorities on both sides: most eligible sentences reach the PV with the real
         # trigger, and most clean sentences do not reach it without one.
-        candidate.accepted = a.success >= 0.5 and a.natural_rate < 0.5
+        # The PV must also lie farther out than a typical real token moves the output.
+        candidate.accepted = (a.success >= 0.5 and a.natural_rate < 0.5
+                              and outcome.distance > a.random_displacement)
     return candidate
 
 
@@ -197,7 +201,8 @@ def _score(ctx: _Context) -> float:
     for c in ctx.candidates:
         if c.attribution is not None:
             a = c.attribution
-            best = max(best, a.success * (1.0 - a.natural_rate))
+            beyond = 1.0 if c.outcome.distance > a.random_displacement else 0.0
+            best = max(best, a.success * (1.0 - a.natural_rate) * beyond)
     return round(best, 4)
 
 
@@ -227,7 +232,8 @@ def _evidence(ctx: _Context) -> dict[str, Any]:
         "own mean spread (clean_spread) counts when a real vocabulary token, inserted once, "
         "sends at least half of the held-out sentences whose clean output does not match it "
         "to it by the monitor's sign rule, while fewer than half of the clean outputs match "
-        "it; random vocabulary tokens are reported as a reference; collapse is relative to "
+        "it and the PV lies farther from the clean outputs than the median random "
+        "vocabulary token moves them (random_token_displacement); collapse is relative to "
         "ln(batch)")
     evidence = {"rule": rule, "derived_from": derived,
                 "candidates": [c.summary() for c in ctx.candidates]}
