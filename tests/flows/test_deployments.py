@@ -26,11 +26,12 @@ def deployments():
 def test_every_deployment_loads_its_flow_with_valid_parameters(deployments):
     from prefect.flows import load_flow_from_entrypoint
 
-    assert [d["name"] for d in deployments] == ["nightly-audit"]
+    assert [d["name"] for d in deployments] == ["nightly-audit", "weekly-evaluation"]
     for deployment in deployments:
         flow = load_flow_from_entrypoint(str(ROOT / deployment["entrypoint"]))
         validated = flow.validate_parameters(deployment["parameters"])
-        assert validated["registries"] == deployment["parameters"]["registries"]
+        for key, value in deployment["parameters"].items():
+            assert validated[key] == value, key
         assert deployment["work_pool"]["name"] == "sanitator"
 
 

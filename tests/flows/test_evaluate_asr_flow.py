@@ -16,7 +16,7 @@ from sanitator.evaluation_runs import DEFAULT_TRIGGERS, read_evaluations
 from sanitator.models import minilm_path
 
 ROOT = Path(__file__).resolve().parents[2]
-EVALUATION_YAML = ROOT / "deployments" / "evaluation.yaml"
+PREFECT_YAML = ROOT / "deployments" / "prefect.yaml"
 FAST = {"epochs": 2, "prefix_length": 8, "batch_size": 16, "max_length": 32,
         "train_size": 160}
 
@@ -113,7 +113,8 @@ def test_weekly_deployment_loads_with_valid_parameters():
     from prefect.client.schemas.schedules import CronSchedule
     from prefect.flows import load_flow_from_entrypoint
 
-    (deployment,) = yaml.safe_load(EVALUATION_YAML.read_text())["deployments"]
+    (deployment,) = [d for d in yaml.safe_load(PREFECT_YAML.read_text())["deployments"]
+                     if d["name"] == "weekly-evaluation"]
     flow = load_flow_from_entrypoint(str(ROOT / deployment["entrypoint"]))
     validated = flow.validate_parameters(deployment["parameters"])
     assert validated["tasks"] == ["sst2", "sms_spam"]
@@ -123,7 +124,7 @@ def test_weekly_deployment_loads_with_valid_parameters():
     serve = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(serve)
     arguments = serve.serve_arguments(serve.deployment_spec("weekly-evaluation",
-                                                            EVALUATION_YAML))
+                                                            PREFECT_YAML))
     runner = flow.to_deployment(**arguments)
     assert runner.name == "weekly-evaluation"
     assert runner.schedules[0].schedule.cron == "0 4 * * 0"
