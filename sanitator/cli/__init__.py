@@ -30,8 +30,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
 def _not_built(name: str, help_text: str):
     def register(subparsers) -> None:
         parser = subparsers.add_parser(name, help=f"{help_text} [not built yet]")
-        parser.add_argument("rest", nargs=argparse.REMAINDER)
-        parser.set_defaults(func=lambda args: _refuse(name))
+        parser.set_defaults(func=lambda args: _refuse(name), accepts_anything=True)
     return register
 
 
@@ -41,7 +40,10 @@ def _refuse(name: str) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="sanitator", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="sanitator",
+        description="Audit pretrained language encoders for task-agnostic backdoors "
+                    "(LMSanitator): scan models, audit registries, build zoos, evaluate.")
     parser.add_argument("--version", action="version", version=f"sanitator {__version__}")
     parser.add_argument("-v", "--verbose", action="count", default=0,
                         help="more logging (-v info, -vv debug)")
@@ -60,7 +62,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, unknown = parser.parse_known_args(argv)
+    if unknown and not getattr(args, "accepts_anything", False):
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     level = {0: logging.WARNING, 1: logging.INFO}.get(args.verbose, logging.DEBUG)
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if not getattr(args, "func", None):

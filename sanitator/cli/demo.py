@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import time
 from pathlib import Path
 from typing import Any
@@ -69,6 +70,7 @@ def run(args: argparse.Namespace) -> int:
 
     from flows.audit_zoo import audit_zoo
 
+    logging.getLogger("distributed").setLevel(logging.WARNING)  # cluster chatter
     print(f"[demo] auditing {zoo_dir / 'models'} with the nightly flow "
           f"(Dask LocalCluster, {args.workers} worker(s))")
     summary = audit_zoo([f"path:{zoo_dir / 'models'}"], store, n_workers=args.workers)

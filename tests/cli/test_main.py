@@ -21,3 +21,14 @@ def test_unknown_subcommand_is_an_error():
     with pytest.raises(SystemExit) as exit_info:
         build_parser().parse_args(["no-such-command"])
     assert exit_info.value.code != 0
+
+
+def test_unbuilt_subcommand_says_so_and_fails(capsys):
+    assert main(["report", "--store", "somewhere"]) == 2
+    assert "not built yet" in capsys.readouterr().err
+
+
+def test_unknown_option_of_a_built_subcommand_is_an_error():
+    with pytest.raises(SystemExit) as exit_info:
+        main(["verdicts", "--store", "x", "--no-such-option"])
+    assert exit_info.value.code == 2
