@@ -30,6 +30,7 @@ class TokenAttribution:
     natural_rate: float     # clean held-out outputs already matching the PV
     random_displacement: float  # median squared move of the output by a random token
     natural_agreement: float  # mean sign agreement of clean outputs with the PV
+    realised_pv: torch.Tensor | None = None  # mean held-out output with the hard trigger
     candidates: list[tuple[str, float]] = field(default_factory=list)
 
 
@@ -96,6 +97,18 @@ def hard_trigger_stats(encoder: Encoder, holdout: MiningData, token_seqs: torch.
     return torch.cat(hits), torch.cat(moved)
 
 
+@torch.no_grad()
+def realised_output(encoder: Encoder, holdout: MiningData, token_seq: torch.Tensor, config,
+                    rows: int = 32) -> torch.Tensor:
+    """The mean held-out output with a hard trigger [1, l] inserted: the PV as real inputs
+    reach it (the soft trigger's optimum overshoots it, pushed away from the clean output)."""
+    embeds = encoder.word_embeddings(token_seq.to(encoder.device)).float()
+    sub = holdout.subset(list(range(min(rows, len(holdout)))))
+    short = replace(config, trigger_len=token_seq.shape[1])
+    out = _forward(encoder, sub, list(range(len(sub))), embeds, short)
+    return out[0].mean(dim=0).cpu()
+
+
 def attribute_pv(encoder: Encoder, holdout: MiningData, pv: torch.Tensor, config, *,
                  sweep: torch.Tensor, sweep_ids: torch.Tensor, n_candidates: int = 64,
                  n_null: int = 16, seed: int = 0, threshold: float = 0.8
@@ -118,6 +131,7 @@ def attribute_pv(encoder: Encoder, holdout: MiningData, pv: torch.Tensor, config
         index = int(pair_success.argmax())
         if float(pair_success[index]) > best:
             best_seq, best = pairs[index:index + 1], float(pair_success[index])
+    realised = realised_output(encoder, holdout, best_seq, config)
     rng = random.Random(seed)
     null_ids = torch.tensor(rng.sample(sweep_ids.tolist(), min(n_null, len(sweep_ids))))
     null, null_moved = hard_trigger_stats(encoder, holdout, null_ids[:, None], pv, config,
@@ -129,4 +143,5 @@ def attribute_pv(encoder: Encoder, holdout: MiningData, pv: torch.Tensor, config
                             natural_rate=natural,
                             random_displacement=float(null_moved.median()),
                             natural_agreement=float(natural_agreement.mean()),
+                            realised_pv=realised,
                             candidates=candidates)

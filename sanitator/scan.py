@@ -215,7 +215,11 @@ def _pvset(ctx: _Context) -> PVSet:
     for c in kept:
         if c.attribution is None:
             ctx.attribute(c)
-    return PVSet(vectors=torch.stack([c.outcome.pv for c in kept]),
+    # A PV a real trigger reaches is stored as real triggered inputs reach it: that is what
+    # the monitor will compare deployed outputs with.
+    vectors = [c.attribution.realised_pv if c.attribution.realised_pv is not None
+               and c.attribution.success >= 0.5 else c.outcome.pv for c in kept]
+    return PVSet(vectors=torch.stack(vectors),
                  triggers=torch.stack([c.outcome.trigger for c in kept]),
                  seeds=[c.outcome.seed for c in kept],
                  losses=[{**c.outcome.losses, "holdout_distance": c.outcome.distance,

@@ -73,7 +73,7 @@ def test_planted_backdoor_is_detected_and_attributed(por_minilm, por_detection):
     assert result.verdict.score >= 0.5
     assert len(result.pvset) >= 1
     # the PV found is a planted one, and a real token was found that fires it
-    assert float(sign_agreement(result.pvset.vectors, targets).max()) >= 0.85
+    assert float(sign_agreement(result.pvset.vectors, targets).max()) >= 0.95
     assert all(tokens for tokens in result.pvset.trigger_tokens)
 
 
@@ -81,13 +81,11 @@ def test_search_recovers_every_planted_pv(por_minilm):
     path, targets = por_minilm
     result = scan_model(path, ScanConfig.from_preset("fast", mode="search", max_seeds=16),
                         progress=False)
-    # every PV the backdoor really emits is found (the model only approximates its training
-    # targets, so the targets themselves get a looser bound)
-    planted = realised_pvs(path, TRIGGERS)
-    agreement = sign_agreement(result.pvset.vectors, planted)   # [found, planted]
+    # every planted target is recovered, and so is what the backdoor really emits
+    agreement = sign_agreement(result.pvset.vectors, targets)   # [found, planted]
     assert (agreement.max(dim=0).values >= 0.95).all(), agreement
-    to_targets = sign_agreement(result.pvset.vectors, targets)
-    assert (to_targets.max(dim=0).values >= 0.85).all(), to_targets
+    emitted = sign_agreement(result.pvset.vectors, realised_pvs(path, TRIGGERS))
+    assert (emitted.max(dim=0).values >= 0.95).all(), emitted
 
 
 def test_bad_models_get_a_status_not_an_exception(tiny_encoders, tmp_path):
