@@ -89,6 +89,10 @@ def delete_word_variants(text: str) -> list[str]:
     return variants
 
 
+def _pooler_feature(output, _batch) -> torch.Tensor:
+    return select_feature(output, Feature.POOLER)
+
+
 def _default_feature(output, _batch) -> torch.Tensor:
     feature = getattr(output, "feature", None)
     return feature if feature is not None else select_feature(output, Feature.CLS)
@@ -115,6 +119,51 @@ class MonitoredEncoder:
         if purge_wave < 1:
             raise ValueError("purge_wave must be at least 1")
         self.purge_wave = purge_wave
+        self.artifact = None  # the PVArtifact when built by from_artifact
+
+    @classmethod
+    def from_artifact(cls, path, model: torch.nn.Module, tokenizer=None, *,
+                      revision: str | None = None, threshold: float | None = None,
+                      **kwargs) -> MonitoredEncoder:
+        """Guard `model` with the PV artifact `sanitator pv pull` wrote (docs/deployment.md).
+
+        `model` is a prompt-tuned classifier (`sanitator.prompt_tuning`: P-tuning v2 reads
+        the CLS feature, P-tuning v1 the mask position) or any encoder returning
+        `last_hidden_state`; `tokenizer` defaults to `model.tokenizer`. `revision`, when
+        given, must be the revision the artifact was audited at. The threshold defaults to
+        the artifact's. A clean model's artifact holds no PVs: the monitor passes every
+        input, so deployment code is the same for clean and backdoored encoders. Other
+        keyword arguments go to the constructor (`on_flag`, `batch_size`, ...).
+        """
+        from sanitator.pv_artifact import read_pv_artifact
+
+        artifact = read_pv_artifact(path)
+        if revision is not None and not artifact.matches_revision(revision):
+            raise ValueError(f"{path}: the artifact is for {artifact.model} at revision "
+                             f"{artifact.revision}, not {revision}")
+        tokenizer = tokenizer if tokenizer is not None else getattr(model, "tokenizer", None)
+        if tokenizer is None:
+            raise ValueError("pass the tokenizer (the model has no `tokenizer` attribute)")
+        if not artifact.empty:
+            model_feature = {"ptv2": "cls", "ptv1": "mask"}.get(getattr(model, "method", None))
+            if model_feature is not None and model_feature != artifact.feature:
+                raise ValueError(f"{path}: the PVs live at the {artifact.feature} feature, but "
+                                 f"a {model.method} model exposes the {model_feature} feature")
+            encoder = getattr(model, "encoder", model)
+            hidden = getattr(getattr(encoder, "config", None), "hidden_size", None)
+            if isinstance(hidden, int) and hidden != artifact.hidden_size:
+                raise ValueError(f"{path}: PVs have {artifact.hidden_size} units, the model's "
+                                 f"encoder {hidden}")
+            if model_feature is None and "feature_fn" not in kwargs:
+                if artifact.feature == "mask":
+                    raise ValueError("mask-position PVs need a feature_fn for a plain encoder")
+                if artifact.feature == "pooler":
+                    kwargs["feature_fn"] = _pooler_feature
+        monitor = SignMonitor(artifact.pvset.vectors,
+                              threshold=artifact.threshold if threshold is None else threshold)
+        guarded = cls(model, tokenizer, monitor, **kwargs)
+        guarded.artifact = artifact
+        return guarded
 
     def _tokenize(self, texts: Sequence[Text]) -> dict[str, torch.Tensor]:
         if texts and isinstance(texts[0], tuple):
