@@ -26,7 +26,8 @@ def deployments():
 def test_every_deployment_loads_its_flow_with_valid_parameters(deployments):
     from prefect.flows import load_flow_from_entrypoint
 
-    assert [d["name"] for d in deployments] == ["nightly-audit", "weekly-evaluation"]
+    assert [d["name"] for d in deployments] == ["nightly-audit", "weekly-evaluation",
+                                               "nightly-report"]
     for deployment in deployments:
         flow = load_flow_from_entrypoint(str(ROOT / deployment["entrypoint"]))
         validated = flow.validate_parameters(deployment["parameters"])
