@@ -441,7 +441,7 @@ def make_plots(report: dict[str, Any], data: dict[str, Any]) -> dict[str, str | 
         axes.set_xlabel("audit date (UTC)")
         axes.set_ylabel("audits")
         axes.yaxis.set_major_locator(MaxNLocator(integer=True))
-        axes.legend(fontsize=8)
+        axes.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
         axes.tick_params(axis="x", labelrotation=30, labelsize=8)
         plots["Verdicts over time"] = _png(figure)
     else:
@@ -487,14 +487,18 @@ def make_plots(report: dict[str, Any], data: dict[str, Any]) -> dict[str, str | 
         figure, axes = plt.subplots(figsize=(6, 3.2))
         positions = range(len(pairs))
         width = 0.38
-        axes.bar([p - width / 2 for p in positions], [100 * a for _, a, _ in pairs], width,
-                 label="without monitor", color="#c62828")
-        axes.bar([p + width / 2 for p in positions],
-                 [100 * (d if d is not None else 0.0) for _, _, d in pairs], width,
-                 label="with PV monitor", color="#1565c0")
+        undefended = axes.bar([p - width / 2 for p in positions],
+                              [100 * a for _, a, _ in pairs], width,
+                              label="without monitor", color="#c62828")
+        defended = axes.bar([p + width / 2 for p in positions],
+                            [100 * (d if d is not None else 0.0) for _, _, d in pairs], width,
+                            label="with PV monitor", color="#1565c0")
+        for bars in (undefended, defended):
+            axes.bar_label(bars, fmt="%.0f", fontsize=7)
+        axes.set_xlim(-0.6, max(len(pairs), 3) - 0.4)
         axes.set_xticks(list(positions), [name for name, _, _ in pairs], fontsize=7)
         axes.set_ylabel("attack success rate (%)")
-        axes.set_ylim(0, 105)
+        axes.set_ylim(0, 110)
         axes.legend(fontsize=8)
         plots["ASR with and without the monitor"] = _png(figure)
     else:
