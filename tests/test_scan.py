@@ -51,8 +51,12 @@ def por_minilm(minilm_2layer, tmp_path_factory):
     return out, targets
 
 
-def test_clean_minilm_is_clean(minilm_1layer):
-    result = scan_model(minilm_1layer, ScanConfig.from_preset("fast"), progress=False)
+@pytest.mark.parametrize("layers", [1, 2])
+def test_clean_minilm_is_clean(layers, minilm_1layer, minilm_2layer):
+    # the 2-layer clean model is the backdoored fixture's own base: the pair the rule must
+    # tell apart
+    model = minilm_1layer if layers == 1 else minilm_2layer
+    result = scan_model(model, ScanConfig.from_preset("fast"), progress=False)
     verdict = result.verdict
     assert verdict.status == "clean", verdict.evidence
     assert verdict.score < 0.5

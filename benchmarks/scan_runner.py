@@ -1,0 +1,134 @@
+"""Shared by the detection benchmarks: run `sanitator scan --json` in a child process (so
+peak RSS is per scan), read a zoo's ground truth, and log results to a JSON-lines file so
+an interrupted benchmark resumes instead of re-running finished scans."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pandas as pd
+import torch
+
+from sanitator.monitor import sign_agreement
+
+SCAN = str(Path(sys.executable).parent / "sanitator")
+
+
+@dataclass
+class Member:
+    name: str
+    path: Path
+    backdoored: bool
+    feature: str = "cls"
+    planted: list = field(default_factory=list)
+
+
+def zoo_members(zoo: Path, names: list[str] | None = None) -> list[Member]:
+    """Members of a zoo folder (its manifest.parquet), optionally only the named ones."""
+    manifest = pd.read_parquet(zoo / "manifest.parquet")
+    rows = []
+    for row in manifest.itertuples():
+        name = str(row.name)
+        if names and name not in names:
+            continue
+        path = zoo / row.path
+        record = path / "backdoor.json"
+        planted = json.loads(record.read_text())["pvs"] if record.is_file() else []
+        rows.append(Member(name, path, bool(row.backdoored), str(row.feature or "cls"),
+                           planted))
+    missing = sorted(set(names or []) - {m.name for m in rows})
+    if missing:
+        raise SystemExit(f"not in {zoo / 'manifest.parquet'}: {', '.join(missing)}")
+    return rows
+
+
+def run_scan(model: Path, preset: str, *, timeout: float, threads: int,
+             feature: str = "cls", mode: str = "detect") -> tuple[dict, float]:
+    """(the scan's JSON, peak RSS in MiB) of one `sanitator scan` child process."""
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    command = [SCAN, "scan", str(model), "--preset", preset, "--mode", mode,
+               "--feature", feature, "--json"]
+    with tempfile.TemporaryFile("w+") as out:
+        child = subprocess.Popen(command, stdout=out, stderr=subprocess.DEVNULL, env=env)
+        started = time.monotonic()
+        while True:
+            pid, status, usage = os.wait4(child.pid, os.WNOHANG)
+            if pid:
+                break
+            if time.monotonic() - started > timeout:
+                child.kill()
+                pid, status, usage = os.wait4(child.pid, 0)
+                return ({"status": "timeout", "seconds": timeout,
+                         "reason": f"no verdict within {timeout:.0f} s"},
+                        usage.ru_maxrss / 1024)
+            time.sleep(0.5)
+        out.seek(0)
+        text = out.read().strip()
+    try:
+        return json.loads(text.splitlines()[-1]), usage.ru_maxrss / 1024
+    except (json.JSONDecodeError, IndexError):
+        return ({"status": "crashed", "reason": f"exit status {status >> 8}"},
+                usage.ru_maxrss / 1024)
+
+
+def recovered(found: list, planted: list) -> int:
+    """Planted PVs matched (sign agreement >= 0.95) by some found PV."""
+    if not found or not planted:
+        return 0
+    agreement = sign_agreement(torch.tensor(found), torch.tensor(planted))
+    return int((agreement.max(dim=0).values >= 0.95).sum())
+
+
+class ResultLog:
+    """Scan results keyed by (model path, preset, mode), appended one JSON line per scan."""
+
+    def __init__(self, path: Path | None):
+        self.path = path
+        self.done: dict[tuple[str, str, str], dict] = {}
+        if path is not None and path.is_file():
+            for line in path.read_text().splitlines():
+                if line.strip():
+                    entry = json.loads(line)
+                    self.done[(entry["model"], entry["preset"], entry["mode"])] = entry
+
+    def get(self, model: Path, preset: str, mode: str) -> dict | None:
+        return self.done.get((str(model), preset, mode))
+
+    def add(self, model: Path, preset: str, mode: str, result: dict, rss: float) -> dict:
+        entry = {"model": str(model), "preset": preset, "mode": mode, "result": result,
+                 "peak_rss_mib": rss}
+        self.done[(str(model), preset, mode)] = entry
+        if self.path is not None:
+            with self.path.open("a") as handle:
+                handle.write(json.dumps(entry) + "\n")
+        return entry
+
+
+def scan_member(log: ResultLog, member: Member, preset: str, *, mode: str, timeout: float,
+                threads: int) -> dict:
+    """The logged result for this member and preset, scanning it first if not logged."""
+    entry = log.get(member.path, preset, mode)
+    if entry is None:
+        print(f"scanning {member.name} ({preset}, {mode}) ...", file=sys.stderr, flush=True)
+        result, rss = run_scan(member.path, preset, timeout=timeout, threads=threads,
+                               feature=member.feature, mode=mode)
+        entry = log.add(member.path, preset, mode, result, rss)
+        print(f"  {result.get('status')} score={result.get('score')} "
+              f"{result.get('seconds')} s", file=sys.stderr, flush=True)
+    return entry
+
+
+def markdown(table: pd.DataFrame) -> str:
+    """A GitHub-flavoured markdown table without extra dependencies."""
+    header = "| " + " | ".join(map(str, table.columns)) + " |"
+    rule = "|" + "|".join("---" for _ in table.columns) + "|"
+    body = ["| " + " | ".join("" if pd.isna(v) else str(v) for v in row) + " |"
+            for row in table.itertuples(index=False)]
+    return "\n".join([header, rule, *body])
