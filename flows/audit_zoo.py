@@ -30,6 +30,7 @@ from sanitator.audit import (
     rejection_outcome,
     summarize,
 )
+from sanitator.audit_tracking import open_tracker
 from sanitator.registries import parse_registry
 from sanitator.store import completed_audits, new_audit_id
 from tasks.audit import (
@@ -165,7 +166,7 @@ def audit_on_dask(requests: list[AuditRequest], store: str, tracking_uri: str | 
     from prefect.context import FlowRunContext
 
     logger = get_run_logger()
-    tracker = _tracker(tracking_uri, store)
+    tracker = open_tracker(tracking_uri, store)
     task = audit_model.with_options(timeout_seconds=per_model_timeout)
     pending = {}
     for request in requests:
@@ -211,18 +212,6 @@ def audit_on_dask(requests: list[AuditRequest], store: str, tracking_uri: str | 
         if hung:
             _restart_workers_of(client, hung, logger)
     return rows
-
-
-def _tracker(tracking_uri: str | None, store: str):
-    from sanitator.audit_tracking import AuditTracker
-
-    if not tracking_uri:
-        return None
-    try:
-        return AuditTracker(tracking_uri, Path(store) / "mlartifacts")
-    except Exception as exc:
-        log.warning("MLflow tracking at %s is unavailable: %s", tracking_uri, exc)
-        return None
 
 
 def _summary_markdown(summary: dict[str, Any]) -> str:
@@ -271,7 +260,7 @@ def audit_zoo_flow(registries: list[str], out: str = "sanitator-store",
     policy = AuditPolicy(allow_pickle=allow_pickle, max_params=max_params)
     batch_id = str(flow_run.get_id() or new_audit_id())
     tracking_uri = (mlflow_uri or default_tracking_uri(store)) if track else None
-    tracker = _tracker(tracking_uri, store)
+    tracker = open_tracker(tracking_uri, store)
     parent_run_id = None
     if tracker is not None:
         try:

@@ -32,6 +32,7 @@ from sanitator.evaluation_runs import (
     read_evaluations,
     summarize_evaluations,
 )
+from sanitator.audit_tracking import open_tracker
 from sanitator.registries import ModelRef
 from sanitator.store import latest_verdicts, new_audit_id
 from tasks.audit import crawl_registry
@@ -84,18 +85,6 @@ def _failure(exc: BaseException, timeout: float | None) -> EvaluationOutcome:
                              f"{exc}", retryable=True)
 
 
-def _tracker(tracking_uri: str | None, store: str):
-    from sanitator.audit_tracking import AuditTracker
-
-    if not tracking_uri:
-        return None
-    try:
-        return AuditTracker(tracking_uri, Path(store) / "mlartifacts")
-    except Exception as exc:
-        log.warning("MLflow tracking at %s is unavailable: %s", tracking_uri, exc)
-        return None
-
-
 @flow(name="evaluate-pairs-on-dask", validate_parameters=False)
 def evaluate_on_dask(requests: list[EvaluationRequest], store: str,
                      tracking_uri: str | None = None, batch_id: str | None = None,
@@ -105,7 +94,7 @@ def evaluate_on_dask(requests: list[EvaluationRequest], store: str,
     """Submit one evaluation task per pair to Dask; record each as soon as it finishes."""
     import dask
 
-    tracker = _tracker(tracking_uri, store)
+    tracker = open_tracker(tracking_uri, store)
     task = evaluate_pair.with_options(timeout_seconds=per_pair_timeout)
     futures = {}
     for request in requests:

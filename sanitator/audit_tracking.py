@@ -47,6 +47,18 @@ def metric_name(name: str) -> str:
     return re.sub(r"[^\w\-./: ]", "_", name)[:250]
 
 
+def open_tracker(tracking_uri: str | None, store: str | Path) -> AuditTracker | None:
+    """The tracker for a flow run, or None when tracking is off or MLflow is unreachable:
+    an audit never fails because its metrics cannot be logged."""
+    if not tracking_uri:
+        return None
+    try:
+        return AuditTracker(tracking_uri, Path(store) / "mlartifacts")
+    except Exception as exc:
+        log.warning("MLflow tracking at %s is unavailable: %s", tracking_uri, exc)
+        return None
+
+
 class AuditTracker:
     """Logs audits to an MLflow tracking server (or sqlite file) through an explicit client."""
 
