@@ -22,6 +22,7 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.futures import as_completed
 
 from flows.audit_zoo import dask_runner
+from sanitator.audit_tracking import open_tracker
 from sanitator.evaluation_runs import (
     EVALUATED_STATUSES,
     EvaluationOutcome,
@@ -32,7 +33,6 @@ from sanitator.evaluation_runs import (
     read_evaluations,
     summarize_evaluations,
 )
-from sanitator.audit_tracking import open_tracker
 from sanitator.registries import ModelRef
 from sanitator.store import latest_verdicts, new_audit_id
 from tasks.audit import crawl_registry
