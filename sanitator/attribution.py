@@ -2,15 +2,17 @@
 
 The reference stops at the soft trigger. A planted backdoor fires on real words, while a
 soft trigger on a clean encoder is a continuous adversarial perturbation that no real token
-reproduces (FINDINGS.md §1). So for each PV we sweep the whole vocabulary once (every token
-alone in a minimal context, one batched pass), re-test the tokens whose output best matches
-the PV as hard triggers inserted into held-out sentences, and compare the best with random
-tokens. Both the attribution in reports and the calibrated verdict use the result.
+reproduces (FINDINGS.md §1). So we sweep the whole vocabulary once per model (every token,
+and every multi-piece word of a word list, alone in a minimal context, batched), re-test the
+candidates whose output best matches each PV as hard triggers inserted into held-out
+sentences, and compare the best with random tokens. Both the attribution in reports and
+the calibrated verdict use the result.
 """
 
 from __future__ import annotations
 
 import random
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -19,19 +21,22 @@ from sanitator.encoders import Encoder, Feature
 from sanitator.mining import MiningData, _forward
 from sanitator.monitor import sign_agreement
 
+TokenSeq = tuple[int, ...]
+
 
 @dataclass
 class TokenAttribution:
     """The best hard trigger found for one PV and how often it fires."""
 
     tokens: list[str]
-    success: float          # held-out sentences sent to the PV (not matching it before)
+    success: float          # held-out sentences sent to the trigger's own mean output
+    input_dependence: float  # share of triggered-output variation the clean input explains
     null_success: float     # the best random-token success (same statistic)
-    natural_rate: float     # clean held-out outputs already matching the PV
+    natural_rate: float     # clean held-out outputs already matching that mean output
     random_displacement: float  # median squared move of the output by a random token
-    natural_agreement: float  # mean sign agreement of clean outputs with the PV
+    natural_agreement: float  # mean sign agreement of clean outputs with that mean output
     realised_pv: torch.Tensor | None = None  # mean held-out output with the hard trigger
-    candidates: list[tuple[str, float]] = field(default_factory=list)
+    candidates: list[tuple[str, float, float]] = field(default_factory=list)
 
 
 def candidate_token_ids(encoder: Encoder) -> torch.Tensor:
@@ -45,56 +50,118 @@ def candidate_token_ids(encoder: Encoder) -> torch.Tensor:
     return torch.tensor(keep)
 
 
+def candidate_sequences(encoder: Encoder, words: Sequence[str] = (),
+                        max_pieces: int = 6) -> list[TokenSeq]:
+    """Every typable vocabulary token, then every word that the tokenizer splits into 2 to
+    `max_pieces` pieces: a backdoor keyed on a rare word fires on its pieces together, not
+    on any one of them."""
+    out: list[TokenSeq] = [(i,) for i in candidate_token_ids(encoder).tolist()]
+    seen = set(out)
+    for word in words:
+        # a leading space: the word as it appears inside a sentence (BPE marks it)
+        ids = tuple(encoder.tokenizer(" " + word, add_special_tokens=False)["input_ids"])
+        if 1 < len(ids) <= max_pieces and ids not in seen:
+            seen.add(ids)
+            out.append(ids)
+    return out
+
+
+def _by_length(sequences: Sequence[TokenSeq]) -> dict[int, list[int]]:
+    groups: dict[int, list[int]] = {}
+    for index, seq in enumerate(sequences):
+        groups.setdefault(len(seq), []).append(index)
+    return groups
+
+
 @torch.no_grad()
-def sweep_vocabulary(encoder: Encoder, token_ids: torch.Tensor, feature: Feature,
+def sweep_vocabulary(encoder: Encoder, sequences: Sequence[TokenSeq], feature: Feature,
                      batch_size: int = 1024) -> torch.Tensor:
-    """The feature of every token alone between the special tokens: [V', H], one pass."""
+    """The feature of every candidate alone between the special tokens: [N, H], batched by
+    length."""
     tokenizer = encoder.tokenizer
     template = tokenizer("x", add_special_tokens=True)["input_ids"]
     body = tokenizer("x", add_special_tokens=False)["input_ids"]
     slot = next(i for i in range(len(template)) if template[i:i + len(body)] == body)
-    outputs = []
-    for start in range(0, len(token_ids), batch_size):
-        chunk = token_ids[start:start + batch_size]
-        ids = torch.tensor([*template[:slot], 0, *template[slot + len(body):]]).repeat(
-            len(chunk), 1)
-        ids[:, slot] = chunk
-        if feature is Feature.MASK:  # the monitored mask goes right after the token
-            ids = torch.cat([ids[:, :slot + 1],
-                             torch.full((len(chunk), 1), tokenizer.mask_token_id),
-                             ids[:, slot + 1:]], dim=1)
-        mask_at = torch.full((len(chunk),), slot + 1) if feature is Feature.MASK else None
-        feats = encoder.forward_features(
-            input_ids=ids.to(encoder.device), attention_mask=torch.ones_like(ids).to(
-                encoder.device), feature=feature,
-            mask_positions=None if mask_at is None else mask_at.to(encoder.device))
-        outputs.append(feats.float().cpu())
-    return torch.cat(outputs)
+    prefix, suffix = template[:slot], template[slot + len(body):]
+    result: torch.Tensor | None = None
+    for length, indices in _by_length(sequences).items():
+        for start in range(0, len(indices), batch_size):
+            chunk = indices[start:start + batch_size]
+            body_ids = torch.tensor([sequences[i] for i in chunk])
+            if feature is Feature.MASK:  # the monitored mask goes right after the candidate
+                body_ids = torch.cat([body_ids, torch.full((len(chunk), 1),
+                                                           tokenizer.mask_token_id)], dim=1)
+            ids = torch.cat([torch.tensor(prefix, dtype=torch.long).repeat(len(chunk), 1), body_ids,
+                             torch.tensor(suffix, dtype=torch.long).repeat(len(chunk), 1)],
+                            dim=1)
+            mask_at = (torch.full((len(chunk),), slot + length).to(encoder.device)
+                       if feature is Feature.MASK else None)
+            feats = encoder.forward_features(
+                input_ids=ids.to(encoder.device),
+                attention_mask=torch.ones_like(ids).to(encoder.device), feature=feature,
+                mask_positions=mask_at).float().cpu()
+            if result is None:
+                result = torch.empty(len(sequences), feats.shape[-1])
+            result[torch.tensor(chunk)] = feats
+    assert result is not None, "no candidate sequences to sweep"
+    return result
 
 
 @torch.no_grad()
-def hard_trigger_stats(encoder: Encoder, holdout: MiningData, token_seqs: torch.Tensor,
-                       pv: torch.Tensor, config, threshold: float = 0.8,
-                       batch_rows: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per hard trigger [K, l] of token ids, on held-out sentences whose clean output does not
-    match the PV: (success, displacement). Success is the fraction whose triggered output
-    matches the PV by the monitor's rule; displacement is the mean squared distance of the
-    triggered outputs from the same sentences' clean outputs."""
-    clean_match = sign_agreement(holdout.clean, pv[None])[:, 0] > threshold
-    eligible = (~clean_match).nonzero().flatten().tolist()[:batch_rows]
-    if len(eligible) < 2:
-        return torch.zeros(len(token_seqs)), torch.zeros(len(token_seqs))
-    embeds = encoder.word_embeddings(token_seqs.to(encoder.device)).float()
-    sub = holdout.subset(eligible)
+def hard_trigger_stats(encoder: Encoder, holdout: MiningData, sequences: Sequence[TokenSeq],
+                       config, threshold: float = 0.8,
+                       batch_rows: int = 16
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per hard trigger (a sequence of token ids) inserted into held-out sentences:
+    (success, displacement, input dependence).
+
+    Success is measured against the trigger's own mean output, not the mined PV: the soft
+    trigger's optimum overshoots what the real trigger reaches, so their signs can differ on
+    a quarter of the units. It is the fraction of the sentences whose clean output does not
+    match that mean (by the monitor's rule) whose triggered output does: a real backdoor
+    trigger sends every sentence to one point; an ordinary word leaves them apart.
+    Displacement is the mean squared distance of the triggered outputs from the clean ones.
+    Input dependence is the share of the triggered outputs' variation across sentences that
+    their clean outputs explain (squared correlation of the centred outputs): about 1 for a
+    word that shifts or bends the output, near 0 for a trigger that overrides the input.
+    """
+    success, moved = torch.zeros(len(sequences)), torch.zeros(len(sequences))
+    dependence = torch.ones(len(sequences))
+    sub = holdout.subset(list(range(min(batch_rows, len(holdout)))))
     rows = list(range(len(sub)))
-    short = replace(config, trigger_len=token_seqs.shape[1])
-    hits, moved = [], []
-    for start in range(0, len(embeds), 16):
-        out = _forward(encoder, sub, rows, embeds[start:start + 16], short).cpu()  # [k, B, H]
-        agreement = sign_agreement(out.reshape(-1, out.shape[-1]), pv[None])[:, 0]
-        hits.append((agreement.reshape(out.shape[0], -1) > threshold).float().mean(dim=1))
-        moved.append(((out - sub.clean[None]) ** 2).mean(dim=(1, 2)))
-    return torch.cat(hits), torch.cat(moved)
+    for length, indices in _by_length(sequences).items():
+        ids = torch.tensor([sequences[i] for i in indices])
+        embeds = encoder.word_embeddings(ids.to(encoder.device)).float()
+        short = replace(config, trigger_len=length)
+        for start in range(0, len(indices), 16):
+            out = _forward(encoder, sub, rows, embeds[start:start + 16], short).cpu()
+            where = torch.tensor(indices[start:start + 16])
+            success[where] = _self_collapse(out, sub.clean, threshold)
+            moved[where] = ((out - sub.clean[None]) ** 2).mean(dim=(1, 2))
+            dependence[where] = _input_dependence(out, sub.clean)
+    return success, moved, dependence
+
+
+def _input_dependence(out: torch.Tensor, clean: torch.Tensor) -> torch.Tensor:
+    """[K]: squared correlation between centred triggered [K, B, H] and clean [B, H] outputs."""
+    triggered = out - out.mean(dim=1, keepdim=True)
+    natural = (clean - clean.mean(dim=0))[None]
+    covariance = (triggered * natural).sum(dim=(1, 2))
+    scale = (triggered ** 2).sum(dim=(1, 2)) * (natural ** 2).sum(dim=(1, 2))
+    return (covariance ** 2 / scale.clamp_min(1e-30)).clamp(0.0, 1.0)
+
+
+def _self_collapse(out: torch.Tensor, clean: torch.Tensor, threshold: float) -> torch.Tensor:
+    """[K] for triggered outputs [K, B, H] and clean outputs [B, H]: see hard_trigger_stats."""
+    result = torch.zeros(out.shape[0])
+    for k, triggered in enumerate(out):
+        target = triggered.mean(dim=0, keepdim=True)
+        eligible = sign_agreement(clean, target)[:, 0] <= threshold
+        if int(eligible.sum()) < 2:
+            continue  # the clean outputs already sit there: nothing to reach
+        reached = sign_agreement(triggered[eligible], target)[:, 0] > threshold
+        result[k] = reached.float().mean()
+    return result
 
 
 @torch.no_grad()
@@ -109,37 +176,50 @@ def realised_output(encoder: Encoder, holdout: MiningData, token_seq: torch.Tens
     return out[0].mean(dim=0).cpu()
 
 
+def _words(encoder: Encoder, seq: TokenSeq) -> list[str]:
+    tokenizer = encoder.tokenizer
+    return tokenizer.convert_tokens_to_string(tokenizer.convert_ids_to_tokens(list(seq))).split()
+
+
 def attribute_pv(encoder: Encoder, holdout: MiningData, pv: torch.Tensor, config, *,
-                 sweep: torch.Tensor, sweep_ids: torch.Tensor, n_candidates: int = 64,
+                 sweep: torch.Tensor, sequences: Sequence[TokenSeq], n_candidates: int = 64,
                  n_null: int = 16, seed: int = 0, threshold: float = 0.8
                  ) -> TokenAttribution:
-    """Find the real tokens (one, else two) that best realise `pv` as a hard trigger."""
-    tokenizer = encoder.tokenizer
-    natural_agreement = sign_agreement(holdout.clean, pv[None])[:, 0]
-    natural = float((natural_agreement > threshold).float().mean())
+    """Find the real tokens or words (one, else two together) that best realise `pv` as a
+    hard trigger; `sweep` holds the standalone output of every candidate in `sequences`."""
     score = sign_agreement(sweep, pv[None])[:, 0] + 1e-3 * torch.nn.functional.cosine_similarity(
         sweep, pv[None], dim=1)
-    top = sweep_ids[score.topk(min(n_candidates, len(score))).indices]
-    success, _ = hard_trigger_stats(encoder, holdout, top[:, None], pv, config, threshold)
-    order = success.argsort(descending=True, stable=True).tolist()
-    best_seq = top[order[0]].reshape(1, 1)
-    best = float(success[order[0]])
-    if best < 0.5:  # a multi-token trigger may need its pieces together: try pairs of the best
-        heads = top[torch.tensor(order[:6])]
-        pairs = torch.cartesian_prod(heads, heads)
-        pair_success, _ = hard_trigger_stats(encoder, holdout, pairs, pv, config, threshold)
-        index = int(pair_success.argmax())
-        if float(pair_success[index]) > best:
-            best_seq, best = pairs[index:index + 1], float(pair_success[index])
-    realised = realised_output(encoder, holdout, best_seq, config)
+    top = [sequences[i] for i in score.topk(min(n_candidates, len(score))).indices.tolist()]
+    success, _, dependence = hard_trigger_stats(encoder, holdout, top, config, threshold)
+    # a trigger must both send sentences to one point and override what they say
+    strength = torch.minimum(success, 1.0 - dependence)
+    order = strength.argsort(descending=True, stable=True).tolist()
+    best_seq, best = top[order[0]], order[0]
+    best_success, best_dependence = float(success[best]), float(dependence[best])
+    if float(strength[best]) < 0.5:  # a phrase may need two of its words together
+        heads = [top[i] for i in order[:6]]
+        pairs = [a + b for a in heads for b in heads]
+        pair_success, _, pair_dependence = hard_trigger_stats(encoder, holdout, pairs, config,
+                                                              threshold)
+        pair_strength = torch.minimum(pair_success, 1.0 - pair_dependence)
+        index = int(pair_strength.argmax())
+        if float(pair_strength[index]) > float(strength[best]):
+            best_seq = pairs[index]
+            best_success, best_dependence = (float(pair_success[index]),
+                                             float(pair_dependence[index]))
+    realised = realised_output(encoder, holdout, torch.tensor([best_seq]), config)
+    # how natural the point the trigger reaches is: clean outputs already matching it
+    natural_agreement = sign_agreement(holdout.clean, realised[None])[:, 0]
+    natural = float((natural_agreement > threshold).float().mean())
+    singles = [seq for seq in sequences if len(seq) == 1]
     rng = random.Random(seed)
-    null_ids = torch.tensor(rng.sample(sweep_ids.tolist(), min(n_null, len(sweep_ids))))
-    null, null_moved = hard_trigger_stats(encoder, holdout, null_ids[:, None], pv, config,
-                                          threshold)
-    candidates = [(tokenizer.convert_ids_to_tokens(int(top[i])), round(float(success[i]), 4))
-                  for i in order[:10]]
-    return TokenAttribution(tokens=tokenizer.convert_ids_to_tokens(best_seq[0].tolist()),
-                            success=best, null_success=float(null.max()),
+    null_seqs = rng.sample(singles, min(n_null, len(singles)))
+    null, null_moved, _ = hard_trigger_stats(encoder, holdout, null_seqs, config, threshold)
+    candidates = [(" ".join(_words(encoder, top[i])), round(float(success[i]), 4),
+                   round(float(dependence[i]), 4)) for i in order[:10]]
+    return TokenAttribution(tokens=_words(encoder, best_seq),
+                            success=best_success, input_dependence=best_dependence,
+                            null_success=float(null.max()),
                             natural_rate=natural,
                             random_displacement=float(null_moved.median()),
                             natural_agreement=float(natural_agreement.mean()),

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import functools
 import random
+import re
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -66,3 +68,36 @@ def load_sentences(source: str | Path | None = None, n: int | None = 2000, *,
         raise CorpusError(f"{path}: no sentence with at least {min_words} words")
     random.Random(seed).shuffle(rows)
     return rows if n is None else rows[:n]
+
+
+# Word lists for trigger attribution: real words a backdoor could be keyed on. Enron's mail
+# headers and the paragraph copy of WikiText add size, not vocabulary.
+WORD_LIST_CORPORA: tuple[str, ...] = ("wikitext", "sst2", "sms_spam", "ag_news", "yelp")
+_WORD = re.compile(r"[^\W\d_]{3,}")
+
+
+def corpus_words(texts: list[str] | None = None, *, max_words: int = 100_000) -> list[str]:
+    """Distinct lower-cased words (letters only, 3+ characters) of `texts` and of the
+    offline corpora that are present, in first-seen order, at most `max_words`."""
+    seen: dict[str, None] = {}
+    for word in _WORD.findall(" ".join(texts or []).lower()):
+        seen.setdefault(word)
+    for word in _offline_words():
+        if len(seen) >= max_words:
+            break
+        seen.setdefault(word)
+    return list(seen)[:max_words]
+
+
+@functools.cache
+def _offline_words() -> tuple[str, ...]:
+    seen: dict[str, None] = {}
+    for name in WORD_LIST_CORPORA:
+        try:
+            path, column = resolve_corpus(name)
+            rows = _read_column(path, column)
+        except (DataNotFoundError, CorpusError, OSError):
+            continue  # the word list is best effort: a missing corpus narrows it
+        for word in _WORD.findall(" ".join(rows).lower()):
+            seen.setdefault(word)
+    return tuple(seen)

@@ -12,12 +12,13 @@ import torch
 
 from sanitator.attribution import (
     TokenAttribution,
+    TokenSeq,
     attribute_pv,
-    candidate_token_ids,
+    candidate_sequences,
     sweep_vocabulary,
 )
 from sanitator.config import ScanConfig
-from sanitator.corpus import load_sentences
+from sanitator.corpus import corpus_words, load_sentences
 from sanitator.encoders import Encoder, Feature, ModelInfo, ModelRejected, load_encoder
 from sanitator.filtering import (
     embedding_bounds,
@@ -60,10 +61,12 @@ class Candidate:
         if self.attribution is not None:
             a = self.attribution
             data.update(hard_trigger=a.tokens, hard_trigger_success=round(a.success, 4),
+                        input_dependence=round(a.input_dependence, 4),
                         random_token_success=round(a.null_success, 4),
                         natural_match_rate=round(a.natural_rate, 4),
                         random_token_displacement=round(a.random_displacement, 6),
-                        natural_agreement=round(a.natural_agreement, 4))
+                        natural_agreement=round(a.natural_agreement, 4),
+                        candidates_top=a.candidates[:5])
         return data
 
 
@@ -75,7 +78,8 @@ class _Context:
     holdout: MiningData
     bounds: tuple[torch.Tensor, torch.Tensor]
     progress: bool
-    sweep: tuple[torch.Tensor, torch.Tensor] | None = None
+    sentences: list[str] = field(default_factory=list)
+    sweep: tuple[list[TokenSeq], torch.Tensor] | None = None
     candidates: list[Candidate] = field(default_factory=list)
 
     @property
@@ -89,18 +93,19 @@ class _Context:
     def kept(self) -> list[Candidate]:
         return [c for c in self.candidates if c.accepted]
 
-    def vocabulary_sweep(self) -> tuple[torch.Tensor, torch.Tensor]:
+    def vocabulary_sweep(self) -> tuple[list[TokenSeq], torch.Tensor]:
         if self.sweep is None:
-            ids = candidate_token_ids(self.encoder)
-            self.sweep = (ids, sweep_vocabulary(self.encoder, ids,
-                                                Feature(self.config.mining.feature)))
+            # the scan's own sentences first: a user corpus brings its domain's words
+            sequences = candidate_sequences(self.encoder, corpus_words(self.sentences))
+            self.sweep = (sequences, sweep_vocabulary(self.encoder, sequences,
+                                                      Feature(self.config.mining.feature)))
         return self.sweep
 
     def attribute(self, candidate: Candidate) -> None:
-        ids, outputs = self.vocabulary_sweep()
+        sequences, outputs = self.vocabulary_sweep()
         candidate.attribution = attribute_pv(
             self.encoder, self.holdout, candidate.outcome.pv, self.config.mining,
-            sweep=outputs, sweep_ids=ids,
+            sweep=outputs, sequences=sequences,
             n_candidates=self.config.decision.hard_token_candidates, seed=self.config.seed)
 
 
@@ -129,11 +134,18 @@ def _judge_calibrated(ctx: _Context, outcome: SeedOutcome, group: list[Candidate
             and outcome.distance > ctx.clean_spread):
         ctx.attribute(candidate)
         a = candidate.attribution
-        # Majorities on both sides: most eligible sentences reach the PV with the real
-        # trigger, and most clean sentences do not reach it without one.
-        # The PV must also lie farther out than a typical real token moves the output.
-        candidate.accepted = (a.success >= 0.5 and a.natural_rate < 0.5
+        # Majorities on every side: most eligible sentences reach one point with the real
+        # trigger, most clean sentences are not there without it, and the trigger rather
+        # than the sentence decides most of the output. The PV must also lie farther out
+        # than a typical real token moves the output.
+        candidate.accepted = (_strength(a) >= 0.5
                               and outcome.distance > a.random_displacement)
+        if candidate.accepted and a.realised_pv is not None:
+            # two soft-trigger optima that one real trigger realises are one PV
+            reached = [c.attribution.realised_pv for c in ctx.kept + group if c.accepted]
+            candidate.unique = is_unique_sign(a.realised_pv, reached,
+                                              filtering.unique_agreement)
+            candidate.accepted = candidate.unique
     return candidate
 
 
@@ -193,16 +205,19 @@ def _run_seeds(ctx: _Context) -> tuple[int, int]:
     return seeds_tried, steps
 
 
+def _strength(a: TokenAttribution) -> float:
+    """The weakest of the three majorities a real trigger must win (>= 0.5 to count)."""
+    return min(a.success, 1.0 - a.natural_rate, 1.0 - a.input_dependence)
+
+
 def _score(ctx: _Context) -> float:
-    """Probability-like score: how reliably the best real trigger reaches an unnatural PV."""
+    """Probability-like score: how clearly the best real trigger acts as a backdoor."""
     if ctx.config.decision.rule == "paper":
         return 1.0 if ctx.kept else 0.0
     best = 0.0
     for c in ctx.candidates:
-        if c.attribution is not None:
-            a = c.attribution
-            beyond = 1.0 if c.outcome.distance > a.random_displacement else 0.0
-            best = max(best, a.success * (1.0 - a.natural_rate) * beyond)
+        if c.attribution is not None and c.outcome.distance > c.attribution.random_displacement:
+            best = max(best, _strength(c.attribution))
     return round(best, 4)
 
 
@@ -233,12 +248,13 @@ def _evidence(ctx: _Context) -> dict[str, Any]:
         "paper rule: distance_th and collapse ratio are the published defaults "
         "(REFERENCE.md §2.8); the first accepted PV decides" if rule == "paper" else
         "calibrated rule: a collapsed PV farther from the clean held-out outputs than their "
-        "own mean spread (clean_spread) counts when a real vocabulary token, inserted once, "
-        "sends at least half of the held-out sentences whose clean output does not match it "
-        "to it by the monitor's sign rule, while fewer than half of the clean outputs match "
-        "it and the PV lies farther from the clean outputs than the median random "
-        "vocabulary token moves them (random_token_displacement); collapse is relative to "
-        "ln(batch)")
+        "own mean spread (clean_spread) counts when a real vocabulary token or word, inserted "
+        "once, sends at least half of the held-out sentences whose clean output does not "
+        "match its mean triggered output (the realised PV) to it by the monitor's sign rule, "
+        "fewer than half of the clean outputs match the realised PV, the clean input explains "
+        "less than half of the triggered outputs' variation (input_dependence), and the PV "
+        "lies farther from the clean outputs than the median random vocabulary token moves "
+        "them (random_token_displacement); collapse is relative to ln(batch)")
     evidence = {"rule": rule, "derived_from": derived,
                 "candidates": [c.summary() for c in ctx.candidates]}
     if rule != "paper":
@@ -262,7 +278,8 @@ def _scan_loaded(encoder: Encoder, config: ScanConfig, progress: bool,
                    prepare_data(encoder, train_sentences, mining, seed=config.seed),
                    prepare_data(encoder, sentences[-mining.n_holdout:], mining,
                                 seed=config.seed + 1),
-                   embedding_bounds(encoder.word_embeddings.weight, config.filtering), progress)
+                   embedding_bounds(encoder.word_embeddings.weight, config.filtering), progress,
+                   sentences)
     seeds_tried, steps = _run_seeds(ctx)
     pvset = _pvset(ctx)
     verdict = Verdict(status="backdoored" if ctx.kept else "clean", score=_score(ctx),
