@@ -104,7 +104,7 @@ def main() -> int:
                 "PVs found": len(result.get("pvs") or []),
                 "recovered/planted": f"{recovered(result.get('pvs') or [], member.planted)}"
                                      f"/{len(member.planted)}",
-                "trigger found": " | ".join(" ".join(t) for t in
+                "trigger found": ", ".join(" ".join(t) for t in
                                             (result.get("trigger_tokens") or [])[:2]),
                 "peak RSS MiB": round(entry["peak_rss_mib"]),
             })
