@@ -193,7 +193,9 @@ def attribute_pv(encoder: Encoder, holdout: MiningData, pv: torch.Tensor, config
     success, _, dependence = hard_trigger_stats(encoder, holdout, top, config, threshold)
     # a trigger must both send sentences to one point and override what they say
     strength = torch.minimum(success, 1.0 - dependence)
-    order = strength.argsort(descending=True, stable=True).tolist()
+    # the shortest trigger that works names it best (`cf`, not the word `cfos` it starts)
+    order = sorted(range(len(top)), key=lambda i: (0, len(top[i]), -float(strength[i]))
+                   if strength[i] >= 0.5 else (1, 0, -float(strength[i])))
     best_seq, best = top[order[0]], order[0]
     best_success, best_dependence = float(success[best]), float(dependence[best])
     if float(strength[best]) < 0.5:  # a phrase may need two of its words together
