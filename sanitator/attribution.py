@@ -1,12 +1,13 @@
-"""Trigger attribution: which real tokens send the encoder to a mined PV.
+"""Trigger attribution: which real tokens send the encoder to a mined PV, or anywhere fixed.
 
 The reference stops at the soft trigger. A planted backdoor fires on real words, while a
 soft trigger on a clean encoder is a continuous adversarial perturbation that no real token
 reproduces (FINDINGS.md §1). So we sweep the whole vocabulary once per model (every token,
-and every multi-piece word of a word list, alone in a minimal context, batched), re-test the
-candidates whose output best matches each PV as hard triggers inserted into held-out
-sentences, and compare the best with random tokens. Both the attribution in reports and
-the calibrated verdict use the result.
+and every multi-piece word of a word list, alone in a minimal context, batched) and re-test
+candidates as hard triggers inserted into held-out sentences, compared with random tokens:
+those whose output best matches a mined PV (attribution), and, independent of mining, those
+whose standalone output is the farthest outlier (the vocabulary screen). Both the
+attribution in reports and the calibrated verdict use the result.
 """
 
 from __future__ import annotations
@@ -29,12 +30,14 @@ class TokenAttribution:
     """The best hard trigger found for one PV and how often it fires."""
 
     tokens: list[str]
+    token_ids: TokenSeq
     success: float          # held-out sentences sent to the trigger's own mean output
     input_dependence: float  # share of triggered-output variation the clean input explains
     null_success: float     # the best random-token success (same statistic)
     natural_rate: float     # clean held-out outputs already matching that mean output
     random_displacement: float  # median squared move of the output by a random token
     natural_agreement: float  # mean sign agreement of clean outputs with that mean output
+    displacement: float     # mean squared move of held-out outputs by the trigger
     realised_pv: torch.Tensor | None = None  # mean held-out output with the hard trigger
     candidates: list[tuple[str, float, float]] = field(default_factory=list)
 
@@ -75,9 +78,13 @@ def _by_length(sequences: Sequence[TokenSeq]) -> dict[int, list[int]]:
 
 @torch.no_grad()
 def sweep_vocabulary(encoder: Encoder, sequences: Sequence[TokenSeq], feature: Feature,
-                     batch_size: int = 1024) -> torch.Tensor:
+                     batch_size: int = 1024, progress: bool = False) -> torch.Tensor:
     """The feature of every candidate alone between the special tokens: [N, H], batched by
     length."""
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=len(sequences), desc="vocabulary", unit="word", dynamic_ncols=True,
+               disable=not progress)
     tokenizer = encoder.tokenizer
     template = tokenizer("x", add_special_tokens=True)["input_ids"]
     body = tokenizer("x", add_special_tokens=False)["input_ids"]
@@ -103,17 +110,27 @@ def sweep_vocabulary(encoder: Encoder, sequences: Sequence[TokenSeq], feature: F
             if result is None:
                 result = torch.empty(len(sequences), feats.shape[-1])
             result[torch.tensor(chunk)] = feats
+            bar.update(len(chunk))
+    bar.close()
     assert result is not None, "no candidate sequences to sweep"
     return result
 
 
+@dataclass
+class TriggerStats:
+    """Per hard trigger [K]: see hard_trigger_stats."""
+
+    success: torch.Tensor
+    displacement: torch.Tensor
+    dependence: torch.Tensor
+    realised: torch.Tensor  # [K, H] mean triggered output over the rows tested
+
+
 @torch.no_grad()
 def hard_trigger_stats(encoder: Encoder, holdout: MiningData, sequences: Sequence[TokenSeq],
-                       config, threshold: float = 0.8,
-                       batch_rows: int = 16
-                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                       config, threshold: float = 0.8, batch_rows: int = 16) -> TriggerStats:
     """Per hard trigger (a sequence of token ids) inserted into held-out sentences:
-    (success, displacement, input dependence).
+    success, displacement, input dependence and the mean triggered output.
 
     Success is measured against the trigger's own mean output, not the mined PV: the soft
     trigger's optimum overshoots what the real trigger reaches, so their signs can differ on
@@ -127,6 +144,7 @@ def hard_trigger_stats(encoder: Encoder, holdout: MiningData, sequences: Sequenc
     """
     success, moved = torch.zeros(len(sequences)), torch.zeros(len(sequences))
     dependence = torch.ones(len(sequences))
+    realised = torch.zeros(len(sequences), holdout.clean.shape[-1])
     sub = holdout.subset(list(range(min(batch_rows, len(holdout)))))
     rows = list(range(len(sub)))
     for length, indices in _by_length(sequences).items():
@@ -139,7 +157,8 @@ def hard_trigger_stats(encoder: Encoder, holdout: MiningData, sequences: Sequenc
             success[where] = _self_collapse(out, sub.clean, threshold)
             moved[where] = ((out - sub.clean[None]) ** 2).mean(dim=(1, 2))
             dependence[where] = _input_dependence(out, sub.clean)
-    return success, moved, dependence
+            realised[where] = out.mean(dim=1)
+    return TriggerStats(success, moved, dependence, realised)
 
 
 def _input_dependence(out: torch.Tensor, clean: torch.Tensor) -> torch.Tensor:
@@ -181,6 +200,51 @@ def _words(encoder: Encoder, seq: TokenSeq) -> list[str]:
     return tokenizer.convert_tokens_to_string(tokenizer.convert_ids_to_tokens(list(seq))).split()
 
 
+def _null_stats(encoder: Encoder, holdout: MiningData, sequences: Sequence[TokenSeq], config,
+               n_null: int, seed: int, threshold: float) -> tuple[float, float]:
+    """(best success, median displacement) of random single tokens: what any word does."""
+    singles = [seq for seq in sequences if len(seq) == 1]
+    null_seqs = random.Random(seed).sample(singles, min(n_null, len(singles)))
+    null = hard_trigger_stats(encoder, holdout, null_seqs, config, threshold)
+    return float(null.success.max()), float(null.displacement.median())
+
+
+def _describe(encoder: Encoder, holdout: MiningData, seq: TokenSeq, stats: TriggerStats,
+              index: int, config, null: tuple[float, float], threshold: float,
+              candidates: list[tuple[str, float, float]]) -> TokenAttribution:
+    """The attribution of one hard trigger, with where it takes the held-out sentences."""
+    realised = realised_output(encoder, holdout, torch.tensor([seq]), config)
+    # how natural the point the trigger reaches is: clean outputs already matching it
+    natural_agreement = sign_agreement(holdout.clean, realised[None])[:, 0]
+    return TokenAttribution(tokens=_words(encoder, seq), token_ids=seq,
+                            success=float(stats.success[index]),
+                            input_dependence=float(stats.dependence[index]),
+                            null_success=null[0],
+                            natural_rate=float((natural_agreement > threshold).float().mean()),
+                            random_displacement=null[1],
+                            natural_agreement=float(natural_agreement.mean()),
+                            displacement=float(stats.displacement[index]),
+                            realised_pv=realised, candidates=candidates)
+
+
+def _strengths(stats: TriggerStats) -> torch.Tensor:
+    """A trigger must both send sentences to one point and override what they say."""
+    return torch.minimum(stats.success, 1.0 - stats.dependence)
+
+
+def _best_pair(encoder: Encoder, holdout: MiningData, heads: list[TokenSeq], config,
+               threshold: float) -> tuple[list[TokenSeq], TriggerStats]:
+    """Every ordered pair of the given candidates: a phrase may need two words together."""
+    pairs = [a + b for a in heads for b in heads]
+    return pairs, hard_trigger_stats(encoder, holdout, pairs, config, threshold)
+
+
+def _listing(encoder: Encoder, seqs: list[TokenSeq], stats: TriggerStats,
+             order: list[int]) -> list[tuple[str, float, float]]:
+    return [(" ".join(_words(encoder, seqs[i])), round(float(stats.success[i]), 4),
+             round(float(stats.dependence[i]), 4)) for i in order[:10]]
+
+
 def attribute_pv(encoder: Encoder, holdout: MiningData, pv: torch.Tensor, config, *,
                  sweep: torch.Tensor, sequences: Sequence[TokenSeq], n_candidates: int = 64,
                  n_null: int = 16, seed: int = 0, threshold: float = 0.8
@@ -190,40 +254,68 @@ def attribute_pv(encoder: Encoder, holdout: MiningData, pv: torch.Tensor, config
     score = sign_agreement(sweep, pv[None])[:, 0] + 1e-3 * torch.nn.functional.cosine_similarity(
         sweep, pv[None], dim=1)
     top = [sequences[i] for i in score.topk(min(n_candidates, len(score))).indices.tolist()]
-    success, _, dependence = hard_trigger_stats(encoder, holdout, top, config, threshold)
-    # a trigger must both send sentences to one point and override what they say
-    strength = torch.minimum(success, 1.0 - dependence)
+    stats = hard_trigger_stats(encoder, holdout, top, config, threshold)
+    strength = _strengths(stats)
     # the shortest trigger that works names it best (`cf`, not the word `cfos` it starts)
     order = sorted(range(len(top)), key=lambda i: (0, len(top[i]), -float(strength[i]))
                    if strength[i] >= 0.5 else (1, 0, -float(strength[i])))
-    best_seq, best = top[order[0]], order[0]
-    best_success, best_dependence = float(success[best]), float(dependence[best])
-    if float(strength[best]) < 0.5:  # a phrase may need two of its words together
-        heads = [top[i] for i in order[:6]]
-        pairs = [a + b for a in heads for b in heads]
-        pair_success, _, pair_dependence = hard_trigger_stats(encoder, holdout, pairs, config,
-                                                              threshold)
-        pair_strength = torch.minimum(pair_success, 1.0 - pair_dependence)
-        index = int(pair_strength.argmax())
-        if float(pair_strength[index]) > float(strength[best]):
-            best_seq = pairs[index]
-            best_success, best_dependence = (float(pair_success[index]),
-                                             float(pair_dependence[index]))
-    realised = realised_output(encoder, holdout, torch.tensor([best_seq]), config)
-    # how natural the point the trigger reaches is: clean outputs already matching it
-    natural_agreement = sign_agreement(holdout.clean, realised[None])[:, 0]
-    natural = float((natural_agreement > threshold).float().mean())
-    singles = [seq for seq in sequences if len(seq) == 1]
-    rng = random.Random(seed)
-    null_seqs = rng.sample(singles, min(n_null, len(singles)))
-    null, null_moved, _ = hard_trigger_stats(encoder, holdout, null_seqs, config, threshold)
-    candidates = [(" ".join(_words(encoder, top[i])), round(float(success[i]), 4),
-                   round(float(dependence[i]), 4)) for i in order[:10]]
-    return TokenAttribution(tokens=_words(encoder, best_seq),
-                            success=best_success, input_dependence=best_dependence,
-                            null_success=float(null.max()),
-                            natural_rate=natural,
-                            random_displacement=float(null_moved.median()),
-                            natural_agreement=float(natural_agreement.mean()),
-                            realised_pv=realised,
-                            candidates=candidates)
+    best_seqs, best_stats, best = top, stats, order[0]
+    if float(strength[best]) < 0.5:
+        pairs, pair_stats = _best_pair(encoder, holdout, [top[i] for i in order[:6]], config,
+                                       threshold)
+        index = int(_strengths(pair_stats).argmax())
+        if float(_strengths(pair_stats)[index]) > float(strength[best]):
+            best_seqs, best_stats, best = pairs, pair_stats, index
+    null = _null_stats(encoder, holdout, sequences, config, n_null, seed, threshold)
+    return _describe(encoder, holdout, best_seqs[best], best_stats, best, config, null,
+                     threshold, _listing(encoder, top, stats, order))
+
+
+def screen_vocabulary(encoder: Encoder, holdout: MiningData, config, *, sweep: torch.Tensor,
+                      sequences: Sequence[TokenSeq], n_candidates: int = 32,
+                      max_hits: int = 1, n_null: int = 16, seed: int = 0,
+                      threshold: float = 0.8, unique_agreement: float = 0.9
+                      ) -> list[TokenAttribution]:
+    """Test the vocabulary's outliers as hard triggers directly, without a mined PV.
+
+    A planted trigger moves the encoder's output far from where ordinary words take it even
+    alone between the special tokens, so the candidates whose standalone output lies farthest
+    from the mean standalone output (overall, and among single tokens, which multi-piece
+    words would otherwise crowd out) are re-tested in held-out sentences. Returns up to
+    `max_hits` triggers that win both majorities of `_strengths`, strongest first, one per
+    point reached; when none does, the single strongest candidate (the evidence a clean
+    model leaves).
+    """
+    distance = ((sweep - sweep.mean(dim=0)) ** 2).sum(dim=1)
+    singles = torch.tensor([i for i, seq in enumerate(sequences) if len(seq) == 1])
+    picked = distance.topk(min(n_candidates, len(distance))).indices.tolist()
+    if len(singles):
+        single_top = distance[singles].topk(min(n_candidates, len(singles))).indices
+        picked += singles[single_top].tolist()
+    top = [sequences[i] for i in dict.fromkeys(picked)]
+    stats = hard_trigger_stats(encoder, holdout, top, config, threshold)
+    strength = _strengths(stats)
+    order = strength.argsort(descending=True).tolist()
+    seqs = top
+    if float(strength[order[0]]) < 0.5:
+        pairs, pair_stats = _best_pair(encoder, holdout, [top[i] for i in order[:6]], config,
+                                       threshold)
+        if float(_strengths(pair_stats).max()) > float(strength[order[0]]):
+            seqs, stats = pairs, pair_stats
+            strength = _strengths(stats)
+            order = strength.argsort(descending=True).tolist()
+    null = _null_stats(encoder, holdout, sequences, config, n_null, seed, threshold)
+    listing = _listing(encoder, seqs, stats, order)
+    hits: list[TokenAttribution] = []
+    reached: list[torch.Tensor] = []
+    for index in order:
+        if hits and (len(hits) >= max_hits or float(strength[index]) < 0.5):
+            break
+        point = stats.realised[index]
+        if reached and float(sign_agreement(point[None], torch.stack(reached)).max()) \
+                > unique_agreement:
+            continue  # another form of a trigger already found (`misread`, `misreading`)
+        reached.append(point)
+        hits.append(_describe(encoder, holdout, seqs[index], stats, index, config, null,
+                              threshold, listing))
+    return hits

@@ -62,6 +62,7 @@ class DecisionConfig:
     null_quantile: float = 0.999    # per-encoder null quantile a signal must exceed
     min_support: int = 2            # seeds that must agree on one PV (calibrated rule)
     hard_token_candidates: int = 32  # vocabulary tokens re-tested per PV (attribution)
+    screen_candidates: int = 32     # vocabulary outliers tested before mining; 0 = no screen
 
 
 @dataclass(frozen=True)

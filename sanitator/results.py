@@ -49,7 +49,7 @@ class PVSet:
     vectors: torch.Tensor
     triggers: torch.Tensor
     seeds: list[int] = field(default_factory=list)
-    losses: list[dict[str, float]] = field(default_factory=list)
+    losses: list[dict[str, Any]] = field(default_factory=list)
     trigger_tokens: list[list[str]] = field(default_factory=list)
     feature: str = "cls"
 

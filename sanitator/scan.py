@@ -15,6 +15,7 @@ from sanitator.attribution import (
     TokenSeq,
     attribute_pv,
     candidate_sequences,
+    screen_vocabulary,
     sweep_vocabulary,
 )
 from sanitator.config import ScanConfig
@@ -42,22 +43,41 @@ class ScanResult:
 
 @dataclass
 class Candidate:
-    """A mined PV with the checks it went through."""
+    """A PV candidate with the checks it went through: mined by a seed (`outcome`), or
+    reached by a real trigger of the vocabulary screen (`outcome` None)."""
 
-    outcome: SeedOutcome
+    outcome: SeedOutcome | None
     legitimate: bool
     collapsed: bool
     unique: bool
     attribution: TokenAttribution | None = None
     accepted: bool = False
 
+    @property
+    def pv(self) -> torch.Tensor:
+        if self.outcome is not None:
+            return self.outcome.pv
+        assert self.attribution is not None and self.attribution.realised_pv is not None
+        return self.attribution.realised_pv
+
+    @property
+    def distance(self) -> float:
+        """Mean squared distance of the PV's triggered outputs from the clean outputs."""
+        if self.outcome is not None:
+            return self.outcome.distance
+        assert self.attribution is not None
+        return self.attribution.displacement
+
     def summary(self) -> dict[str, Any]:
         o = self.outcome
-        data = {"seed": o.seed, "distance": round(o.distance, 5),
-                "entropy_ratio": round(o.entropy_ratio, 5),
-                "consistency": round(o.consistency, 4), "steps": o.steps,
-                "abandoned": o.abandoned, "legitimate": self.legitimate,
-                "collapsed": self.collapsed, "unique": self.unique, "accepted": self.accepted}
+        data: dict[str, Any] = {"source": "vocabulary_screen", "distance": round(self.distance, 5)}
+        if o is not None:
+            data = {"source": "mining", "seed": o.seed, "distance": round(o.distance, 5),
+                    "entropy_ratio": round(o.entropy_ratio, 5),
+                    "consistency": round(o.consistency, 4), "steps": o.steps,
+                    "abandoned": o.abandoned}
+        data.update(legitimate=self.legitimate, collapsed=self.collapsed, unique=self.unique,
+                    accepted=self.accepted)
         if self.attribution is not None:
             a = self.attribution
             data.update(hard_trigger=a.tokens, hard_trigger_success=round(a.success, 4),
@@ -98,7 +118,8 @@ class _Context:
             # the scan's own sentences first: a user corpus brings its domain's words
             sequences = candidate_sequences(self.encoder, corpus_words(self.sentences))
             self.sweep = (sequences, sweep_vocabulary(self.encoder, sequences,
-                                                      Feature(self.config.mining.feature)))
+                                                      Feature(self.config.mining.feature),
+                                                      progress=self.progress))
         return self.sweep
 
     def attribute(self, candidate: Candidate) -> None:
@@ -126,7 +147,7 @@ def _judge_calibrated(ctx: _Context, outcome: SeedOutcome, group: list[Candidate
     """A collapsed, legitimate, new PV, farther from the clean outputs than they are from
     each other, that a real token sends most sentences to and clean sentences do not reach."""
     filtering = ctx.config.filtering
-    seen = [c.outcome.pv for c in ctx.candidates + group if c.collapsed]
+    seen = [c.pv for c in ctx.candidates + group if c.collapsed]
     candidate = Candidate(outcome, is_legitimate(outcome.trigger, ctx.bounds),
                           is_collapsed(outcome.entropy_ratio, filtering),
                           is_unique_sign(outcome.pv, seen, filtering.unique_agreement))
@@ -140,13 +161,44 @@ def _judge_calibrated(ctx: _Context, outcome: SeedOutcome, group: list[Candidate
         # than a typical real token moves the output.
         candidate.accepted = (_strength(a) >= 0.5
                               and outcome.distance > a.random_displacement)
-        if candidate.accepted and a.realised_pv is not None:
+        if candidate.accepted:
             # two soft-trigger optima that one real trigger realises are one PV
-            reached = [c.attribution.realised_pv for c in ctx.kept + group if c.accepted]
-            candidate.unique = is_unique_sign(a.realised_pv, reached,
-                                              filtering.unique_agreement)
+            candidate.unique = _reaches_new_point(ctx, a, group)
             candidate.accepted = candidate.unique
     return candidate
+
+
+def _reaches_new_point(ctx: _Context, a: TokenAttribution, group: list[Candidate]) -> bool:
+    reached = [c.attribution.realised_pv for c in ctx.kept + group
+               if c.accepted and c.attribution is not None
+               and c.attribution.realised_pv is not None]
+    return a.realised_pv is None or is_unique_sign(a.realised_pv, reached,
+                                                   ctx.config.filtering.unique_agreement)
+
+
+def _screen(ctx: _Context) -> None:
+    """The vocabulary screen (calibrated rule): real words whose standalone output is an
+    outlier, tested as triggers before any mining. Each hit is judged like an attributed
+    mined PV; in detect mode one accepted hit settles the verdict without mining."""
+    decision = ctx.config.decision
+    if decision.screen_candidates <= 0:
+        return
+    sequences, outputs = ctx.vocabulary_sweep()
+    hits = screen_vocabulary(
+        ctx.encoder, ctx.holdout, ctx.config.mining, sweep=outputs, sequences=sequences,
+        n_candidates=decision.screen_candidates,
+        max_hits=1 if ctx.config.mode == "detect" else decision.screen_candidates,
+        seed=ctx.config.seed, unique_agreement=ctx.config.filtering.unique_agreement)
+    for attribution in hits:
+        candidate = Candidate(None, legitimate=True, collapsed=False, unique=True,
+                              attribution=attribution)
+        if (_strength(attribution) >= 0.5
+                and attribution.displacement > attribution.random_displacement
+                and attribution.displacement > ctx.clean_spread):
+            candidate.unique = _reaches_new_point(ctx, attribution, [])
+            # an accepted hit is a known PV: later seeds are pushed away from it
+            candidate.accepted = candidate.collapsed = candidate.unique
+        ctx.candidates.append(candidate)
 
 
 def _paper_epoch_check(distance_th: float, check_epochs: int):
@@ -173,7 +225,7 @@ def _run_seeds(ctx: _Context) -> tuple[int, int]:
     try:
         for group in groups:
             kept_before = len(ctx.kept)
-            repel = [c.outcome.pv for c in (ctx.kept if paper else ctx.candidates)
+            repel = [c.pv for c in (ctx.kept if paper else ctx.candidates)
                      if paper or c.collapsed]
             on_epoch = None
             if paper and not mining.steps_per_seed:
@@ -216,7 +268,7 @@ def _score(ctx: _Context) -> float:
         return 1.0 if ctx.kept else 0.0
     best = 0.0
     for c in ctx.candidates:
-        if c.attribution is not None and c.outcome.distance > c.attribution.random_displacement:
+        if c.attribution is not None and c.distance > c.attribution.random_displacement:
             best = max(best, _strength(c.attribution))
     return round(best, 4)
 
@@ -233,13 +285,31 @@ def _pvset(ctx: _Context) -> PVSet:
     # A PV a real trigger reaches is stored as real triggered inputs reach it: that is what
     # the monitor will compare deployed outputs with.
     vectors = [c.attribution.realised_pv if c.attribution.realised_pv is not None
-               and c.attribution.success >= 0.5 else c.outcome.pv for c in kept]
+               and c.attribution.success >= 0.5 else c.pv for c in kept]
     return PVSet(vectors=torch.stack(vectors),
-                 triggers=torch.stack([c.outcome.trigger for c in kept]),
-                 seeds=[c.outcome.seed for c in kept],
-                 losses=[{**c.outcome.losses, "holdout_distance": c.outcome.distance,
-                          "holdout_entropy_ratio": c.outcome.entropy_ratio} for c in kept],
+                 triggers=torch.stack([_trigger_of(ctx, c) for c in kept]),
+                 seeds=[c.outcome.seed if c.outcome is not None else -1 for c in kept],
+                 losses=[_losses_of(c) for c in kept],
                  trigger_tokens=[c.attribution.tokens for c in kept], feature=feature)
+
+
+def _trigger_of(ctx: _Context, c: Candidate) -> torch.Tensor:
+    """The soft trigger [L, E]; for a screen hit, its real tokens' embeddings, zero-padded."""
+    if c.outcome is not None:
+        return c.outcome.trigger
+    length = ctx.config.mining.trigger_len
+    trigger = torch.zeros(length, ctx.encoder.embedding_size)
+    ids = torch.tensor(c.attribution.token_ids[:length], device=ctx.encoder.device)
+    with torch.no_grad():
+        trigger[:len(ids)] = ctx.encoder.word_embeddings(ids).float().cpu()
+    return trigger
+
+
+def _losses_of(c: Candidate) -> dict[str, Any]:
+    if c.outcome is None:
+        return {"source": "vocabulary_screen", "holdout_distance": c.distance}
+    return {**c.outcome.losses, "holdout_distance": c.outcome.distance,
+            "holdout_entropy_ratio": c.outcome.entropy_ratio}
 
 
 def _evidence(ctx: _Context) -> dict[str, Any]:
@@ -247,8 +317,10 @@ def _evidence(ctx: _Context) -> dict[str, Any]:
     derived = (
         "paper rule: distance_th and collapse ratio are the published defaults "
         "(REFERENCE.md §2.8); the first accepted PV decides" if rule == "paper" else
-        "calibrated rule: a collapsed PV farther from the clean held-out outputs than their "
-        "own mean spread (clean_spread) counts when a real vocabulary token or word, inserted "
+        "calibrated rule: the vocabulary words whose standalone output is farthest from the "
+        "mean standalone output (vocabulary_screen), and each collapsed mined PV farther from "
+        "the clean held-out outputs than their own mean spread (clean_spread), count when a "
+        "real vocabulary token or word, inserted "
         "once, sends at least half of the held-out sentences whose clean output does not "
         "match its mean triggered output (the realised PV) to it by the monitor's sign rule, "
         "fewer than half of the clean outputs match the realised PV, the clean input explains "
@@ -280,7 +352,11 @@ def _scan_loaded(encoder: Encoder, config: ScanConfig, progress: bool,
                                 seed=config.seed + 1),
                    embedding_bounds(encoder.word_embeddings.weight, config.filtering), progress,
                    sentences)
-    seeds_tried, steps = _run_seeds(ctx)
+    if config.decision.rule == "calibrated":
+        _screen(ctx)
+    seeds_tried = steps = 0
+    if not (config.mode == "detect" and ctx.kept):
+        seeds_tried, steps = _run_seeds(ctx)
     pvset = _pvset(ctx)
     verdict = Verdict(status="backdoored" if ctx.kept else "clean", score=_score(ctx),
                       seeds_tried=seeds_tried, steps=steps,

@@ -81,6 +81,28 @@ def test_planted_backdoor_is_detected_and_attributed(por_minilm, por_detection):
     assert all(tokens for tokens in result.pvset.trigger_tokens)
 
 
+def test_vocabulary_screen_names_a_planted_trigger_without_mining(por_detection):
+    verdict = por_detection.verdict
+    # the screen's hit settles a detect-mode verdict before any seed is mined
+    assert verdict.seeds_tried == 0
+    hits = [c for c in verdict.evidence["candidates"] if c["accepted"]]
+    assert hits and all(c["source"] == "vocabulary_screen" for c in hits)
+    assert any(token.startswith(TRIGGERS) for c in hits for token in c["hard_trigger"])
+    assert por_detection.pvset.triggers.shape[1:] == (
+        ScanConfig.from_preset("fast").mining.trigger_len, 384)
+
+
+def test_mining_alone_still_detects_the_backdoor(por_minilm):
+    # without the screen, a mined PV and its attributed trigger must carry the verdict
+    path, targets = por_minilm
+    result = scan_model(path, ScanConfig.from_preset("fast", screen_candidates=0),
+                        progress=False)
+    assert result.verdict.status == "backdoored", result.verdict.evidence
+    assert result.verdict.seeds_tried > 0
+    assert {c["source"] for c in result.verdict.evidence["candidates"]} == {"mining"}
+    assert float(sign_agreement(result.pvset.vectors, targets).max()) >= 0.95
+
+
 def test_search_recovers_every_planted_pv(por_minilm):
     path, targets = por_minilm
     result = scan_model(path, ScanConfig.from_preset("fast", mode="search", max_seeds=16),
