@@ -245,6 +245,13 @@ def _listing(encoder: Encoder, seqs: list[TokenSeq], stats: TriggerStats,
              round(float(stats.dependence[i]), 4)) for i in order[:10]]
 
 
+def _shortest_first(seqs: Sequence[TokenSeq], strength: torch.Tensor) -> list[int]:
+    """Working triggers (strength >= 0.5) first, shortest first, then by strength: the
+    shortest trigger that works names it best (`cf`, not the word `cfos` it starts)."""
+    return sorted(range(len(seqs)), key=lambda i: (0, len(seqs[i]), -float(strength[i]))
+                  if strength[i] >= 0.5 else (1, 0, -float(strength[i])))
+
+
 def attribute_pv(encoder: Encoder, holdout: MiningData, pv: torch.Tensor, config, *,
                  sweep: torch.Tensor, sequences: Sequence[TokenSeq], n_candidates: int = 64,
                  n_null: int = 16, seed: int = 0, threshold: float = 0.8
@@ -256,9 +263,7 @@ def attribute_pv(encoder: Encoder, holdout: MiningData, pv: torch.Tensor, config
     top = [sequences[i] for i in score.topk(min(n_candidates, len(score))).indices.tolist()]
     stats = hard_trigger_stats(encoder, holdout, top, config, threshold)
     strength = _strengths(stats)
-    # the shortest trigger that works names it best (`cf`, not the word `cfos` it starts)
-    order = sorted(range(len(top)), key=lambda i: (0, len(top[i]), -float(strength[i]))
-                   if strength[i] >= 0.5 else (1, 0, -float(strength[i])))
+    order = _shortest_first(top, strength)
     best_seqs, best_stats, best = top, stats, order[0]
     if float(strength[best]) < 0.5:
         pairs, pair_stats = _best_pair(encoder, holdout, [top[i] for i in order[:6]], config,
@@ -282,7 +287,7 @@ def screen_vocabulary(encoder: Encoder, holdout: MiningData, config, *, sweep: t
     alone between the special tokens, so the candidates whose standalone output lies farthest
     from the mean standalone output (overall, and among single tokens, which multi-piece
     words would otherwise crowd out) are re-tested in held-out sentences. Returns up to
-    `max_hits` triggers that win both majorities of `_strengths`, strongest first, one per
+    `max_hits` triggers that win both majorities of `_strengths`, shortest first, one per
     point reached; when none does, the single strongest candidate (the evidence a clean
     model leaves).
     """
@@ -295,7 +300,7 @@ def screen_vocabulary(encoder: Encoder, holdout: MiningData, config, *, sweep: t
     top = [sequences[i] for i in dict.fromkeys(picked)]
     stats = hard_trigger_stats(encoder, holdout, top, config, threshold)
     strength = _strengths(stats)
-    order = strength.argsort(descending=True).tolist()
+    order = _shortest_first(top, strength)
     seqs = top
     if float(strength[order[0]]) < 0.5:
         pairs, pair_stats = _best_pair(encoder, holdout, [top[i] for i in order[:6]], config,
@@ -303,7 +308,7 @@ def screen_vocabulary(encoder: Encoder, holdout: MiningData, config, *, sweep: t
         if float(_strengths(pair_stats).max()) > float(strength[order[0]]):
             seqs, stats = pairs, pair_stats
             strength = _strengths(stats)
-            order = strength.argsort(descending=True).tolist()
+            order = _shortest_first(seqs, strength)
     null = _null_stats(encoder, holdout, sequences, config, n_null, seed, threshold)
     listing = _listing(encoder, seqs, stats, order)
     hits: list[TokenAttribution] = []
