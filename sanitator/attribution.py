@@ -288,8 +288,8 @@ def screen_vocabulary(encoder: Encoder, holdout: MiningData, config, *, sweep: t
     from the mean standalone output (overall, and among single tokens, which multi-piece
     words would otherwise crowd out) are re-tested in held-out sentences. Returns up to
     `max_hits` triggers that win both majorities of `_strengths`, shortest first, one per
-    point reached; when none does, the single strongest candidate (the evidence a clean
-    model leaves).
+    point reached (when none does, the first candidate: the evidence a clean model leaves),
+    then the strongest candidate if it is not among them.
     """
     distance = ((sweep - sweep.mean(dim=0)) ** 2).sum(dim=1)
     singles = torch.tensor([i for i, seq in enumerate(sequences) if len(seq) == 1])
@@ -323,4 +323,9 @@ def screen_vocabulary(encoder: Encoder, holdout: MiningData, config, *, sweep: t
         reached.append(point)
         hits.append(_describe(encoder, holdout, seqs[index], stats, index, config, null,
                               threshold, listing))
+    strongest = int(strength.argmax())
+    if all(hit.token_ids != seqs[strongest] for hit in hits):
+        # the name is the shortest working trigger; the evidence keeps the strongest too
+        hits.append(_describe(encoder, holdout, seqs[strongest], stats, strongest, config,
+                              null, threshold, listing))
     return hits
