@@ -42,8 +42,10 @@ class Verdict:
 class PVSet:
     """Accepted predefined attack vectors (PVs) and how each was found.
 
-    vectors [K, H]; triggers [K, L, E] (the optimised soft triggers); per-PV metadata in
-    `seeds`, `losses` (final loss terms) and `trigger_tokens` (hard-token attribution).
+    vectors [K, H]; triggers [K, L, E] (the optimised soft triggers; for a PV found by the
+    vocabulary screen, seed -1, its real trigger's token embeddings, zero-padded); per-PV
+    metadata in `seeds`, `losses` (final loss terms) and `trigger_tokens` (hard-token
+    attribution).
     """
 
     vectors: torch.Tensor
