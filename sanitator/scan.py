@@ -268,7 +268,9 @@ def _score(ctx: _Context) -> float:
         return 1.0 if ctx.kept else 0.0
     best = 0.0
     for c in ctx.candidates:
-        if c.attribution is not None and c.distance > c.attribution.random_displacement:
+        # the distance checks every accepted PV passes, so a score >= 0.5 is an accepted PV
+        if (c.attribution is not None and c.distance > c.attribution.random_displacement
+                and c.distance > ctx.clean_spread):
             best = max(best, _strength(c.attribution))
     return round(best, 4)
 
