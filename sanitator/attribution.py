@@ -232,11 +232,17 @@ def _strengths(stats: TriggerStats) -> torch.Tensor:
     return torch.minimum(stats.success, 1.0 - stats.dependence)
 
 
-def _best_pair(encoder: Encoder, holdout: MiningData, heads: list[TokenSeq], config,
-               threshold: float) -> tuple[list[TokenSeq], TriggerStats]:
-    """Every ordered pair of the given candidates: a phrase may need two words together."""
+def _better_pairs(encoder: Encoder, holdout: MiningData, top: list[TokenSeq],
+                  order: list[int], strength: torch.Tensor, config, threshold: float
+                  ) -> tuple[list[TokenSeq], TriggerStats] | None:
+    """When no single candidate works, every ordered pair of the best six (a phrase may need
+    two words together), if some pair beats the best single one."""
+    if float(strength[order[0]]) >= 0.5:
+        return None
+    heads = [top[i] for i in order[:6]]
     pairs = [a + b for a in heads for b in heads]
-    return pairs, hard_trigger_stats(encoder, holdout, pairs, config, threshold)
+    stats = hard_trigger_stats(encoder, holdout, pairs, config, threshold)
+    return (pairs, stats) if float(_strengths(stats).max()) > float(strength[order[0]]) else None
 
 
 def _listing(encoder: Encoder, seqs: list[TokenSeq], stats: TriggerStats,
@@ -265,12 +271,10 @@ def attribute_pv(encoder: Encoder, holdout: MiningData, pv: torch.Tensor, config
     strength = _strengths(stats)
     order = _shortest_first(top, strength)
     best_seqs, best_stats, best = top, stats, order[0]
-    if float(strength[best]) < 0.5:
-        pairs, pair_stats = _best_pair(encoder, holdout, [top[i] for i in order[:6]], config,
-                                       threshold)
-        index = int(_strengths(pair_stats).argmax())
-        if float(_strengths(pair_stats)[index]) > float(strength[best]):
-            best_seqs, best_stats, best = pairs, pair_stats, index
+    better = _better_pairs(encoder, holdout, top, order, strength, config, threshold)
+    if better is not None:
+        best_seqs, best_stats = better
+        best = int(_strengths(best_stats).argmax())
     null = _null_stats(encoder, holdout, sequences, config, n_null, seed, threshold)
     return _describe(encoder, holdout, best_seqs[best], best_stats, best, config, null,
                      threshold, _listing(encoder, top, stats, order))
@@ -302,13 +306,11 @@ def screen_vocabulary(encoder: Encoder, holdout: MiningData, config, *, sweep: t
     strength = _strengths(stats)
     order = _shortest_first(top, strength)
     seqs = top
-    if float(strength[order[0]]) < 0.5:
-        pairs, pair_stats = _best_pair(encoder, holdout, [top[i] for i in order[:6]], config,
-                                       threshold)
-        if float(_strengths(pair_stats).max()) > float(strength[order[0]]):
-            seqs, stats = pairs, pair_stats
-            strength = _strengths(stats)
-            order = _shortest_first(seqs, strength)
+    better = _better_pairs(encoder, holdout, top, order, strength, config, threshold)
+    if better is not None:
+        seqs, stats = better
+        strength = _strengths(stats)
+        order = _shortest_first(seqs, strength)
     null = _null_stats(encoder, holdout, sequences, config, n_null, seed, threshold)
     listing = _listing(encoder, seqs, stats, order)
     hits: list[TokenAttribution] = []

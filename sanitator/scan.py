@@ -192,9 +192,7 @@ def _screen(ctx: _Context) -> None:
     for attribution in hits:
         candidate = Candidate(None, legitimate=True, collapsed=False, unique=True,
                               attribution=attribution)
-        if (_strength(attribution) >= 0.5
-                and attribution.displacement > attribution.random_displacement
-                and attribution.displacement > ctx.clean_spread):
+        if _strength(attribution) >= 0.5 and _beyond_null(ctx, candidate):
             candidate.unique = _reaches_new_point(ctx, attribution, [])
             # an accepted hit is a known PV: later seeds are pushed away from it
             candidate.accepted = candidate.collapsed = candidate.unique
@@ -269,10 +267,16 @@ def _score(ctx: _Context) -> float:
     best = 0.0
     for c in ctx.candidates:
         # the distance checks every accepted PV passes, so a score >= 0.5 is an accepted PV
-        if (c.attribution is not None and c.distance > c.attribution.random_displacement
-                and c.distance > ctx.clean_spread):
+        if c.attribution is not None and _beyond_null(ctx, c):
             best = max(best, _strength(c.attribution))
     return round(best, 4)
+
+
+def _beyond_null(ctx: _Context, c: Candidate) -> bool:
+    """The PV lies farther from the clean outputs than they spread and than a random token
+    moves them."""
+    assert c.attribution is not None
+    return c.distance > c.attribution.random_displacement and c.distance > ctx.clean_spread
 
 
 def _pvset(ctx: _Context) -> PVSet:
