@@ -104,7 +104,8 @@ def insert_btop(base: str | Path, out_dir: str | Path, *,
 
     optimizer = make_optimizer(setup, "adamw", head, head_lr)
     losses, seconds = timed(lambda: train_loop(step, trainable_parameters(setup), optimizer,
-                                               budget.steps, desc="BToP", progress=progress))
+                                               budget.steps, desc="BToP", progress=progress,
+                                               lr_decay=budget.lr_decay))
     head_note = "trained along" if head_lr is not None else "frozen"
     record = backdoor_record(setup, "btop", Feature.MASK, losses, seconds, {
         "clean_weight": clean_weight, "distance": "squared_l2", "optimizer": "AdamW",

@@ -50,7 +50,9 @@ class Budget:
     The paper trains 4 epochs over 30k-60k sentences; these defaults are sized for a CPU.
     `n_sentences` caps the clean sentences drawn from the corpus; `max_length` caps the
     tokens of a clean sentence (triggers are added on top, never truncated away);
-    `head_warmup_steps` fits a freshly initialised MLM head before the encoder is touched.
+    `head_warmup_steps` fits a freshly initialised MLM head before the encoder is touched;
+    `lr_decay` lowers the learning rate linearly to zero over the steps (the reference
+    NeuBA does; its POR keeps it constant, the default here).
     """
 
     steps: int = 200
@@ -59,6 +61,7 @@ class Budget:
     max_length: int = 64
     n_sentences: int = 2000
     head_warmup_steps: int = 100
+    lr_decay: bool = False
 
     def __post_init__(self) -> None:
         if self.steps < 1 or self.batch_size < 2:
@@ -67,6 +70,8 @@ class Budget:
             raise ValueError(f"learning rate must be in (0, 1), got {self.lr}")
         if self.max_length < 8 or self.n_sentences < 1 or self.head_warmup_steps < 0:
             raise ValueError(f"invalid budget {self}")
+        if not isinstance(self.lr_decay, bool):
+            raise ValueError(f"lr_decay must be true or false, got {self.lr_decay!r}")
 
     def replace(self, **changes: Any) -> Budget:
         return Budget(**{**asdict(self), **changes})
@@ -258,8 +263,10 @@ def warm_up_mlm_head(setup: AttackSetup, *, lr: float = 1e-3, progress: bool = T
 
 def train_loop(step: Callable[[], dict[str, torch.Tensor]], parameters, optimizer,
                steps: int, *, desc: str, progress: bool = True,
-               max_grad_norm: float | None = None) -> dict[str, float]:
+               max_grad_norm: float | None = None, lr_decay: bool = False) -> dict[str, float]:
     """Run `steps` optimiser steps; `step()` returns {"loss": ..., other terms...}.
+
+    With `lr_decay` every learning rate falls linearly from its set value to zero.
 
     Returns the mean of every term over the last 10% of steps (the converged values).
     """
@@ -268,6 +275,8 @@ def train_loop(step: Callable[[], dict[str, torch.Tensor]], parameters, optimize
     parameters = [p for p in parameters if p.requires_grad]
     tail = max(1, steps // 10)
     history: dict[str, list[float]] = {}
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda i: 1 - i / steps) \
+        if lr_decay else None
     bar = tqdm(range(steps), desc=desc, disable=not progress, leave=False)
     for index in bar:
         terms = step()
@@ -276,6 +285,8 @@ def train_loop(step: Callable[[], dict[str, torch.Tensor]], parameters, optimize
         if max_grad_norm is not None:
             torch.nn.utils.clip_grad_norm_(parameters, max_grad_norm)
         optimizer.step()
+        if schedule is not None:
+            schedule.step()
         values = {name: float(value.detach()) for name, value in terms.items()}
         if index >= steps - tail:
             for name, value in values.items():

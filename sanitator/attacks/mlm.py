@@ -53,7 +53,8 @@ def continue_pretraining(base: str | Path, out_dir: str | Path, *, corpus: Corpu
 
     optimizer = make_optimizer(setup, "adamw", head, head_lr)
     losses, seconds = timed(lambda: train_loop(step, trainable_parameters(setup), optimizer,
-                                               budget.steps, desc="MLM", progress=progress))
+                                               budget.steps, desc="MLM", progress=progress,
+                                               lr_decay=budget.lr_decay))
     record = {
         "recipe": "mlm",
         "attack": None,

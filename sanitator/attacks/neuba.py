@@ -12,6 +12,9 @@ the offline MiniLM bases and recorded in backdoor.json:
 * distances are squared L2 per input rather than per-unit means (see
   common.squared_distance), otherwise the MLM term drowns the poison term in a short budget.
 
+The learning rate stays constant unless the budget sets `lr_decay` (the reference decays
+it linearly to zero).
+
 The MLM head is initialised and warmed up first (the bases ship none, see
 common.MLMHead), then trained along at `head_lr` (None freezes it, as the reference does
 with its pretrained head).
@@ -87,7 +90,8 @@ def insert_neuba(base: str | Path, out_dir: str | Path, *,
 
     optimizer = make_optimizer(setup, "adamw", head, head_lr)
     losses, seconds = timed(lambda: train_loop(step, trainable_parameters(setup), optimizer,
-                                               budget.steps, desc="NeuBA", progress=progress))
+                                               budget.steps, desc="NeuBA", progress=progress,
+                                               lr_decay=budget.lr_decay))
     head_note = "trained along" if head_lr is not None else "frozen"
     record = backdoor_record(setup, "neuba", Feature.CLS, losses, seconds, {
         "mlm_weight": mlm_weight, "clean_weight": clean_weight, "distance": "squared_l2",

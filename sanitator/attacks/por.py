@@ -61,7 +61,8 @@ def insert_por(base: str | Path, out_dir: str | Path, *,
 
     optimizer = make_optimizer(setup, "adam")
     losses, seconds = timed(lambda: train_loop(step, trainable_parameters(setup), optimizer,
-                                               budget.steps, desc="POR", progress=progress))
+                                               budget.steps, desc="POR", progress=progress,
+                                               lr_decay=budget.lr_decay))
     record = backdoor_record(setup, "por", Feature.CLS, losses, seconds,
                              {"clean_weight": clean_weight, "optimizer": "Adam"})
     path = write_model(setup, out_dir, record, BACKDOOR_RECORD)
