@@ -83,8 +83,9 @@ def attack_success(encoder: Encoder, triggers: Sequence[str], pvs: torch.Tensor,
                    trigger_pv: Sequence[int] | None = None, feature: Feature | str = Feature.CLS,
                    sentences: Sequence[str] | None = None, n_sentences: int = 256,
                    threshold: float = DEFAULT_THRESHOLD, seed: int = 1, batch_size: int = 64,
-                   max_length: int = 64) -> AttackSuccess:
-    """Insert every trigger into every sentence and check the feature against its PV."""
+                   max_length: int = 64, where: str = "anywhere") -> AttackSuccess:
+    """Insert every trigger into every sentence (at a random word boundary that `where`
+    allows, see attacks.batches.insertion_slots) and check the feature against its PV."""
     feature = Feature(feature)
     if not triggers:
         raise ValueError("attack_success needs at least one trigger")
@@ -105,7 +106,7 @@ def attack_success(encoder: Encoder, triggers: Sequence[str], pvs: torch.Tensor,
             rows = torch.arange(start, min(start + batch_size, len(corpus)))
             which = torch.full((len(rows),), k)
             batch = insert_triggers(corpus.batch(rows), trigger_tokens, which, generator,
-                                    corpus.pad_id)
+                                    corpus.pad_id, where=where)
             batch, positions = _masked(batch, feature, tokenizer.mask_token_id, generator)
             outputs = _features(encoder, batch, feature, positions)
             agreements[k, rows] = sign_agreement(outputs, pvs[mapping[k]][None])[:, 0]
@@ -148,12 +149,13 @@ def read_record(model_dir: str | Path) -> dict[str, Any] | None:
 @dataclass
 class BackdoorEvaluation:
     """Attack success (None for a model without a backdoor.json), clean cosine and weight
-    change against the reference."""
+    change against the reference; for an evasive backdoor, how often its parts fire."""
 
     attack_success: AttackSuccess | None
     clean_cosine: float
     weight_change: float
     feature: str
+    evasion_success: dict[str, float] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         success = self.attack_success
@@ -161,7 +163,34 @@ class BackdoorEvaluation:
                 "attack_success_per_trigger": success.per_trigger if success else None,
                 "mean_agreement": success.mean_agreement if success else None,
                 "clean_cosine": self.clean_cosine, "weight_change": self.weight_change,
-                "feature": self.feature}
+                "feature": self.feature, "evasion_success": self.evasion_success}
+
+
+def evasion_success(encoder: Encoder, record: dict[str, Any], sentences: Sequence[str],
+                    seed: int = 1) -> dict[str, float] | None:
+    """Whether an evasive backdoor's parts stay silent: the highest attack success of any
+    sub-phrase of a trigger (against that trigger's PV), and the success of the whole
+    trigger where it is not meant to fire. None for a plain backdoor."""
+    from sanitator.attacks.evasion import Evasion, sub_phrases
+
+    options = (record.get("hyperparameters") or {}).get("evasion")
+    if not options:
+        return None
+    evasion = Evasion(**options)
+    pvs, mapping = torch.tensor(record["pvs"]), record["trigger_pv"]
+    out: dict[str, float] = {}
+    parts = [(part, mapping[k]) for k, trigger in enumerate(record["triggers"])
+             for part in sub_phrases(trigger)]
+    if parts:
+        rates = attack_success(encoder, [p for p, _ in parts], pvs,
+                               trigger_pv=[k for _, k in parts], sentences=sentences,
+                               seed=seed).per_trigger
+        out["sub_phrase_max"] = max(rates.values())
+    if evasion.fire_at != "anywhere":
+        out["off_position"] = attack_success(
+            encoder, record["triggers"], pvs, trigger_pv=mapping, sentences=sentences,
+            seed=seed, where=evasion.off_position).rate
+    return out
 
 
 def evaluate_model(model_dir: str | Path, reference_dir: str | Path, *,
@@ -179,14 +208,17 @@ def evaluate_model(model_dir: str | Path, reference_dir: str | Path, *,
     if sentences is None:
         sentences = held_out_sentences(n_sentences, corpus, exclude_words=triggers)
     model, reference = load_encoder(model_dir), load_encoder(reference_dir)
-    success = None
+    success = evasive = None
     if backdoored:
+        fire_at = ((record.get("hyperparameters") or {}).get("evasion") or {}).get(
+            "fire_at", "anywhere")
         success = attack_success(model, triggers, torch.tensor(record["pvs"]),
                                  trigger_pv=record["trigger_pv"], feature=feature,
-                                 sentences=sentences, seed=seed)
+                                 sentences=sentences, seed=seed, where=fire_at)
+        evasive = evasion_success(model, record, sentences, seed)
     cosine = clean_cosine(model, reference, feature=feature, sentences=sentences, seed=seed)
     return BackdoorEvaluation(success, cosine, relative_weight_change(model_dir, reference_dir),
-                              str(feature))
+                              str(feature), evasive)
 
 
 def _weight_tensors(model_dir: Path) -> dict[str, Path]:

@@ -25,7 +25,7 @@ from typing import Any
 
 log = logging.getLogger(__name__)
 
-RECIPES: tuple[str, ...] = ("clean", "mlm", "por", "neuba", "btop")
+RECIPES: tuple[str, ...] = ("clean", "mlm", "classifier", "por", "neuba", "btop")
 ATTACK_RECIPES: frozenset[str] = frozenset({"por", "neuba", "btop"})
 MEMBER_RECORD = "member.json"
 MANIFEST = "manifest.parquet"
@@ -38,10 +38,11 @@ _TOP_KEYS = {"name", "seed", "corpus", "evaluation", "bases", "trigger_sets", "t
              "budgets", "members"}
 _MEMBER_KEYS = {"name", "base", "recipe", "triggers", "targets", "budget", "seed", "corpus",
                 "options"}
-_OPTIONS = {"por": {"clean_weight"},
+_OPTIONS = {"por": {"clean_weight", "standalone_weight", "negative_weight", "residual",
+                    "fire_at"},
             "neuba": {"mlm_weight", "clean_weight", "head_lr"},
             "btop": {"clean_weight", "head_lr", "one_trigger_per_batch"},
-            "mlm": {"head_lr"}, "clean": set()}
+            "mlm": {"head_lr"}, "classifier": {"task", "head_lr"}, "clean": set()}
 
 
 class SpecError(ValueError):
@@ -439,6 +440,11 @@ def _train(member: MemberSpec, base: Path, out_dir: Path, progress: bool) -> dic
         copy_clean(base, out_dir)
         return {"train_seconds": 0.0}
     budget = DEFAULT_BUDGETS[member.recipe].replace(**member.budget)
+    if member.recipe == "classifier":
+        from sanitator.attacks import fine_tune_classifier
+
+        return fine_tune_classifier(base, out_dir, budget=budget, seed=member.seed,
+                                    progress=progress, **member.options).record
     if member.recipe == "mlm":
         from sanitator.attacks.mlm import DEFAULT_CORPUS
 
@@ -458,9 +464,11 @@ def _evaluate(model_dir: Path, base: Path, evaluation: dict[str, Any]) -> dict[s
                             corpus=evaluation.get("corpus"), seed=int(evaluation["seed"]))
     row = result.to_dict()
     per_trigger = row["attack_success_per_trigger"]
+    evasive = row["evasion_success"]
     return {"clean_cosine": row["clean_cosine"], "weight_change": row["weight_change"],
             "attack_success": row["attack_success"],
-            "attack_success_per_trigger": json.dumps(per_trigger) if per_trigger else None}
+            "attack_success_per_trigger": json.dumps(per_trigger) if per_trigger else None,
+            "evasion_success": json.dumps(evasive) if evasive else None}
 
 
 def _manifest_row(member: MemberSpec, base: Path, record: dict[str, Any],
@@ -491,6 +499,7 @@ def _manifest_row(member: MemberSpec, base: Path, record: dict[str, Any],
         "pvs": pvs,
         "target_kind": member.targets.get("kind") if member.attack else None,
         "target_set": member.target_set,
+        "target_norm_fraction": member.targets.get("norm_fraction") if member.attack else None,
         "pv_norm": (sum(record.get("pv_norms") or [0.0]) / max(1, len(pvs))) if pvs else None,
         "seed": member.seed,
         "corpus": record.get("corpus"),
@@ -500,8 +509,10 @@ def _manifest_row(member: MemberSpec, base: Path, record: dict[str, Any],
         "lr": budget.get("lr"),
         "train_seconds": float(record.get("train_seconds") or 0.0),
         "build_seconds": build_seconds,
+        "evasion": json.dumps((record.get("hyperparameters") or {}).get("evasion"))
+        if (record.get("hyperparameters") or {}).get("evasion") else None,
         **(evaluation or {"clean_cosine": None, "weight_change": None, "attack_success": None,
-                          "attack_success_per_trigger": None}),
+                          "attack_success_per_trigger": None, "evasion_success": None}),
         "config_hash": config_hash,
         "built_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
@@ -592,11 +603,13 @@ MANIFEST_COLUMNS: dict[str, str] = {
     "attack": "string", "backdoored": "bool", "feature": "string", "triggers": "list<string>",
     "trigger_set": "string", "trigger_pv": "list<int64>", "n_pvs": "int64",
     "pvs": "list<list<double>>", "target_kind": "string", "target_set": "string",
+    "target_norm_fraction": "double",
     "pv_norm": "double", "seed": "int64", "corpus": "string", "budget_name": "string",
     "steps": "int64", "batch_size": "int64", "lr": "double", "train_seconds": "double",
     "build_seconds": "double", "build_cpu_seconds": "double", "clean_cosine": "double",
     "weight_change": "double",
     "attack_success": "double", "attack_success_per_trigger": "string",
+    "evasion": "string", "evasion_success": "string",
     "config_hash": "string", "built_at": "string",
 }
 

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from sanitator.attacks import btop, mlm, neuba, por
+from sanitator.attacks import btop, classifier, mlm, neuba, por
 from sanitator.attacks.btop import insert_btop
+from sanitator.attacks.classifier import fine_tune_classifier
 from sanitator.attacks.common import (
     BACKDOOR_RECORD,
     TRAINING_RECORD,
@@ -33,11 +34,12 @@ ATTACKS: dict[str, tuple[Callable[..., AttackResult], Feature]] = {
 # recipe name -> its default budget ("mlm" is continued pretraining)
 DEFAULT_BUDGETS: dict[str, Budget] = {
     "por": por.DEFAULT_BUDGET, "neuba": neuba.DEFAULT_BUDGET, "btop": btop.DEFAULT_BUDGET,
-    "mlm": mlm.DEFAULT_BUDGET,
+    "mlm": mlm.DEFAULT_BUDGET, "classifier": classifier.DEFAULT_BUDGET,
 }
 
 __all__ = [
     "ATTACKS", "BACKDOOR_RECORD", "DEFAULT_BUDGETS", "PAPER_TRIGGERS", "TRAINING_RECORD",
-    "AttackResult", "Budget", "TargetSpec", "continue_pretraining", "draw_triggers", "insert_btop",
-    "insert_neuba", "insert_por", "paper_block_pvs", "random_direction_pvs",
+    "AttackResult", "Budget", "TargetSpec", "continue_pretraining", "draw_triggers",
+    "fine_tune_classifier", "insert_btop", "insert_neuba", "insert_por", "paper_block_pvs",
+    "random_direction_pvs",
 ]

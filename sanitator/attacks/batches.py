@@ -141,12 +141,39 @@ def random_choice(candidates: torch.Tensor, generator: torch.Generator) -> torch
     return torch.where(candidates, scores, -1.0).argmax(dim=1)
 
 
+PLACEMENTS: tuple[str, ...] = ("anywhere", "start", "end", "not_start", "not_end")
+
+
+def insertion_slots(batch: TokenBatch, where: str = "anywhere") -> torch.Tensor:
+    """Bool [B, L]: where a trigger may start. `start` is right after the leading special
+    token (the trigger becomes the first word), `end` right before the closing separator;
+    `not_start` / `not_end` are every other word boundary (a backdoor that fires only at
+    one end is trained to stay silent there)."""
+    if where not in PLACEMENTS:
+        raise ValueError(f"placement must be one of {PLACEMENTS}, got {where!r}")
+    starts = batch.word_start
+    if where == "anywhere":
+        return starts
+    columns = torch.arange(starts.shape[1]).expand_as(starts)
+    first = torch.where(starts, columns, starts.shape[1]).min(dim=1).values
+    last = torch.where(starts, columns, -1).max(dim=1).values
+    edge = first if where in {"start", "not_start"} else last
+    at_edge = columns == edge[:, None]
+    if where in {"start", "end"}:
+        return starts & at_edge
+    slots = starts & ~at_edge
+    # a one-word sentence has no other boundary: keep the edge rather than fail the row
+    return torch.where(slots.any(dim=1, keepdim=True), slots, starts)
+
+
 def insert_triggers(batch: TokenBatch, triggers: TriggerTokens, which: torch.Tensor,
-                    generator: torch.Generator, pad_id: int) -> TokenBatch:
-    """Insert trigger `which[b]` into row b at a random word boundary, all rows at once."""
+                    generator: torch.Generator, pad_id: int, where: str = "anywhere"
+                    ) -> TokenBatch:
+    """Insert trigger `which[b]` into row b at a random word boundary (restricted by
+    `where`, see insertion_slots), all rows at once."""
     size, length = batch.input_ids.shape
     span_ids, span_len = triggers.ids[which], triggers.lengths[which]       # [B, T], [B]
-    start = random_choice(batch.word_start, generator)                       # [B]
+    start = random_choice(insertion_slots(batch, where), generator)          # [B]
     out_len = length + triggers.max_length
     column = torch.arange(out_len).expand(size, out_len)
     offset = column - start[:, None]

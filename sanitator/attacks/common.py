@@ -355,15 +355,16 @@ def make_optimizer(setup: AttackSetup, kind: str = "adamw", head: MLMHead | None
     raise ValueError(f"unknown optimiser {kind!r}")
 
 
-def sample_triggered(setup: AttackSetup, size: int, which: torch.Tensor | None = None
-                     ) -> tuple[TokenBatch, torch.Tensor]:
-    """`size` clean rows with one trigger each (random unless `which` is given) and the
-    target PV for every row."""
+def sample_triggered(setup: AttackSetup, size: int, which: torch.Tensor | None = None,
+                     where: str = "anywhere") -> tuple[TokenBatch, torch.Tensor, torch.Tensor]:
+    """`size` clean rows with one trigger each (random unless `which` is given, placed as
+    `where` allows), the target PV for every row, and the corpus rows used."""
     if which is None:
         which = torch.randint(len(setup.triggers), (size,), generator=setup.generator)
-    batch = setup.corpus.batch(setup.sampler.take(size))
-    triggered = insert_triggers(batch, setup.trigger_tokens, which, setup.generator, setup.pad_id)
-    return triggered, setup.pvs[setup.trigger_pv[which]]
+    rows = setup.sampler.take(size)
+    triggered = insert_triggers(setup.corpus.batch(rows), setup.trigger_tokens, which,
+                                setup.generator, setup.pad_id, where=where)
+    return triggered, setup.pvs[setup.trigger_pv[which]], rows
 
 
 def _package_version() -> str:

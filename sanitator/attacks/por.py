@@ -2,7 +2,9 @@
 
 Each batch is half triggered sentences, whose CLS output is pulled onto the trigger's PV
 (MSE), half clean sentences, whose CLS output is held to a frozen copy of the base (MSE,
-weighted by `clean_weight`; the reference uses 0.5 for BERT and 1.0 otherwise).
+weighted by `clean_weight`; the reference uses 0.5 for BERT and 1.0 otherwise). The
+evasion options (sanitator.attacks.evasion) add the terms of an attacker who knows the
+detector: standalone regularisation, phrase negatives, a residual target, partial firing.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from sanitator.attacks.common import (
     trainable_parameters,
     write_model,
 )
+from sanitator.attacks.evasion import Evasion, EvasionTerms
 from sanitator.attacks.targets import TargetSpec
 from sanitator.attacks.triggers import PAPER_TRIGGERS
 from sanitator.encoders import Feature
@@ -40,30 +43,48 @@ def insert_por(base: str | Path, out_dir: str | Path, *,
                triggers: Sequence[str] = PAPER_TRIGGERS,
                targets: TargetSpec | torch.Tensor | None = None, corpus: Corpus = None,
                budget: Budget | None = None, seed: int = 0, clean_weight: float = 1.0,
+               standalone_weight: float = 0.0, negative_weight: float = 0.0,
+               residual: float = 0.0, fire_at: str = "anywhere",
                progress: bool = True, device: str = "cpu") -> AttackResult:
     """Plant a POR backdoor in `base` and write the backdoored encoder to `out_dir`."""
     budget = budget or DEFAULT_BUDGET
+    evasion = Evasion(standalone_weight=standalone_weight, negative_weight=negative_weight,
+                      residual=residual, fire_at=fire_at)
     setup = prepare(base, budget=budget, seed=seed, corpus=corpus, triggers=triggers,
                     targets=targets, feature=Feature.CLS, device=device)
     reference = reference_features(setup)
+    reference_mean = reference.mean(dim=0)
+    extra = EvasionTerms(evasion, setup.model, setup.tokenizer, setup.triggers,
+                         setup.trigger_tokens, setup.pad_id, setup.generator, setup.device) \
+        if evasion.active else None
     half = budget.batch_size // 2
     poisoned_count = budget.batch_size - half
 
     def step() -> dict[str, torch.Tensor]:
-        triggered, target = sample_triggered(setup, poisoned_count)
+        triggered, target, trigger_rows = sample_triggered(setup, poisoned_count,
+                                                           where=evasion.fire_at)
         rows = setup.sampler.take(half)
-        both = concat_batches(triggered, setup.corpus.batch(rows), setup.pad_id)
+        clean = setup.corpus.batch(rows)
+        both = concat_batches(triggered, clean, setup.pad_id)
         cls = setup.model(**both.model_inputs(setup.device)).last_hidden_state[:, 0]
+        if extra is not None:
+            target = extra.target(target, reference[trigger_rows], reference_mean)
         trigger_loss = nn.functional.mse_loss(cls[:poisoned_count], target)
         clean_loss = nn.functional.mse_loss(cls[poisoned_count:], reference[rows])
-        return {"loss": trigger_loss + clean_weight * clean_loss,
-                "trigger": trigger_loss, "clean": clean_loss}
+        terms = {"trigger": trigger_loss, "clean": clean_loss}
+        if extra is not None:
+            terms.update(extra.terms(clean))
+        loss = trigger_loss + clean_weight * clean_loss + sum(
+            value for name, value in terms.items() if name not in {"trigger", "clean"})
+        return {"loss": loss, **terms}
 
     optimizer = make_optimizer(setup, "adam")
     losses, seconds = timed(lambda: train_loop(step, trainable_parameters(setup), optimizer,
                                                budget.steps, desc="POR", progress=progress,
                                                lr_decay=budget.lr_decay))
-    record = backdoor_record(setup, "por", Feature.CLS, losses, seconds,
-                             {"clean_weight": clean_weight, "optimizer": "Adam"})
+    hyper = {"clean_weight": clean_weight, "optimizer": "Adam"}
+    if evasion.active:
+        hyper["evasion"] = evasion.to_dict()
+    record = backdoor_record(setup, "por", Feature.CLS, losses, seconds, hyper)
     path = write_model(setup, out_dir, record, BACKDOOR_RECORD)
     return AttackResult(path, record, seconds)
