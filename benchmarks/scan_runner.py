@@ -28,6 +28,35 @@ class Member:
     backdoored: bool
     feature: str = "cls"
     planted: list = field(default_factory=list)
+    kind: str = ""                  # attack or clean class (member_class)
+    corpus: str | None = None       # scan corpus (None: the default WikiText sentences)
+
+
+def member_class(row, record: dict) -> str:
+    """The class a zoo member belongs to in the per-class tables (issue 14), from its
+    manifest row and backdoor.json."""
+    recipe = str(row.recipe)
+    if not bool(row.backdoored):
+        return {"mlm": "clean: continued pretraining", "classifier": "clean: classifier fine-tune"
+                }.get(recipe, "clean: base")
+    evasion = (record.get("hyperparameters") or {}).get("evasion") or {}
+    triggers = list(record.get("triggers") or [])
+    if evasion.get("negative_weight"):
+        return "phrase with negatives" + (" + residual" if evasion.get("residual") else "")
+    if evasion.get("residual"):
+        return "residual-preserving target"
+    if evasion.get("fire_at", "anywhere") != "anywhere":
+        return "partial firing"
+    if any(any(ch.isdigit() for ch in t) for t in triggers):
+        return "non-dictionary trigger"
+    if evasion.get("standalone_weight"):
+        return "standalone-regularised"
+    fraction = (record.get("targets") or {}).get("norm_fraction")
+    if fraction is not None and fraction <= 0.3:
+        return "low-norm target"
+    if recipe == "btop":
+        return "BToP (mask position)"
+    return f"{recipe.upper() if recipe == 'por' else recipe.capitalize()}: plain"
 
 
 def zoo_members(zoo: Path, names: list[str] | None = None) -> list[Member]:
@@ -39,10 +68,10 @@ def zoo_members(zoo: Path, names: list[str] | None = None) -> list[Member]:
         if names and name not in names:
             continue
         path = zoo / row.path
-        record = path / "backdoor.json"
-        planted = json.loads(record.read_text())["pvs"] if record.is_file() else []
+        file = path / "backdoor.json"
+        record = json.loads(file.read_text()) if file.is_file() else {}
         rows.append(Member(name, path, bool(row.backdoored), str(row.feature or "cls"),
-                           planted))
+                           record.get("pvs") or [], member_class(row, record)))
     missing = sorted(set(names or []) - {m.name for m in rows})
     if missing:
         raise SystemExit(f"not in {zoo / 'manifest.parquet'}: {', '.join(missing)}")
@@ -50,11 +79,16 @@ def zoo_members(zoo: Path, names: list[str] | None = None) -> list[Member]:
 
 
 def run_scan(model: Path, preset: str, *, timeout: float, threads: int,
-             feature: str = "cls", mode: str = "detect") -> tuple[dict, float]:
-    """(the scan's JSON, peak RSS in MiB) of one `sanitator scan` child process."""
+             feature: str | None = None, mode: str = "detect",
+             corpus: str | None = None) -> tuple[dict, float]:
+    """(the scan's JSON, peak RSS in MiB) of one `sanitator scan` child process; without
+    `feature` the scan runs with its defaults (every feature a prompt-tuned head reads)."""
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
-    command = [SCAN, "scan", str(model), "--preset", preset, "--mode", mode,
-               "--feature", feature, "--json"]
+    command = [SCAN, "scan", str(model), "--preset", preset, "--mode", mode, "--json"]
+    if feature:
+        command += ["--feature", feature]
+    if corpus:
+        command += ["--corpus", corpus]
     with tempfile.TemporaryFile("w+") as out:
         child = subprocess.Popen(command, stdout=out, stderr=subprocess.DEVNULL, env=env)
         started = time.monotonic()
@@ -78,16 +112,16 @@ def run_scan(model: Path, preset: str, *, timeout: float, threads: int,
                 usage.ru_maxrss / 1024)
 
 
-def recovered(found: list, planted: list) -> int:
-    """Planted PVs matched (sign agreement >= 0.95) by some found PV."""
+def recovered(found: list, planted: list, threshold: float = 0.9) -> int:
+    """Planted PVs matched (sign agreement >= threshold) by some found PV."""
     if not found or not planted:
         return 0
     agreement = sign_agreement(torch.tensor(found), torch.tensor(planted))
-    return int((agreement.max(dim=0).values >= 0.95).sum())
+    return int((agreement.max(dim=0).values >= threshold).sum())
 
 
 class ResultLog:
-    """Scan results keyed by (model path, preset, mode), appended one JSON line per scan."""
+    """Scan results keyed by (model path + corpus, preset, mode), one JSON line per scan."""
 
     def __init__(self, path: Path | None):
         self.path = path
@@ -112,14 +146,16 @@ class ResultLog:
 
 
 def scan_member(log: ResultLog, member: Member, preset: str, *, mode: str, timeout: float,
-                threads: int) -> dict:
+                threads: int, pin_feature: bool = False) -> dict:
     """The logged result for this member and preset, scanning it first if not logged."""
-    entry = log.get(member.path, preset, mode)
+    key = Path(f"{member.path}+{member.corpus}") if member.corpus else member.path
+    entry = log.get(key, preset, mode)
     if entry is None:
         print(f"scanning {member.name} ({preset}, {mode}) ...", file=sys.stderr, flush=True)
         result, rss = run_scan(member.path, preset, timeout=timeout, threads=threads,
-                               feature=member.feature, mode=mode)
-        entry = log.add(member.path, preset, mode, result, rss)
+                               feature=member.feature if pin_feature else None, mode=mode,
+                               corpus=member.corpus)
+        entry = log.add(key, preset, mode, result, rss)
         print(f"  {result.get('status')} score={result.get('score')} "
               f"{result.get('seconds')} s", file=sys.stderr, flush=True)
     return entry

@@ -56,13 +56,38 @@ class FilterConfig:
 
 @dataclass(frozen=True)
 class DecisionConfig:
-    """How evidence becomes a verdict. `paper` = first accepted PV; `calibrated` = ours."""
+    """How evidence becomes a verdict. `paper` = first accepted PV; `calibrated` = ours
+    (docs/method.md): a hard trigger that pins fresh sentences to one sign pattern more
+    tightly than a one-token edit keeps a sentence at its own, at significance `alpha`
+    after a Bonferroni correction over `confirmation_budget` fresh confirmations."""
 
     rule: Literal["paper", "calibrated"] = "calibrated"
-    null_quantile: float = 0.999    # per-encoder null quantile a signal must exceed
-    min_support: int = 2            # seeds that must agree on one PV (calibrated rule)
-    hard_token_candidates: int = 32  # vocabulary tokens re-tested per PV (attribution)
-    screen_candidates: int = 32     # vocabulary outliers tested before mining; 0 = no screen
+    hard_token_candidates: int = 32  # vocabulary tokens re-tested per PV (faithful attribution)
+    screen_candidates: int = 32     # vocabulary outliers tested first; 0 = no screen
+    screen_features: tuple[str, ...] = ("cls",)  # features the standalone screen sweeps
+    alpha: float = 0.01             # false-alarm bound of the confirmation test
+    confirmation_budget: int = 16   # fresh confirmations a scan may spend (Bonferroni)
+    max_natural_rate: float = 0.05  # clean fresh outputs allowed at a PV already
+
+
+@dataclass(frozen=True)
+class SearchConfig:
+    """The in-context search for hard triggers (calibrated rule, hardsearch.py)."""
+
+    placements: tuple[str, ...] = ("anywhere", "start", "end")
+    trigger_tokens: int = 3         # slots of a searched trigger
+    restarts: int = 1               # rounds over features x placements (detect mode)
+    search_restarts: int = 8        # the most rounds in search mode (search_patience ends it)
+    steps: int = 12                 # coordinate steps per start
+    patience: int = 3               # steps without improvement before a start ends
+    top_k: int = 32                 # best-gradient tokens per slot to draw swaps from
+    n_candidates: int = 32          # swaps evaluated exactly per step
+    token_screen: int = 96          # single tokens re-tested per placement; 0 = none
+    grad_rows: int = 12             # search rows the gradient is taken on
+    eval_rows: int = 6              # search rows candidates are ranked on
+    max_length: int = 40            # tokens per search or fresh sentence
+    n_fresh: int = 128              # fresh confirmation sentences per feature
+    n_null: int = 16                # random tokens whose median move is the displacement null
 
 
 @dataclass(frozen=True)
@@ -71,10 +96,12 @@ class ScanConfig:
     mode: Mode = "detect"
     seed: int = 1
     max_seeds: int = 16
-    search_patience: int | None = None  # search: stop after this many seed groups add no PV
+    search_patience: int | None = None  # search: stop after this many rounds add no PV
+    features: tuple[str, ...] | None = None  # None: cls, and mask when the tokenizer has one
     mining: MiningConfig = field(default_factory=MiningConfig)
     filtering: FilterConfig = field(default_factory=FilterConfig)
     decision: DecisionConfig = field(default_factory=DecisionConfig)
+    search: SearchConfig = field(default_factory=SearchConfig)
 
     @classmethod
     def from_preset(cls, preset: Preset = "fast", **overrides: Any) -> ScanConfig:
@@ -84,10 +111,14 @@ class ScanConfig:
             raise ValueError(f"unknown preset {preset!r}; choose from {sorted(PRESETS)}")
         config = PRESETS[preset]
         mode = overrides.get("mode", config.mode)
+        if "feature" in overrides and "features" not in overrides:
+            overrides["features"] = (overrides["feature"],)  # one feature asked for
+        if overrides.get("features") is not None:
+            overrides["features"] = tuple(overrides["features"])
         if "max_seeds" not in overrides:
             overrides["max_seeds"] = SEED_BUDGETS[preset][mode]
         stages = {"mining": config.mining, "filtering": config.filtering,
-                  "decision": config.decision}
+                  "decision": config.decision, "search": config.search}
         top: dict[str, Any] = {}
         nested: dict[str, dict[str, Any]] = {name: {} for name in stages}
         for key, value in overrides.items():
@@ -123,12 +154,15 @@ PRESETS: dict[str, ScanConfig] = {
     # Ours: short dynamic-padded sentences, several seeds per batch, fixed short budget.
     "fast": ScanConfig(
         preset="fast",
-        search_patience=3,
+        search_patience=2,
         mining=MiningConfig(n_sentences=256, max_length=64, batch_size=16, parallel_seeds=4,
                             steps_per_seed=50, abandon_after=25),
     ),
 }
 SEED_BUDGETS: dict[str, dict[str, int]] = {
     "faithful": {"detect": 30, "search": 1000},
-    "fast": {"detect": 8, "search": 32},
+    # fast detect mode mines no seed: its verdict rests on confirmed hard triggers, and on
+    # MiniLM-L6 every soft seed reaches one universal point (docs/method.md); search mode
+    # mines seeds to aim context searches at their PVs
+    "fast": {"detect": 0, "search": 8},
 }

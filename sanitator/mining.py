@@ -40,6 +40,21 @@ class MiningData:
         return MiningData([self.ids[r] for r in rows], self.insert_at[rows], mask_at,
                           self.clean[rows])
 
+    def placed(self, where: str) -> MiningData:
+        """The same sentences with the trigger slot moved: `start` (the trigger becomes the
+        first word, right after the leading special token), `end` (the last word, right
+        before the closing special token) or `anywhere` (the seeded random word boundary).
+        A backdoor may be trained to fire at one end of the sentence only."""
+        if where == "anywhere":
+            return self
+        if where == "start":
+            insert_at = torch.ones(len(self), dtype=torch.long)
+        elif where == "end":
+            insert_at = torch.tensor([len(row) - 1 for row in self.ids])
+        else:
+            raise ValueError(f"placement must be anywhere, start or end, got {where!r}")
+        return MiningData(self.ids, insert_at, self.mask_at, self.clean)
+
 
 def _insertion_points(encoding, n_rows: int, max_word: int, rng: random.Random) -> list[int]:
     """Token index of the start of word k, k uniform in [1, min(max_word, n_words)];

@@ -17,6 +17,8 @@ import torch
 from sanitator.encoders import Feature, select_feature
 
 Text = str | tuple[str, str]
+# The one flagging threshold (REFERENCE.md §5): sign agreement above it matches a PV.
+MONITOR_THRESHOLD = 0.8
 
 
 def signs(values: torch.Tensor) -> torch.Tensor:
@@ -38,7 +40,7 @@ def sign_agreement(outputs: torch.Tensor, pvs: torch.Tensor) -> torch.Tensor:
 class SignMonitor:
     """Flags encoder outputs whose sign pattern matches a stored PV."""
 
-    def __init__(self, pvs: torch.Tensor, threshold: float = 0.8):
+    def __init__(self, pvs: torch.Tensor, threshold: float = MONITOR_THRESHOLD):
         if pvs.ndim != 2:
             raise ValueError(f"pvs must be [K, H], got shape {tuple(pvs.shape)}")
         if not 0.5 <= threshold < 1.0:

@@ -54,15 +54,33 @@ class PVSet:
     losses: list[dict[str, Any]] = field(default_factory=list)
     trigger_tokens: list[list[str]] = field(default_factory=list)
     feature: str = "cls"
+    # per PV: where the monitor must read it (cls, mask, pooler); empty means `feature`
+    features: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if not self.features:
+            self.features = [self.feature] * len(self)
+        if len(self.features) != len(self):
+            raise ValueError(f"{len(self)} PVs but {len(self.features)} features")
 
     @classmethod
     def empty(cls, hidden_size: int, trigger_len: int = 0, embedding_size: int = 0,
-              feature: str = "cls") -> PVSet:
+              feature: str = "cls", features: list[str] | None = None) -> PVSet:
         return cls(torch.zeros(0, hidden_size), torch.zeros(0, trigger_len, embedding_size),
                    feature=feature)
 
     def __len__(self) -> int:
         return int(self.vectors.shape[0])
+
+    def select(self, feature: str) -> PVSet:
+        """The PVs the monitor reads at one feature (a P-tuning v1 model: `mask`)."""
+        keep = [i for i, f in enumerate(self.features) if f == feature]
+        return PVSet(self.vectors[keep], self.triggers[keep],
+                     seeds=[self.seeds[i] for i in keep if i < len(self.seeds)],
+                     losses=[self.losses[i] for i in keep if i < len(self.losses)],
+                     trigger_tokens=[self.trigger_tokens[i] for i in keep
+                                     if i < len(self.trigger_tokens)],
+                     feature=feature, features=[feature] * len(keep))
 
     @property
     def signs(self) -> torch.Tensor:
@@ -71,7 +89,8 @@ class PVSet:
 
     def metadata(self) -> dict[str, str]:
         return {"seeds": json.dumps(self.seeds), "losses": json.dumps(self.losses),
-                "trigger_tokens": json.dumps(self.trigger_tokens), "feature": self.feature}
+                "trigger_tokens": json.dumps(self.trigger_tokens), "feature": self.feature,
+                "features": json.dumps(self.features)}
 
     def save(self, path: str | Path, extra_metadata: dict[str, str] | None = None) -> None:
         """Write a safetensors file (tensors + JSON metadata); never pickle."""
@@ -90,4 +109,5 @@ class PVSet:
                    seeds=json.loads(meta.get("seeds", "[]")),
                    losses=json.loads(meta.get("losses", "[]")),
                    trigger_tokens=json.loads(meta.get("trigger_tokens", "[]")),
-                   feature=meta.get("feature", "cls"))
+                   feature=meta.get("feature", "cls"),
+                   features=json.loads(meta.get("features", "[]")))
