@@ -94,7 +94,7 @@ def test_plan_skips_what_is_settled_for_this_config_only():
     plan = plan_audits([a, b, c, a], completed, "h1", AuditPolicy())
     assert [r.repo_id for r in plan.settled] == ["acme/a"]
     assert [r.repo_id for r in plan.todo] == ["acme/b"]  # b's verdict is for another config
-    assert [(r.repo_id, s) for r, s, _ in plan.rejected] == [("acme/c", "unsupported")]
+    assert [(r.ref.repo_id, r.status) for r in plan.rejected] == [("acme/c", "unsupported")]
     forced = plan_audits([a], completed, "h1", AuditPolicy(), force=True)
     assert [r.repo_id for r in forced.todo] == ["acme/a"]
 
@@ -161,8 +161,15 @@ def test_run_audit_turns_failures_into_outcomes(zoo, tmp_path):
         raise RuntimeError("CUDA out of memory")
 
     crashed = run_audit(_request(ref), scan=crash)
-    assert crashed.verdict.status == "error" and crashed.retryable
+    assert crashed.verdict.status == "error" and crashed.retryable  # memory can free up
     assert "out of memory" in crashed.verdict.reason
+
+    def deterministic(*args, **kwargs):
+        raise ValueError("shapes do not match")
+
+    broken = run_audit(_request(ref), scan=deterministic)  # the same bytes fail again
+    assert broken.verdict.status == "error" and not broken.retryable
+    assert "ValueError: shapes do not match" in broken.verdict.reason
     skipped = run_audit(_request(ref, policy=AuditPolicy(max_params=10)), scan=_scanner())
     assert skipped.verdict.status == "skipped" and "size limit" in skipped.verdict.reason
     (zoo / "acme" / "enc" / "model.safetensors").unlink()

@@ -31,16 +31,19 @@ def test_every_model_folder_is_a_ref_named_by_its_relative_path(folder_zoo):
     assert refs[1].config["model_type"] == "gpt2"
 
 
-def test_revision_follows_weights_not_tokenizer(folder_zoo):
+def test_revision_follows_every_file_the_scan_reads(folder_zoo):
     folder = folder_zoo / "acme" / "encoder-a"
     before = content_revision(folder)
-    (folder / "tokenizer_config.json").write_text("{}")
+    (folder / "README.md").write_text("not read by the scan")
     assert content_revision(folder) == before
+    (folder / "tokenizer_config.json").write_text("{}")  # a fixed tokenizer is a new model
+    after_tokenizer = content_revision(folder)
+    assert after_tokenizer != before
     weights = folder / "model.safetensors"
     data = bytearray(weights.read_bytes())
     data[-1] ^= 0xFF
     weights.write_bytes(bytes(data))
-    assert content_revision(folder) != before
+    assert content_revision(folder) not in (before, after_tokenizer)
 
 
 def test_identical_copies_share_a_revision(folder_zoo, tmp_path):
