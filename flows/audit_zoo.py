@@ -33,6 +33,7 @@ from sanitator.audit import (
 )
 from sanitator.audit_tracking import open_tracker
 from sanitator.registries import parse_registry
+from sanitator.report import md_code
 from sanitator.store import completed_audits, new_audit_id
 from tasks.audit import (
     AUDIT_START_TOPIC,
@@ -230,20 +231,23 @@ def audit_on_dask(requests: list[AuditRequest], store: str, tracking_uri: str | 
 
 
 def _summary_markdown(summary: dict[str, Any]) -> str:
+    """Repo ids and reasons come from the audited repos: each is one code span."""
     lines = ["# Audit summary", "", "| status | models |", "|---|---|"]
     lines += [f"| {status} | {n} |" for status, n in summary["counts"].items()]
     lines += ["", f"Already audited (unchanged): {summary['already_audited']}", "",
               "## Backdoored", ""]
-    lines += [f"- `{b['repo_id']}` @ `{b['revision'][:12]}` ({b['registry']}), score "
+    lines += [f"- {md_code(b['repo_id'])} @ {md_code(b['revision'][:12])} "
+              f"({md_code(b['registry'])}), score "
               f"{b['score'] if b['score'] is not None else 'n/a'}, {b['pv_count']} PV(s)"
               for b in summary["backdoored"]] or ["none"]
     if summary["errors"]:
         lines += ["", "## Errors", ""]
-        lines += [f"- `{e['repo_id']}` ({e['registry']}): {e['reason']}"
+        lines += [f"- {md_code(e['repo_id'])} ({md_code(e['registry'])}): {md_code(e['reason'])}"
                   for e in summary["errors"]]
     if summary["registry_errors"]:
-        lines += ["", "## Registries that could not be crawled", ""]
-        lines += [f"- `{spec}`: {reason}" for spec, reason in summary["registry_errors"].items()]
+        lines += ["", "## Registries that could not be listed", ""]
+        lines += [f"- {md_code(spec)}: {md_code(reason)}"
+                  for spec, reason in summary["registry_errors"].items()]
     return "\n".join(lines)
 
 
@@ -346,7 +350,8 @@ def _crawl_plan_audit(registries: list[str], store: str, config_dict: dict[str, 
         options = dict(dask_options)
         runner = dask_runner(options.pop("dask_address"), options.pop("n_workers"),
                              options["torch_threads"], device.startswith("cuda"))
-        tracking_uri = options.pop("tracking_uri") if tracker else None
+        tracking_uri = options.pop("tracking_uri")
+        tracking_uri = tracking_uri if tracker else None
         rows += audit_on_dask.with_options(task_runner=runner)(
             [request(ref) for ref in plan.todo], store, tracking_uri, parent_run_id,
             batch_id, gpu=device.startswith("cuda"), **options)

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
+from pathlib import Path
 from typing import Any
 
 EXIT_BACKDOORED = 3
 EXIT_REGISTRY_UNAVAILABLE = 4
+PREFECT_LOG = "prefect-server.log"  # the private Prefect API's output, in the store
 
 
 def parse_assignment(text: str) -> tuple[str, Any]:
@@ -86,18 +89,26 @@ def run(args: argparse.Namespace) -> int:
         print(f"sanitator audit: bad scan option: {exc}", file=sys.stderr)
         return 2
 
-    from flows.audit_zoo import RegistryUnavailable, audit_zoo
+    from flows.prefect_backend import private_prefect_api
 
     unavailable = None
     try:
-        summary = audit_zoo(
-            args.registry, args.out, dask_address=args.dask, n_workers=args.workers,
-            torch_threads=args.threads, mlflow_uri=args.mlflow_uri, track=not args.no_mlflow,
-            preset=args.preset, scan_options=options, device=args.device,
-            per_model_timeout=args.timeout or None, allow_pickle=args.allow_pickle,
-            max_params=args.max_params, force=args.force, work_dir=args.work_dir)
-    except RegistryUnavailable as exc:  # the other registries were audited all the same
-        summary, unavailable = exc.summary, exc
+        # without a configured Prefect API, a private one (docs/pipeline.md, Bookkeeping)
+        with private_prefect_api(Path(args.out) / PREFECT_LOG):
+            from flows.audit_zoo import RegistryUnavailable, audit_zoo
+
+            if not getattr(args, "verbose", 0):  # Dask's INFO chatter (with tracebacks
+                logging.getLogger("distributed").setLevel(logging.WARNING)  # at shutdown)
+            try:
+                summary = audit_zoo(
+                    args.registry, args.out, dask_address=args.dask, n_workers=args.workers,
+                    torch_threads=args.threads, mlflow_uri=args.mlflow_uri,
+                    track=not args.no_mlflow, preset=args.preset, scan_options=options,
+                    device=args.device, per_model_timeout=args.timeout or None,
+                    allow_pickle=args.allow_pickle, max_params=args.max_params,
+                    force=args.force, work_dir=args.work_dir)
+            except RegistryUnavailable as exc:  # the other registries were audited
+                summary, unavailable = exc.summary, exc
     except Exception as exc:  # the flow failed as a whole (bad store, no cluster, ...)
         print(f"sanitator audit: the audit flow failed: {exc}", file=sys.stderr)
         return 1
