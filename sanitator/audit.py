@@ -223,7 +223,7 @@ def is_transient(exc: BaseException) -> bool:
     if isinstance(exc, ConnectionError | TimeoutError | MemoryError):
         return True
     if isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower():
-        return True  # torch reports a full GPU as a RuntimeError
+        return True  # torch reports a full GPU as a RuntimeError (scan.is_out_of_memory)
     return is_transient_os_error(exc)
 
 

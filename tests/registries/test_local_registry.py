@@ -82,3 +82,27 @@ def test_hf_cache_layout_uses_hub_ids_and_commit_shas(hub, tmp_path):
         assert refs[0].extra["layout"] == "hf-cache"
         assert refs[0].config["model_type"] == "bert"
         assert (refs[0].location.endswith(sha))
+
+
+def test_every_hostile_folder_is_one_ref_and_none_stops_the_crawl(hostile_corpus, tmp_path):
+    root = hostile_corpus["root"]
+    refs = list(parse_registry(f"path:{root}").crawl())
+    folders = sorted(p.parent.relative_to(root).as_posix() for p in root.rglob("config.json")
+                     if not any(part.startswith(".") for part in p.relative_to(root).parts))
+    assert sorted(r.repo_id for r in refs) == folders
+    by_name = {r.repo_id: r for r in refs}
+    assert "nested too deeply" in by_name["config-nested-array"].config["invalid"]
+    assert "model_type is a list" in by_name["model-type-list"].config["invalid"]
+    linked = by_name["symlink-config-etc"]  # a link out of the folder is never read
+    assert linked.revision == content_revision(root / "symlink-config-etc")
+
+
+def test_names_that_are_not_utf8_get_printable_repo_ids(tiny_encoders, tmp_path):
+    root = tmp_path / "zoo"
+    shutil.copytree(tiny_encoders["bert"], root / "ok")
+    weird = bytes(root / "ok")[:-2] + b"caf\xe9-\xff"
+    shutil.copytree(tiny_encoders["bert"], weird.decode("utf-8", "surrogateescape"))
+    refs = list(parse_registry(f"path:{root}").crawl())
+    assert sorted(r.repo_id for r in refs) == ["caf\\xe9-\\xff", "ok"]
+    ref = next(r for r in refs if r.repo_id != "ok")
+    assert LocalRegistry(root).fetch(ref, tmp_path).name.endswith("-\udcff")
