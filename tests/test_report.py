@@ -223,7 +223,7 @@ def test_any_repo_id_renders_as_plain_text(tmp_path, capsys):
                     when=when, audit_id=f"h{index}", score=0.9 - 0.5 * (index % 2),
                     seconds=3.0 + index)
     assert main(["report", "--store", str(store), "--out", str(tmp_path / "out")]) == 0
-    out, err = capsys.readouterr()
+    err = capsys.readouterr().err
     assert "Traceback" not in err
     html_text = (tmp_path / "out" / "report.html").read_text()
     assert "<script>alert(1)</script>" not in html_text
