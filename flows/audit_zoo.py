@@ -39,6 +39,7 @@ from tasks.audit import (
     AUDIT_START_TOPIC,
     DEFAULT_SCANNER,
     TransientAuditError,
+    WarmUp,
     audit_model,
     crawl_registry,
     record_audit,
@@ -184,6 +185,11 @@ def audit_on_dask(requests: list[AuditRequest], store: str, tracking_uri: str | 
     logger = get_run_logger()
     tracker = open_tracker(tracking_uri, store)
     task = audit_model.with_options(timeout_seconds=per_model_timeout)
+    client = FlowRunContext.get().task_runner.client
+    try:  # before the first audit, so that no audit's timeout pays the imports
+        client.register_plugin(WarmUp())
+    except Exception as exc:
+        logger.warning("workers not warmed up (%s); first audits pay the imports", exc)
     pending = {}
     for request in requests:
         # GPU audits only go to workers that declare a GPU resource (docs/pipeline.md)
@@ -191,7 +197,6 @@ def audit_on_dask(requests: list[AuditRequest], store: str, tracking_uri: str | 
             future = task.submit(request, work_dir=work_dir, torch_threads=torch_threads,
                                  scanner=scanner)
         pending[future.wrapped_future] = (request, future)
-    client = FlowRunContext.get().task_runner.client
     # how often to look for hung audits: a fraction of the timeout, within [1 s, 30 s]
     poll = min(30.0, max(1.0, (per_model_timeout or 120.0) / 4))
     rows: list[dict[str, Any]] = []

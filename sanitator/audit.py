@@ -216,11 +216,12 @@ def _info_dict(info: ModelInfo | None) -> dict[str, Any]:
 
 
 def is_transient(exc: BaseException) -> bool:
-    """Can another try change this failure? Network, timeouts, memory pressure and I/O
-    errors of the machine can; anything the model's own bytes cause cannot."""
+    """Can another try change this failure? Network, timeouts, memory pressure, I/O errors
+    of the machine and a broken environment (an import failing) can; anything the model's
+    own bytes cause cannot."""
     if isinstance(exc, FetchError):
         return exc.retryable
-    if isinstance(exc, ConnectionError | TimeoutError | MemoryError):
+    if isinstance(exc, ConnectionError | TimeoutError | MemoryError | ImportError):
         return True
     if isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower():
         return True  # torch reports a full GPU as a RuntimeError (scan.is_out_of_memory)

@@ -81,6 +81,8 @@ class Repo:
 
     def model_config(self) -> dict[str, Any] | None:
         """The `config` block the Hub adds to model_info: model_type and architectures."""
+        if self.file("config.json") is None:  # absent, or a link the server does not serve
+            return None
         try:
             config = json.loads((self.folder / "config.json").read_text())
         except (OSError, ValueError, RecursionError):  # a repo's file is anyone's bytes

@@ -168,7 +168,7 @@ def check_config_fields(config: dict[str, Any]) -> None:
                                 f"({short(value, 60)}), not an integer")
     for name in ("dtype", "torch_dtype"):
         value = config.get(name)
-        if value is not None and value not in FLOAT_DTYPE_NAMES:
+        if value is not None and not (isinstance(value, str) and value in FLOAT_DTYPE_NAMES):
             raise ModelRejected("error", f"config.json: {name} {short(value, 60)!r} is not "
                                 f"one of {', '.join(sorted(FLOAT_DTYPE_NAMES))}")
 

@@ -395,8 +395,8 @@ def inspect_model(path: str | Path, *, allow_pickle: bool = False,
     Raises ModelRejected only."""
     try:
         return _inspect(Path(path), allow_pickle, max_params, check_data)
-    except ModelRejected:
-        raise
+    except (ModelRejected, ImportError, MemoryError):
+        raise  # the last two are the machine's, not the model's: the caller may retry
     except OSError as exc:  # a file vanished or cannot be read mid-check
         raise ModelRejected("error", f"cannot read the model files ({short(exc)})") from None
     except Exception as exc:  # a case no check foresaw: still a row, never a crash

@@ -11,6 +11,7 @@ import logging
 import os
 from typing import Any
 
+from distributed.diagnostics.plugin import WorkerPlugin
 from prefect import task
 from prefect.cache_policies import NONE
 
@@ -99,6 +100,19 @@ def worker_threads(requested: int | None) -> int:
     except (ImportError, ValueError):
         threads_per_process = 1
     return max(1, (os.cpu_count() or 1) // max(1, threads_per_process))
+
+
+class WarmUp(WorkerPlugin):
+    """Dask worker plugin: import what every audit needs (torch, transformers' model code,
+    seconds of imports) when a worker starts, restarted workers included, so that an
+    audit's timeout measures the audit and not the imports."""
+
+    name = "sanitator-warm-up"
+    idempotent = True
+
+    def setup(self, worker) -> None:
+        import torch  # noqa: F401
+        from transformers import AutoModel, AutoTokenizer, BertModel  # noqa: F401
 
 
 def _announce_start(audit_id: str) -> None:

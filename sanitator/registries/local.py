@@ -20,7 +20,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sanitator.model_policy import is_scan_file, read_listing_config, short
+from sanitator.model_policy import (
+    MAX_CONFIG_BYTES,
+    ModelRejected,
+    is_scan_file,
+    read_listing_config,
+    short,
+)
 from sanitator.registries import (
     FetchError,
     ModelRef,
@@ -82,8 +88,15 @@ def _relative_files(folder: Path) -> dict[str, int]:
 
 def read_model_config(folder: Path) -> dict[str, Any] | None:
     """model_type and architectures from config.json (type-checked; `invalid` with the
-    reason when they are wrong or the file is no JSON object); None when absent."""
-    return read_listing_config(folder / "config.json")
+    reason when they are wrong, the file is no JSON object or links out of the folder);
+    None when absent."""
+    from sanitator.preflight import checked_file, model_root
+
+    try:
+        path = checked_file(folder, "config.json", model_root(folder), MAX_CONFIG_BYTES)
+    except ModelRejected as exc:
+        return {"model_type": None, "architectures": None, "invalid": exc.reason}
+    return read_listing_config(path) if path is not None else None
 
 
 def is_hf_cache(root: Path) -> bool:

@@ -94,6 +94,7 @@ def test_every_hostile_folder_is_one_ref_and_none_stops_the_crawl(hostile_corpus
     assert "nested too deeply" in by_name["config-nested-array"].config["invalid"]
     assert "model_type is a list" in by_name["model-type-list"].config["invalid"]
     linked = by_name["symlink-config-etc"]  # a link out of the folder is never read
+    assert "links outside the model folder" in linked.config["invalid"]
     assert linked.revision == content_revision(root / "symlink-config-etc")
 
 
