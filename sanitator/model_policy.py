@@ -12,8 +12,7 @@ from __future__ import annotations
 
 import fnmatch
 import json
-import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -255,18 +254,3 @@ def is_scan_file(name: str) -> bool:
     """Does the scan read a file of this name (pickle weights included)?"""
     return any(fnmatch.fnmatchcase(name, pattern)
                for pattern in (*SCAN_FILE_PATTERNS, *PICKLE_FILE_PATTERNS))
-
-
-def finite_float(value: Any) -> float | None:
-    """A float that fits a float64 column, or None."""
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        return None
-    value = float(value)
-    return value if math.isfinite(value) else None
-
-
-def sanitize_listing(config: Mapping[str, Any] | None) -> Mapping[str, Any] | None:
-    """Re-check a ModelRef.config built elsewhere (a Hub's model_info config block)."""
-    if config is None or "invalid" in config:
-        return config
-    return listing_config(dict(config))

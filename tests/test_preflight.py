@@ -18,7 +18,8 @@ from hypothesis import strategies as st
 from sanitator.cli import main
 from sanitator.encoders import load_encoder
 from sanitator.model_policy import ModelRejected
-from sanitator.preflight import preflight, read_index, read_safetensors_header
+from sanitator.preflight import preflight
+from sanitator.weight_files import read_index, read_safetensors_header
 
 
 def _outcome(folder: Path) -> tuple[str, str | None]:

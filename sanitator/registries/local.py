@@ -90,7 +90,7 @@ def read_model_config(folder: Path) -> dict[str, Any] | None:
     """model_type and architectures from config.json (type-checked; `invalid` with the
     reason when they are wrong, the file is no JSON object or links out of the folder);
     None when absent."""
-    from sanitator.preflight import checked_file, model_root
+    from sanitator.weight_files import checked_file, model_root
 
     try:
         path = checked_file(folder, "config.json", model_root(folder), MAX_CONFIG_BYTES)
