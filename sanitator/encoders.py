@@ -102,11 +102,12 @@ def load_encoder(path: str | Path, *, allow_pickle: bool = False, device: str = 
 
     Raises ModelRejected only: the preflight's refusals, and any failure of transformers
     to load what the preflight passed."""
+    inspection = inspect_model(path, allow_pickle=allow_pickle, max_params=max_params)
+    info = inspection.info
+    # imported after the preflight: a refusal does not wait for transformers (seconds)
     from transformers import AutoModel, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
-    inspection = inspect_model(path, allow_pickle=allow_pickle, max_params=max_params)
-    info = inspection.info
     hf_logging.disable_progress_bar()
     try:
         model, loading = AutoModel.from_pretrained(
