@@ -21,6 +21,7 @@ from typing import Any
 import distributed
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.states import Failed
 
 from sanitator.audit import (
     AuditPolicy,
@@ -32,11 +33,13 @@ from sanitator.audit import (
 )
 from sanitator.audit_tracking import open_tracker
 from sanitator.registries import parse_registry
+from sanitator.report import md_code
 from sanitator.store import completed_audits, new_audit_id
 from tasks.audit import (
     AUDIT_START_TOPIC,
     DEFAULT_SCANNER,
     TransientAuditError,
+    WarmUp,
     audit_model,
     crawl_registry,
     record_audit,
@@ -89,10 +92,24 @@ def dask_runner(dask_address: str | None, n_workers: int, torch_threads: int | N
     return DaskTaskRunner(cluster_class="distributed.LocalCluster", cluster_kwargs=cluster_kwargs)
 
 
+class RegistryUnavailable(RuntimeError):
+    """A registry could not be listed at all: the flow fails after recording the others.
+    `summary` is the flow's summary (the rows of the registries that could be listed)."""
+
+    def __init__(self, summary: dict[str, Any]):
+        failed = "; ".join(f"{spec}: {reason}"
+                           for spec, reason in summary["registry_errors"].items())
+        super().__init__(f"{len(summary['registry_errors'])} registry(ies) could not be "
+                         f"listed: {failed}")
+        self.summary = summary
+
+
 def _failure_from_exception(exc: BaseException, timeout: float | None):
     if isinstance(exc, TimeoutError):
+        # not retried within this run (it would time out again on the same busy cluster),
+        # but audited again next run: a timeout says nothing about the model
         return failure_outcome(f"timed out after {timeout:g} s (per-model timeout)",
-                               retryable=False)
+                               retryable=True)
     if isinstance(exc, TransientAuditError):
         return failure_outcome(f"{exc} (retries exhausted)", retryable=True)
     return failure_outcome(f"worker lost or task crashed: {type(exc).__name__}: {exc}",
@@ -168,6 +185,11 @@ def audit_on_dask(requests: list[AuditRequest], store: str, tracking_uri: str | 
     logger = get_run_logger()
     tracker = open_tracker(tracking_uri, store)
     task = audit_model.with_options(timeout_seconds=per_model_timeout)
+    client = FlowRunContext.get().task_runner.client
+    try:  # before the first audit, so that no audit's timeout pays the imports
+        client.register_plugin(WarmUp())
+    except Exception as exc:
+        logger.warning("workers not warmed up (%s); first audits pay the imports", exc)
     pending = {}
     for request in requests:
         # GPU audits only go to workers that declare a GPU resource (docs/pipeline.md)
@@ -175,7 +197,6 @@ def audit_on_dask(requests: list[AuditRequest], store: str, tracking_uri: str | 
             future = task.submit(request, work_dir=work_dir, torch_threads=torch_threads,
                                  scanner=scanner)
         pending[future.wrapped_future] = (request, future)
-    client = FlowRunContext.get().task_runner.client
     # how often to look for hung audits: a fraction of the timeout, within [1 s, 30 s]
     poll = min(30.0, max(1.0, (per_model_timeout or 120.0) / 4))
     rows: list[dict[str, Any]] = []
@@ -208,27 +229,30 @@ def audit_on_dask(requests: list[AuditRequest], store: str, tracking_uri: str | 
                          request.ref.label, HANG_GRACE_SECONDS)
             record(request, failure_outcome(
                 f"timed out after {per_model_timeout:g} s and did not stop (hung in native "
-                "code); its worker was restarted", retryable=False))
+                "code); its worker was restarted", retryable=True))
         if hung:
             _restart_workers_of(client, hung, logger)
     return rows
 
 
 def _summary_markdown(summary: dict[str, Any]) -> str:
+    """Repo ids and reasons come from the audited repos: each is one code span."""
     lines = ["# Audit summary", "", "| status | models |", "|---|---|"]
     lines += [f"| {status} | {n} |" for status, n in summary["counts"].items()]
     lines += ["", f"Already audited (unchanged): {summary['already_audited']}", "",
               "## Backdoored", ""]
-    lines += [f"- `{b['repo_id']}` @ `{b['revision'][:12]}` ({b['registry']}), score "
+    lines += [f"- {md_code(b['repo_id'])} @ {md_code(b['revision'][:12])} "
+              f"({md_code(b['registry'])}), score "
               f"{b['score'] if b['score'] is not None else 'n/a'}, {b['pv_count']} PV(s)"
               for b in summary["backdoored"]] or ["none"]
     if summary["errors"]:
         lines += ["", "## Errors", ""]
-        lines += [f"- `{e['repo_id']}` ({e['registry']}): {e['reason']}"
+        lines += [f"- {md_code(e['repo_id'])} ({md_code(e['registry'])}): {md_code(e['reason'])}"
                   for e in summary["errors"]]
     if summary["registry_errors"]:
-        lines += ["", "## Registries that could not be crawled", ""]
-        lines += [f"- `{spec}`: {reason}" for spec, reason in summary["registry_errors"].items()]
+        lines += ["", "## Registries that could not be listed", ""]
+        lines += [f"- {md_code(spec)}: {md_code(reason)}"
+                  for spec, reason in summary["registry_errors"].items()]
     return "\n".join(lines)
 
 
@@ -244,7 +268,9 @@ def audit_zoo_flow(registries: list[str], out: str = "sanitator-store",
                    scanner: str = DEFAULT_SCANNER, track: bool = True) -> dict[str, Any]:
     """Audit every model of `registries` not yet audited with this config; see docs/pipeline.md.
 
-    Returns the summary: counts per status, backdoored models, errors, store path.
+    Returns the summary: counts per status, backdoored models, errors, store path. When a
+    registry cannot be listed at all, the others are still audited and the run ends
+    Failed (calling the flow raises RegistryUnavailable, which carries the summary).
     """
     from prefect.runtime import flow_run
 
@@ -272,12 +298,47 @@ def audit_zoo_flow(registries: list[str], out: str = "sanitator-store",
             logger.warning("MLflow parent run not created: %s", exc)
             tracker = None
 
+    try:
+        summary = _crawl_plan_audit(registries, store, config_dict, config_hash, policy,
+                                    force=force, device=device, tracker=tracker,
+                                    parent_run_id=parent_run_id, batch_id=batch_id,
+                                    dask_options={
+                                        "dask_address": dask_address, "n_workers": n_workers,
+                                        "torch_threads": torch_threads, "work_dir": work_dir,
+                                        "scanner": scanner,
+                                        "per_model_timeout": per_model_timeout,
+                                        "tracking_uri": tracking_uri})
+    except BaseException:
+        if tracker is not None and parent_run_id:  # never leave the batch run RUNNING
+            tracker.close_failed(parent_run_id)
+        raise
+    if tracker is not None and parent_run_id:
+        try:
+            tracker.end_batch(parent_run_id, summary, failed=bool(summary["registry_errors"]))
+        except Exception as exc:
+            logger.warning("MLflow parent run not closed: %s", exc)
+            tracker.close_failed(parent_run_id)
+    if summary["registry_errors"]:
+        # a Failed state rather than a raise: the run ends Failed with a plain message and
+        # the caller gets RegistryUnavailable, without Prefect logging a traceback
+        failure = RegistryUnavailable(summary)
+        logger.error("%s", failure)
+        return Failed(message=str(failure), data=failure)
+    return summary
+
+
+def _crawl_plan_audit(registries: list[str], store: str, config_dict: dict[str, Any],
+                      config_hash: str, policy: AuditPolicy, *, force: bool, device: str,
+                      tracker, parent_run_id: str | None, batch_id: str,
+                      dask_options: dict[str, Any]) -> dict[str, Any]:
+    """The flow's work: crawl, plan, record what the plan settles, audit the rest."""
+    logger = get_run_logger()
     refs, registry_errors = [], {}
     for spec in registries:
         try:
             refs.extend(crawl_registry(spec))
-        except Exception as exc:  # one unreachable registry must not stop the others
-            logger.error("crawling %s failed: %s", spec, exc)
+        except Exception as exc:  # one unlistable registry must not stop the others
+            logger.error("listing %s failed: %s", spec, exc)
             registry_errors[spec] = f"{type(exc).__name__}: {exc}"
 
     plan = plan_audits(refs, completed_audits(store), config_hash, policy, force=force)
@@ -287,15 +348,18 @@ def audit_zoo_flow(registries: list[str], out: str = "sanitator-store",
     def request(ref):
         return AuditRequest(new_audit_id(), ref, config_dict, config_hash, device, policy)
 
-    rows = [record_audit(request(ref), rejection_outcome(status, reason), store, tracker,
-                         parent_run_id, batch_id)
-            for ref, status, reason in plan.rejected]
+    rows = [record_audit(request(r.ref), rejection_outcome(r.status, r.reason, r.retryable),
+                         store, tracker, parent_run_id, batch_id)
+            for r in plan.rejected]
     if plan.todo:
-        gpu = device.startswith("cuda")
-        runner = dask_runner(dask_address, n_workers, torch_threads, gpu)
+        options = dict(dask_options)
+        runner = dask_runner(options.pop("dask_address"), options.pop("n_workers"),
+                             options["torch_threads"], device.startswith("cuda"))
+        tracking_uri = options.pop("tracking_uri")
+        tracking_uri = tracking_uri if tracker else None
         rows += audit_on_dask.with_options(task_runner=runner)(
-            [request(ref) for ref in plan.todo], store, tracking_uri if tracker else None,
-            parent_run_id, batch_id, work_dir, torch_threads, scanner, per_model_timeout, gpu)
+            [request(ref) for ref in plan.todo], store, tracking_uri, parent_run_id,
+            batch_id, gpu=device.startswith("cuda"), **options)
 
     summary = summarize(rows, settled=len(plan.settled), store=store,
                         registry_errors=registry_errors)
@@ -307,11 +371,6 @@ def audit_zoo_flow(registries: list[str], out: str = "sanitator-store",
               "status": r["status"], "score": r["score"], "pv_count": r["pv_count"],
               "reason": r["reason"]} for r in rows],
             key="audit-verdicts", description="the verdicts written by this flow run")
-    if tracker is not None and parent_run_id:
-        try:
-            tracker.end_batch(parent_run_id, summary)
-        except Exception as exc:
-            logger.warning("MLflow parent run not closed: %s", exc)
     return summary
 
 

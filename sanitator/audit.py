@@ -18,18 +18,20 @@ from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
-from typing import Any
+from typing import Any, NamedTuple
 
 from sanitator import __version__
-from sanitator.encoders import (
-    PICKLE_FILES,
-    SAFETENSORS_FILES,
-    SUPPORTED_MODEL_TYPES,
-    ModelInfo,
+from sanitator.model_policy import (
+    ConfigFacts,
     ModelRejected,
-    preflight,
+    architecture_rejection,
+    listed_size_rejection,
+    short,
+    size_rejection,
+    weights_rejection,
 )
-from sanitator.registries import FetchError, ModelRef, fetch_ref
+from sanitator.preflight import ModelInfo, preflight
+from sanitator.registries import FetchError, ModelRef, fetch_ref, is_transient_os_error
 from sanitator.results import PVSet, Verdict
 from sanitator.store import VERDICT_FINAL, pack_signs
 
@@ -69,10 +71,19 @@ class AuditOutcome:
     retryable: bool = False
 
 
+class Rejection(NamedTuple):
+    """A ref whose row the planner writes without a download."""
+
+    ref: ModelRef
+    status: str
+    reason: str
+    retryable: bool = False
+
+
 @dataclass
 class Plan:
     todo: list[ModelRef]                              # to audit on workers
-    rejected: list[tuple[ModelRef, str, str]]         # (ref, status, reason) from metadata
+    rejected: list[Rejection]                         # settled by metadata or the crawl
     settled: list[ModelRef]                           # already audited: no new row
 
 
@@ -112,39 +123,31 @@ def _model_dir_files(ref: ModelRef) -> dict[str, int | None]:
 def rejection_from_listing(ref: ModelRef, policy: AuditPolicy) -> tuple[str, str] | None:
     """Decide what the registry's metadata already settles, before any download.
 
-    Mirrors `sanitator.encoders.preflight` (which every worker still runs on the fetched
-    folder): unsupported architecture, missing or pickle-only weights, size limit.
-    Returns (status, reason) or None when the model must be fetched and scanned.
+    Applies the rules of `sanitator.model_policy` that the preflight (which every worker
+    still runs on the fetched folder) applies too: config types, unsupported
+    architecture, missing or pickle-only weights, size limit. Returns (status, reason) or
+    None when the model must be fetched and scanned.
     """
     config = ref.config or {}
+    if config.get("invalid"):
+        return ("error", str(config["invalid"]))
     model_type = config.get("model_type")
-    if model_type and model_type not in SUPPORTED_MODEL_TYPES:
-        arch = ",".join(config.get("architectures") or []) or "unknown architecture"
-        return ("unsupported", f"unsupported architecture: model_type={model_type!r} ({arch}); "
-                f"supported: {', '.join(sorted(SUPPORTED_MODEL_TYPES))}")
+    if model_type:
+        rejected = architecture_rejection(ConfigFacts(model_type,
+                                                      tuple(config.get("architectures") or ())))
+        if rejected:
+            return rejected
     if not ref.files:
         return None
     files = _model_dir_files(ref)
     if "config.json" not in files:
         return ("error", "no config.json in the listing (not a model folder)")
-    safetensors = [name for name in files if name.endswith(".safetensors")]
-    has_safe = any(name in files for name in SAFETENSORS_FILES) or bool(safetensors)
-    has_pickle = any(name in files for name in PICKLE_FILES) or any(
-        name.startswith("pytorch_model") and name.endswith(".bin") for name in files)
-    if not has_safe:
-        if not has_pickle:
-            return ("error", "no weights (model.safetensors or pytorch_model.bin) in the listing")
-        if not policy.allow_pickle:
-            return ("error", "only pickle weights (pytorch_model.bin); refusing to unpickle an "
-                    "audited model. Convert it to safetensors, or allow pickle explicitly "
-                    "(--allow-pickle), which loads with torch.load(weights_only=True)")
-    weight_names = safetensors if has_safe else [n for n in files if n.endswith(".bin")]
-    weight_bytes = sum(files[name] or 0 for name in weight_names)
-    # at most 4 bytes per parameter (fp32), so bytes/4 is a lower bound on the count
-    if policy.max_params is not None and weight_bytes // 4 > policy.max_params:
-        return ("skipped", f"weights of {weight_bytes:,} bytes hold more than "
-                f"{policy.max_params:,} parameters (the size limit); not fetched")
-    return None
+    rejected = weights_rejection(files, policy.allow_pickle)
+    if rejected:
+        return rejected
+    weight_bytes = sum(size for name, size in files.items()
+                       if isinstance(size, int) and name.endswith((".safetensors", ".bin")))
+    return listed_size_rejection(weight_bytes, policy.max_params)
 
 
 def is_settled(row: dict[str, Any], policy: AuditPolicy) -> bool:
@@ -187,9 +190,17 @@ def plan_audits(refs: Iterable[ModelRef], completed: Iterable[dict[str, Any]], c
         if ref.key in settled_keys:
             plan.settled.append(ref)
             continue
-        rejected = rejection_from_listing(ref, policy)
+        if ref.crawl_error:
+            plan.rejected.append(Rejection(ref, "error", ref.crawl_error, ref.crawl_retryable))
+            continue
+        try:
+            rejected = rejection_from_listing(ref, policy)
+        except Exception as exc:  # a listing no rule foresaw: its repo's row, not the plan's
+            log.exception("planning %s failed", ref.label)
+            rejected = ("error", f"cannot plan the audit ({type(exc).__name__}: "
+                        f"{short(exc, 200)})")
         if rejected:
-            plan.rejected.append((ref, *rejected))
+            plan.rejected.append(Rejection(ref, *rejected))
         else:
             plan.todo.append(ref)
     return plan
@@ -204,13 +215,28 @@ def _info_dict(info: ModelInfo | None) -> dict[str, Any]:
             "weights_format": info.weights_format, "weight_bytes": info.weight_bytes}
 
 
+def is_transient(exc: BaseException) -> bool:
+    """Can another try change this failure? Network, timeouts, memory pressure, I/O errors
+    of the machine and a broken environment (an import failing) can; anything the model's
+    own bytes cause cannot."""
+    if isinstance(exc, FetchError):
+        return exc.retryable
+    if isinstance(exc, ConnectionError | TimeoutError | MemoryError | ImportError):
+        return True
+    if isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower():
+        return True  # torch reports a full GPU as a RuntimeError (scan.is_out_of_memory)
+    return is_transient_os_error(exc)
+
+
 def run_audit(request: AuditRequest, *, scan: Scanner | None = None,
               work_dir: str | Path | None = None, progress: bool = False) -> AuditOutcome:
     """Fetch, preflight and scan one model; every failure becomes an outcome, none raises.
 
     Downloads go to a temporary folder below `work_dir` that is removed afterwards.
-    Transient failures (network, server errors, unexpected exceptions) come back with
-    `retryable=True`; the Prefect task raises on those so that its retries apply.
+    Failures another try can change (network, server errors, machine I/O, memory) come
+    back with `retryable=True`, and the Prefect task raises on those so that its retries
+    apply; deterministic ones (the model's bytes, a crash of the scan on them) are
+    permanent `error` rows.
     """
     started = time.monotonic()
     policy = request.policy
@@ -221,20 +247,21 @@ def run_audit(request: AuditRequest, *, scan: Scanner | None = None,
 
     if scan is None:
         from sanitator.scan import scan_model as scan
-    if work_dir is not None:
-        Path(work_dir).mkdir(parents=True, exist_ok=True)
-    scratch = Path(tempfile.mkdtemp(prefix="sanitator-audit-", dir=work_dir))
+    scratch: Path | None = None
     info: ModelInfo | None = None
     try:
+        if work_dir is not None:
+            Path(work_dir).mkdir(parents=True, exist_ok=True)
+        scratch = Path(tempfile.mkdtemp(prefix="sanitator-audit-", dir=work_dir))
         folder = fetch_ref(request.ref, scratch, allow_pickle=policy.allow_pickle)
         try:
             info = preflight(folder, allow_pickle=policy.allow_pickle)
         except ModelRejected as exc:
             return done(AuditOutcome(Verdict(exc.status, reason=exc.reason)))
-        if (policy.max_params is not None and info.n_params is not None
-                and info.n_params > policy.max_params):
-            reason = f"{info.n_params:,} parameters exceed the size limit of {policy.max_params:,}"
-            return done(AuditOutcome(Verdict("skipped", reason=reason), info=_info_dict(info)))
+        rejected = size_rejection(info.n_params, policy.max_params)
+        if rejected:
+            return done(AuditOutcome(Verdict(rejected[0], reason=rejected[1]),
+                                     info=_info_dict(info)))
         config = scan_config_from_dict(request.config)
         result = scan(folder, config, device=request.device, allow_pickle=policy.allow_pickle,
                       max_params=None, progress=progress)
@@ -242,14 +269,17 @@ def run_audit(request: AuditRequest, *, scan: Scanner | None = None,
         pvset = result.pvset if result.pvset is not None and len(result.pvset) else None
         return done(AuditOutcome(result.verdict, pvset, _info_dict(info)))
     except FetchError as exc:
-        return done(AuditOutcome(Verdict("error", reason=str(exc)), info=_info_dict(info),
-                                 retryable=exc.retryable))
-    except Exception as exc:  # a crash in the scan is a row, and worth one more try
-        log.exception("audit of %s crashed", request.ref.label)
-        return done(AuditOutcome(Verdict("error", reason=f"audit crashed: {exc!r}"),
-                                 info=_info_dict(info), retryable=True))
+        return done(AuditOutcome(Verdict("error", reason=short(exc, 1000)),
+                                 info=_info_dict(info), retryable=exc.retryable))
+    except Exception as exc:  # a crash is a row; another try only when it can change
+        log.warning("audit of %s failed: %s: %s", request.ref.label, type(exc).__name__, exc)
+        log.debug("audit of %s failed", request.ref.label, exc_info=True)
+        return done(AuditOutcome(
+            Verdict("error", reason=f"audit crashed: {type(exc).__name__}: {short(exc, 300)}"),
+            info=_info_dict(info), retryable=is_transient(exc)))
     finally:
-        shutil.rmtree(scratch, ignore_errors=True)
+        if scratch is not None:
+            shutil.rmtree(scratch, ignore_errors=True)
 
 
 def failure_outcome(reason: str, *, retryable: bool) -> AuditOutcome:
@@ -257,8 +287,8 @@ def failure_outcome(reason: str, *, retryable: bool) -> AuditOutcome:
     return AuditOutcome(Verdict("error", reason=reason), retryable=retryable)
 
 
-def rejection_outcome(status: str, reason: str) -> AuditOutcome:
-    return AuditOutcome(Verdict(status, reason=reason))
+def rejection_outcome(status: str, reason: str, retryable: bool = False) -> AuditOutcome:
+    return AuditOutcome(Verdict(status, reason=reason), retryable=retryable)
 
 
 # --- rows -------------------------------------------------------------------------------

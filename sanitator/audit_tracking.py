@@ -11,6 +11,7 @@ two writers.
 from __future__ import annotations
 
 import logging
+import math
 import re
 import tempfile
 import time
@@ -110,23 +111,51 @@ class AuditTracker:
         self.client.log_dict(run_id, summary, "summary.json")
         self.client.set_terminated(run_id, "FAILED" if failed else "FINISHED")
 
+    def close_failed(self, run_id: str) -> None:
+        """End a run as FAILED after an exception (best effort: never raises)."""
+        try:
+            self.client.set_terminated(run_id, "FAILED")
+        except Exception as exc:
+            log.warning("cannot close MLflow run %s: %s", run_id, exc)
+
     def log_audit(self, request: AuditRequest, outcome: AuditOutcome, row: dict[str, Any],
                   parent_run_id: str | None = None) -> str:
         """One run for one model audit; returns its run id."""
-        from mlflow.entities import Param
 
         ref, verdict = request.ref, outcome.verdict
         tags = {"sanitator.audit_id": request.audit_id, "sanitator.status": verdict.status,
                 "sanitator.source": ref.source, "sanitator.repo_id": ref.repo_id,
                 "sanitator.revision": ref.revision}
         if ref.extra.get("aliases"):
-            tags["sanitator.aliases"] = ",".join(ref.extra["aliases"])
+            tags["sanitator.aliases"] = ",".join(map(str, ref.extra["aliases"]))
+        tags = {key: _text(value) for key, value in tags.items()}
         if parent_run_id:
             tags["mlflow.parentRunId"] = parent_run_id
         run = self.client.create_run(
             self.experiment_id(AUDIT_EXPERIMENT_PREFIX + ref.registry),
-            run_name=f"{ref.repo_id}@{ref.revision[:12]}", tags=tags)
+            run_name=_text(f"{ref.repo_id}@{ref.revision[:12]}", 250), tags=tags)
         run_id = run.info.run_id
+        try:
+            self._fill_audit_run(run_id, request, outcome, row)
+        except BaseException:
+            self.discard(run_id)  # never leave a half-logged run RUNNING
+            raise
+        return run_id
+
+    def discard(self, run_id: str) -> None:
+        """Close and delete a run whose audit has no row in the store (best effort)."""
+        for close in (lambda: self.client.set_terminated(run_id, "FAILED"),
+                      lambda: self.client.delete_run(run_id)):
+            try:
+                close()
+            except Exception as exc:
+                log.warning("cannot discard MLflow run %s: %s", run_id, exc)
+
+    def _fill_audit_run(self, run_id: str, request: AuditRequest, outcome: AuditOutcome,
+                        row: dict[str, Any]) -> None:
+        from mlflow.entities import Param
+
+        ref, verdict = request.ref, outcome.verdict
         identity = {"registry": ref.registry, "repo_id": ref.repo_id, "revision": ref.revision,
                     "config_hash": request.config_hash, "device": request.device,
                     "allow_pickle": request.policy.allow_pickle,
@@ -142,11 +171,11 @@ class AuditTracker:
             with tempfile.TemporaryDirectory(prefix="sanitator-pv-") as tmp:
                 path = Path(tmp) / "pvset.safetensors"
                 outcome.pvset.save(path, {"audit_id": request.audit_id,
-                                          "repo_id": ref.repo_id, "revision": ref.revision,
+                                          "repo_id": _text(ref.repo_id),
+                                          "revision": _text(ref.revision),
                                           "config_hash": request.config_hash})
                 self.client.log_artifact(run_id, str(path))
         self.client.set_terminated(run_id, "FAILED" if verdict.status == "error" else "FINISHED")
-        return run_id
 
     @staticmethod
     def _audit_metrics(outcome: AuditOutcome) -> dict[str, float]:
@@ -175,10 +204,13 @@ class AuditTracker:
 
         now = int(time.time() * 1000)
         items = [Metric(key, value, now, 0) for key, value in metrics.items()
-                 if value == value]  # drop NaN
+                 if math.isfinite(value)]  # NaN and infinity are no measurement
         for start in range(0, len(items), 1000):
             self.client.log_batch(run_id, metrics=items[start:start + 1000])
 
 
-def _text(value: Any) -> str:
-    return str(value)[:_VALUE_LIMIT]
+def _text(value: Any, limit: int = _VALUE_LIMIT) -> str:
+    """Any value as text MLflow stores: bounded, and valid UTF-8 (a file name may carry
+    bytes that are not)."""
+    text = str(value)[:limit]
+    return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")[:limit]

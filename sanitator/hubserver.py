@@ -81,9 +81,11 @@ class Repo:
 
     def model_config(self) -> dict[str, Any] | None:
         """The `config` block the Hub adds to model_info: model_type and architectures."""
+        if self.file("config.json") is None:  # absent, or a link the server does not serve
+            return None
         try:
             config = json.loads((self.folder / "config.json").read_text())
-        except (OSError, ValueError):
+        except (OSError, ValueError, RecursionError):  # a repo's file is anyone's bytes
             return None
         if not isinstance(config, dict):
             return None
@@ -117,6 +119,20 @@ class Repo:
         return info
 
 
+def _is_utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _header_value(text: str) -> str:
+    """HTTP header values are latin-1 on one line: anything else is escaped."""
+    return text.encode("ascii", "backslashreplace").decode("ascii").replace(
+        "\r", "\\r").replace("\n", "\\n")
+
+
 def _git_blob_sha1(size: int, chunks) -> str:
     digest = hashlib.sha1(f"blob {size}\0".encode(), usedforsecurity=False)
     for chunk in chunks:
@@ -140,6 +156,7 @@ class RepoIndex:
     def repo_ids(self) -> list[str]:
         ids: list[str] = []
         for first in sorted(self._visible_dirs(self.root)):
+
             if any(entry.is_file() for entry in first.iterdir()):
                 ids.append(first.name)
             else:
@@ -158,7 +175,7 @@ class RepoIndex:
     @staticmethod
     def _visible_dirs(folder: Path) -> list[Path]:
         return [entry for entry in folder.iterdir()
-                if entry.is_dir() and not entry.name.startswith(".")]
+                if entry.is_dir() and not entry.name.startswith(".") and _is_utf8(entry.name)]
 
     def get(self, repo_id: str) -> Repo | None:
         parts = repo_id.split("/")
@@ -178,12 +195,24 @@ class RepoIndex:
 
     @staticmethod
     def _file_paths(folder: Path) -> list[str]:
+        """Regular files of a repo. Links are served only when they stay inside the repo
+        (a link to /etc/passwd must not turn the mirror into a file server), and names
+        that are not valid UTF-8 are left out (no client could ask for them)."""
         paths = []
+        root = folder.resolve()
         for dirpath, dirnames, filenames in os.walk(folder):
             dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
             for name in sorted(filenames):
-                if not name.startswith("."):
-                    paths.append((Path(dirpath) / name).relative_to(folder).as_posix())
+                path = Path(dirpath) / name
+                relative = path.relative_to(folder).as_posix()
+                if name.startswith(".") or not _is_utf8(relative):
+                    continue
+                try:
+                    target = path.resolve(strict=True)
+                except (OSError, RuntimeError):  # dangling or looping link
+                    continue
+                if target.is_relative_to(root) and target.is_file():
+                    paths.append(relative)
         return sorted(paths)
 
     def _file(self, folder: Path, path: str) -> RepoFile:
@@ -235,7 +264,8 @@ class HubRequestHandler(BaseHTTPRequestHandler):
 
     def _error(self, status: int, code: str, message: str, head_only: bool = False) -> None:
         body = json.dumps({"error": message}).encode()
-        self._send(status, body, {"X-Error-Code": code, "X-Error-Message": message},
+        self._send(status, body, {"X-Error-Code": code,
+                                  "X-Error-Message": _header_value(message)},
                    head_only=head_only)
 
     def _authorized(self) -> bool:
@@ -264,6 +294,10 @@ class HubRequestHandler(BaseHTTPRequestHandler):
                 self._resolve(segments, head_only)
         except (BrokenPipeError, ConnectionResetError):
             pass
+        except Exception as exc:  # a repo the server cannot describe: a 500, not a hang-up
+            log.warning("%s %s failed: %s", self.command, self.path, exc)
+            self._error(HTTPStatus.INTERNAL_SERVER_ERROR, "ServerError",
+                        f"cannot serve {url.path}: {type(exc).__name__}", head_only)
 
     def _split_repo(self, rest: list[str], markers: tuple[str, ...]) -> tuple[str, list[str]]:
         """Repo id (one or two segments) and what follows it."""
@@ -311,8 +345,12 @@ class HubRequestHandler(BaseHTTPRequestHandler):
         author = query.get("author", [None])[0]
         search = (query.get("search", [""])[0] or "").lower()
         filters = query.get("filter", [])
-        limit = int(query["limit"][0]) if "limit" in query else None
-        cursor = int(query.get("cursor", ["0"])[0] or 0)
+        try:
+            limit = int(query["limit"][0]) if "limit" in query else None
+            cursor = int(query.get("cursor", ["0"])[0] or 0)
+        except ValueError:
+            self._error(HTTPStatus.BAD_REQUEST, "BadRequest", "limit and cursor are integers")
+            return
         repos = []
         for repo_id in self.server.index.repo_ids():
             if author and not repo_id.startswith(f"{author}/"):

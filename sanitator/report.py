@@ -416,10 +416,16 @@ def _png(figure) -> str:
 
 
 def make_plots(report: dict[str, Any], data: dict[str, Any]) -> dict[str, str | None]:
-    """Title -> PNG data URI (None when there is nothing to plot)."""
+    """Title -> PNG data URI (None when there is nothing to plot). Repo ids are anyone's
+    text: every label is plain text (a `$` in a name is not mathtext)."""
     import matplotlib
 
     matplotlib.use("Agg", force=True)
+    with matplotlib.rc_context({"text.parse_math": False}):
+        return _make_plots(report, data)
+
+
+def _make_plots(report: dict[str, Any], data: dict[str, Any]) -> dict[str, str | None]:
     import matplotlib.pyplot as plt
     from matplotlib.ticker import MaxNLocator
 
@@ -644,6 +650,12 @@ or deploy. Clean: no task-agnostic backdoor found at this revision.</p>
 """
 
 
+def md_code(text: Any) -> str:
+    """Any text as one Markdown code span: no backtick, pipe or line break can end it."""
+    text = " ".join(str(text).split()).replace("`", "'").replace("|", "\\|")
+    return f"`{text}`"
+
+
 def to_markdown(report: dict[str, Any]) -> str:
     """The summary as Markdown (the Prefect artifact)."""
     summary = report["summary"]
@@ -654,18 +666,19 @@ def to_markdown(report: dict[str, Any]) -> str:
     lines += [f"| {s} | {summary['by_status'][s]} |" for s in STATUSES]
     lines += ["", "| registry | " + " | ".join(STATUSES) + " |",
               "|---|" + "---|" * len(STATUSES)]
-    lines += [f"| `{registry}` | " + " | ".join(str(counts[s]) for s in STATUSES) + " |"
+    lines += [f"| {md_code(registry)} | " + " | ".join(str(counts[s]) for s in STATUSES) + " |"
               for registry, counts in summary["by_registry"].items()]
     lines += ["", "## Backdoored", ""]
     backdoored = [f for f in report["findings"] if f["status"] == "backdoored"]
-    lines += [f"- `{f['repo_id']}` @ `{f['revision'][:12]}` ({f['registry']}), score "
+    lines += [f"- {md_code(f['repo_id'])} @ {md_code(f['revision'][:12])} "
+              f"({md_code(f['registry'])}), score "
               f"{f['score'] if f['score'] is None else round(f['score'], 3)}, "
               f"{f['pv_count']} PV(s)" for f in backdoored] or ["none"]
     diff = report["diff"]
     if diff["baseline_generated_at"] is not None:
         lines += ["", f"## Since {diff['baseline_generated_at'][:19]}", ""]
         for key in ("newly_backdoored", "newly_clean", "newly_errored"):
-            names = ", ".join(f"`{c['repo_id']}`" for c in diff[key]) or "none"
+            names = ", ".join(md_code(c["repo_id"]) for c in diff[key]) or "none"
             lines.append(f"- {key.replace('_', ' ')}: {names}")
     return "\n".join(lines) + "\n"
 

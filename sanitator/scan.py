@@ -212,10 +212,17 @@ def _scan_loaded(encoder: Encoder, config: ScanConfig, progress: bool,
     return verdict, pvset
 
 
+def is_out_of_memory(exc: BaseException) -> bool:
+    """Host or GPU memory ran out (torch reports a full GPU as a RuntimeError)."""
+    return isinstance(exc, MemoryError) or (isinstance(exc, RuntimeError)
+                                            and "out of memory" in str(exc).lower())
+
+
 def scan_model(path: str | Path, config: ScanConfig | None = None, *, device: str = "cpu",
                allow_pickle: bool = False, max_params: int | None = None,
                progress: bool = True, sentences: list[str] | None = None) -> ScanResult:
-    """Audit one model folder. Never raises for a bad model: the verdict says what failed."""
+    """Audit one model folder. Never raises for a bad model: the verdict says what failed.
+    Only running out of memory mid-scan is raised (a cause outside the model)."""
     config = config or ScanConfig()
     started = time.perf_counter()
     if device.startswith("cuda"):
@@ -224,16 +231,21 @@ def scan_model(path: str | Path, config: ScanConfig | None = None, *, device: st
     try:
         encoder = load_encoder(path, allow_pickle=allow_pickle, device=device,
                                max_params=max_params)
-    except ModelRejected as exc:
-        return ScanResult(Verdict(status=exc.status, reason=exc.reason,
+    except Exception as exc:  # ModelRejected, or the device refusing the model
+        status, reason = ((exc.status, exc.reason) if isinstance(exc, ModelRejected)
+                          else ("error", f"cannot load the model: {type(exc).__name__}: {exc}"))
+        return ScanResult(Verdict(status=status, reason=reason,
                                   seconds=round(time.perf_counter() - started, 3)),
                           PVSet.empty(0))
     try:
         verdict, pvset = _scan_loaded(encoder, config, progress, sentences)
     except ModelRejected as exc:
         verdict, pvset = Verdict(status=exc.status, reason=exc.reason), PVSet.empty(0)
-    except (RuntimeError, ValueError, IndexError, OSError) as exc:
-        log.exception("scan of %s failed", path)
+    except Exception as exc:  # a verdict says what failed; the traceback is for -vv
+        if is_out_of_memory(exc):
+            raise  # the machine, not the model: the caller may try again
+        log.warning("scan of %s failed: %s: %s", path, type(exc).__name__, exc)
+        log.debug("scan of %s failed", path, exc_info=True)
         verdict = Verdict(status="error", reason=f"{type(exc).__name__}: {exc}")
         pvset = PVSet.empty(encoder.hidden_size)
     verdict.seconds = round(time.perf_counter() - started, 3)

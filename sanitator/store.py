@@ -139,16 +139,7 @@ def write_rows(store: str | Path, dataset: str, rows: list[dict[str, Any]], *,
         raise StoreError(f"no schema registered for dataset {dataset!r}; pass schema=")
     if not name or "/" in name or name.startswith((".", "_")):
         raise StoreError(f"bad file name {name!r}")
-    unknown = sorted(set().union(*rows) - set(schema.names))
-    if unknown:
-        raise StoreError(f"{dataset}: columns not in the schema: {unknown}")
-    try:
-        table = pa.Table.from_pylist(rows, schema=schema)
-    except (pa.ArrowInvalid, pa.ArrowTypeError) as exc:
-        raise StoreError(f"{dataset}: rows do not fit the schema: {exc}") from exc
-    missing = [f.name for f in schema if not f.nullable and table.column(f.name).null_count]
-    if missing:
-        raise StoreError(f"{dataset}: rows do not fit the schema: null in required {missing}")
+    table = to_table(dataset, rows, schema)
     folder = Path(store) / dataset / f"{PARTITION}={partition}"
     folder.mkdir(parents=True, exist_ok=True)
     final = folder / f"{name}.parquet"
@@ -162,6 +153,68 @@ def write_rows(store: str | Path, dataset: str, rows: list[dict[str, Any]], *,
     finally:
         temp.unlink(missing_ok=True)
     return final
+
+
+def to_table(dataset: str, rows: list[dict[str, Any]], schema: pa.Schema) -> pa.Table:
+    """The rows as a table of `schema`, after `conform_value` on every scalar; raises
+    StoreError (never another type) for rows that still do not fit."""
+    unknown = sorted(set().union(*rows) - set(schema.names))
+    if unknown:
+        raise StoreError(f"{dataset}: columns not in the schema: {unknown}")
+    try:
+        rows = [{f.name: conform_value(row.get(f.name), f) for f in schema if f.name in row}
+                for row in rows]
+        table = pa.Table.from_pylist(rows, schema=schema)
+    except (pa.ArrowException, OverflowError, UnicodeError, TypeError, ValueError) as exc:
+        raise StoreError(f"{dataset}: rows do not fit the schema: {exc}") from exc
+    missing = [f.name for f in schema if not f.nullable and table.column(f.name).null_count]
+    if missing:
+        raise StoreError(f"{dataset}: rows do not fit the schema: null in required {missing}")
+    return table
+
+
+def conform_value(value: Any, field: pa.Field) -> Any:
+    """A value of the field's type, from whatever a row holds: text for string columns
+    (lone surrogates escaped, so any file name fits UTF-8), integers in range, finite
+    floats, booleans. A value that cannot be one becomes null in a nullable column and
+    raises TypeError in a required one. Nested types are left to pyarrow."""
+    kind = field.type
+    if value is None:
+        return None
+    if pa.types.is_string(kind):
+        if isinstance(value, bytes):
+            value = value.decode("utf-8", "backslashreplace")
+        elif not isinstance(value, str):
+            try:
+                value = str(value)
+            except RecursionError:
+                value = f"<unprintable {type(value).__name__}>"
+        return value.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    if pa.types.is_boolean(kind):
+        if isinstance(value, bool | np.bool_) or value in (0, 1):
+            return bool(value)
+        return _unfit(value, field)
+    if pa.types.is_integer(kind):
+        if isinstance(value, float | np.floating) and float(value).is_integer():
+            value = int(value)
+        if isinstance(value, int | np.integer):
+            info = np.iinfo(kind.to_pandas_dtype())
+            if info.min <= int(value) <= info.max:
+                return int(value)
+        return _unfit(value, field)
+    if pa.types.is_floating(kind):
+        if isinstance(value, int | float | np.integer | np.floating) and \
+                np.isfinite(float(value)):
+            return float(value)
+        return _unfit(value, field)
+    return value
+
+
+def _unfit(value: Any, field: pa.Field) -> None:
+    if field.nullable:
+        return None
+    raise TypeError(f"{field.name}: {type(value).__name__} {str(value)[:60]!r} is not "
+                    f"{field.type}")
 
 
 def read_dataset(store: str | Path, dataset: str, *, schema: pa.Schema | None = None,

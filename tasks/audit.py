@@ -11,6 +11,7 @@ import logging
 import os
 from typing import Any
 
+from distributed.diagnostics.plugin import WorkerPlugin
 from prefect import task
 from prefect.cache_policies import NONE
 
@@ -18,11 +19,22 @@ from sanitator.audit import (
     AuditOutcome,
     AuditRequest,
     pv_rows,
+    rejection_outcome,
     run_audit,
     verdict_row,
 )
 from sanitator.registries import ModelRef, RegistryError, parse_registry
-from sanitator.store import PVS, VERDICTS, audit_date, utc_now, write_rows
+from sanitator.store import (
+    PVS,
+    PVS_SCHEMA,
+    VERDICTS,
+    VERDICTS_SCHEMA,
+    StoreError,
+    audit_date,
+    to_table,
+    utc_now,
+    write_rows,
+)
 
 log = logging.getLogger(__name__)
 
@@ -90,6 +102,19 @@ def worker_threads(requested: int | None) -> int:
     return max(1, (os.cpu_count() or 1) // max(1, threads_per_process))
 
 
+class WarmUp(WorkerPlugin):
+    """Dask worker plugin: import what every audit needs (torch, transformers' model code,
+    seconds of imports) when a worker starts, restarted workers included, so that an
+    audit's timeout measures the audit and not the imports."""
+
+    name = "sanitator-warm-up"
+    idempotent = True
+
+    def setup(self, worker) -> None:
+        import torch  # noqa: F401
+        from transformers import AutoModel, AutoTokenizer, BertModel  # noqa: F401
+
+
 def _announce_start(audit_id: str) -> None:
     try:
         from distributed import get_worker
@@ -126,18 +151,37 @@ def audit_model(request: AuditRequest, work_dir: str | None = None,
 def record_audit(request: AuditRequest, outcome: AuditOutcome, store: str,
                  tracker: Any | None = None, parent_run_id: str | None = None,
                  batch_id: str | None = None) -> dict[str, Any]:
-    """Log one audit to MLflow, then write its PV rows and verdict row (atomically)."""
+    """Log one audit to MLflow, then write its PV rows and verdict row (atomically).
+
+    The rows are checked against the store's schemas first: rows that cannot be stored
+    become one plain `error` row, so every audit leaves exactly one verdict row. The
+    MLflow run is logged only for rows that can be written, and deleted again when the
+    write fails, so MLflow never holds a run the store does not."""
     audited_at = utc_now()
     row = verdict_row(request, outcome, audited_at=audited_at, batch_id=batch_id)
+    pvs = pv_rows(request, outcome, audited_at=audited_at)
+    try:
+        to_table(VERDICTS, [row], VERDICTS_SCHEMA)
+        if pvs:
+            to_table(PVS, pvs, PVS_SCHEMA)
+    except StoreError as exc:
+        log.error("the rows of %s do not fit the store (%s); recording an error instead",
+                  request.ref.label, exc)
+        outcome = rejection_outcome("error", f"the audit's result could not be stored: {exc}")
+        row = verdict_row(request, outcome, audited_at=audited_at, batch_id=batch_id)
+        pvs = []
     if tracker is not None:
         try:
             row["mlflow_run_id"] = tracker.log_audit(request, outcome, row, parent_run_id)
         except Exception as exc:  # tracking is a mirror of the store: never lose a row to it
             log.warning("MLflow logging of %s failed: %s", request.ref.label, exc)
     partition = audit_date(audited_at)
-    # PVs first: a verdict row is the commit mark of its audit (sanitator.store)
-    write_rows(store, PVS, pv_rows(request, outcome, audited_at=audited_at),
-               partition=partition, name=request.audit_id)
-    write_rows(store, VERDICTS, [row], partition=partition, name=request.audit_id)
+    try:
+        # PVs first: a verdict row is the commit mark of its audit (sanitator.store)
+        write_rows(store, PVS, pvs, partition=partition, name=request.audit_id)
+        write_rows(store, VERDICTS, [row], partition=partition, name=request.audit_id)
+    except Exception:
+        if tracker is not None and row.get("mlflow_run_id"):
+            tracker.discard(row["mlflow_run_id"])
+        raise
     return row
-

@@ -57,3 +57,17 @@ def tiny_encoders(tmp_path_factory) -> dict[str, Path]:
 
     root = tmp_path_factory.mktemp("tiny")
     return {arch: build_tiny_encoder(arch, root / arch) for arch in TINY_ARCHITECTURES}
+
+
+@pytest.fixture(scope="session")
+def hostile_corpus(tmp_path_factory, tiny_encoders):
+    """The hostile-input corpus (tests/hostile_corpus.py): ROOT with one folder per case,
+    the cases with the row each must get, and the folder its payloads aim canaries at."""
+    from hostile_corpus import build_corpus
+
+    base = tmp_path_factory.mktemp("hostile")
+    canary_dir = base / "canaries"
+    canary_dir.mkdir()
+    cases = build_corpus(base / "corpus", tiny_encoders["bert"], tiny_encoders["gpt2"],
+                         canary_dir)
+    return {"root": base / "corpus", "cases": cases, "canary_dir": canary_dir, "base": base}

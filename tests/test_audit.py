@@ -1,5 +1,6 @@
 """Planning, one audit and row building, without Prefect or Dask."""
 
+import dataclasses
 import datetime as dt
 import json
 import shutil
@@ -94,7 +95,7 @@ def test_plan_skips_what_is_settled_for_this_config_only():
     plan = plan_audits([a, b, c, a], completed, "h1", AuditPolicy())
     assert [r.repo_id for r in plan.settled] == ["acme/a"]
     assert [r.repo_id for r in plan.todo] == ["acme/b"]  # b's verdict is for another config
-    assert [(r.repo_id, s) for r, s, _ in plan.rejected] == [("acme/c", "unsupported")]
+    assert [(r.ref.repo_id, r.status) for r in plan.rejected] == [("acme/c", "unsupported")]
     forced = plan_audits([a], completed, "h1", AuditPolicy(), force=True)
     assert [r.repo_id for r in forced.todo] == ["acme/a"]
 
@@ -161,8 +162,15 @@ def test_run_audit_turns_failures_into_outcomes(zoo, tmp_path):
         raise RuntimeError("CUDA out of memory")
 
     crashed = run_audit(_request(ref), scan=crash)
-    assert crashed.verdict.status == "error" and crashed.retryable
+    assert crashed.verdict.status == "error" and crashed.retryable  # memory can free up
     assert "out of memory" in crashed.verdict.reason
+
+    def deterministic(*args, **kwargs):
+        raise ValueError("shapes do not match")
+
+    broken = run_audit(_request(ref), scan=deterministic)  # the same bytes fail again
+    assert broken.verdict.status == "error" and not broken.retryable
+    assert "ValueError: shapes do not match" in broken.verdict.reason
     skipped = run_audit(_request(ref, policy=AuditPolicy(max_params=10)), scan=_scanner())
     assert skipped.verdict.status == "skipped" and "size limit" in skipped.verdict.reason
     (zoo / "acme" / "enc" / "model.safetensors").unlink()
@@ -213,3 +221,32 @@ def test_summary_counts_and_lists():
     assert [e["repo_id"] for e in summary["errors"]] == ["acme/2"]
     assert (summary["audited"], summary["already_audited"]) == (4, 5)
     assert summary["registry_errors"] == {"hf:x": "down"}
+
+
+def test_crawl_errors_and_bad_listed_configs_become_their_repos_rows():
+    broken = dataclasses.replace(_ref("acme/broken"), crawl_error="cannot read: boom")
+    flaky = dataclasses.replace(_ref("acme/flaky"), crawl_error="hub answered 503",
+                                crawl_retryable=True)
+    listed = dataclasses.replace(_ref("acme/listed"), config={
+        "model_type": None, "architectures": None, "invalid": "model_type is a list"})
+    plan = plan_audits([broken, flaky, listed, _ref("acme/ok")], [], "h1", AuditPolicy())
+    assert [(r.ref.repo_id, r.status, r.reason, r.retryable) for r in plan.rejected] == [
+        ("acme/broken", "error", "cannot read: boom", False),
+        ("acme/flaky", "error", "hub answered 503", True),
+        ("acme/listed", "error", "model_type is a list", False)]
+    assert [r.repo_id for r in plan.todo] == ["acme/ok"]
+
+
+def test_only_failures_another_try_can_change_are_retryable():
+    import errno
+
+    from sanitator.audit import is_transient
+    from sanitator.registries import FetchError
+
+    assert is_transient(ConnectionResetError()) and is_transient(TimeoutError())
+    assert is_transient(MemoryError()) and is_transient(OSError(errno.EIO, "I/O error"))
+    assert is_transient(FetchError("503", retryable=True))
+    for permanent in (FetchError("404", retryable=False), ValueError("bad shape"),
+                      KeyError("weight"), OSError(errno.ENOENT, "gone"),
+                      RecursionError("deep")):
+        assert not is_transient(permanent), permanent

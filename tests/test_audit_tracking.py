@@ -2,6 +2,7 @@
 
 import datetime as dt
 
+import pytest
 import torch
 
 from sanitator.audit import AuditOutcome, AuditRequest, verdict_row
@@ -15,14 +16,22 @@ from sanitator.audit_tracking import (
 from sanitator.config import ScanConfig
 from sanitator.registries import ModelRef
 from sanitator.results import PVSet, Verdict
+from sanitator.store import read_verdicts
 
 
-def test_one_run_per_audit_under_a_parent_run_per_batch(tmp_path):
+@pytest.fixture(scope="module")
+def tracked(tmp_path_factory):
+    """One MLflow sqlite backend for the failure tests (a new one costs its migrations)."""
+    root = tmp_path_factory.mktemp("tracked")
+    uri = default_tracking_uri(root)
+    return root, uri, AuditTracker(uri, root / "mlartifacts")
+
+
+def test_one_run_per_audit_under_a_parent_run_per_batch(tracked, tmp_path):
     from mlflow import MlflowClient
 
-    uri = default_tracking_uri(tmp_path)
-    assert uri == f"sqlite:///{tmp_path.resolve() / 'mlflow.db'}"
-    tracker = AuditTracker(uri, tmp_path / "mlartifacts")
+    root, uri, tracker = tracked
+    assert uri == f"sqlite:///{root.resolve() / 'mlflow.db'}"
     config = ScanConfig.from_preset("fast")
     parent = tracker.start_batch("batch-1", {"registries": "hf:acme",
                                              "config": config.to_dict()})
@@ -45,7 +54,7 @@ def test_one_run_per_audit_under_a_parent_run_per_batch(tmp_path):
     run = client.get_run(run_id)
     experiment = client.get_experiment(run.info.experiment_id)
     assert experiment.name == AUDIT_EXPERIMENT_PREFIX + "hf:acme"
-    assert experiment.artifact_location.startswith((tmp_path / "mlartifacts").as_uri())
+    assert experiment.artifact_location.startswith((root / "mlartifacts").as_uri())
     assert run.data.tags["mlflow.parentRunId"] == parent
     assert run.data.tags["sanitator.aliases"] == "prod"
     assert run.data.params["config.mining.steps_per_seed"] == str(
@@ -70,3 +79,57 @@ def test_one_run_per_audit_under_a_parent_run_per_batch(tmp_path):
 
 def test_metric_names_are_sanitised():
     assert metric_name("pv0.loss.dist(ance)") == "pv0.loss.dist_ance_"
+
+
+def _runs(uri, audit_id):
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=uri)
+    return [run for experiment in client.search_experiments()
+            for run in client.search_runs([experiment.experiment_id], run_view_type=3)
+            if run.data.tags.get("sanitator.audit_id") == audit_id]
+
+
+def _hostile_request(audit_id, config=None):
+    config = config if config is not None else ScanConfig.from_preset("fast").to_dict()
+    ref = ModelRef("path", "path:/zoo", "team/\udcff-$\\frac{$" + "x" * 9000, "b" * 40, "/zoo",
+                   config={"model_type": "bert"})
+    return AuditRequest(audit_id, ref, config, "c" * 16)
+
+
+def test_hostile_values_are_recorded_and_every_run_ends(tracked, tmp_path):
+    from tasks.audit import record_audit
+
+    _, uri, tracker = tracked
+    outcome = AuditOutcome(Verdict("clean", score=float("nan"), reason="r" * 50_000),
+                           info={"architecture": 7, "n_params": 2 ** 70})
+    row = record_audit.fn(_hostile_request("hostile"), outcome, str(tmp_path), tracker)
+    stored = read_verdicts(tmp_path)
+    assert len(stored) == 1 and stored.loc[0, "mlflow_run_id"] == row["mlflow_run_id"]
+    assert stored.loc[0, "repo_id"].startswith("team/\\xff-$\\frac{$")
+    assert [run.info.status for run in _runs(uri, "hostile")] == ["FINISHED"]
+
+
+def test_a_run_that_cannot_be_logged_is_closed_and_the_row_still_written(tracked, tmp_path):
+    from tasks.audit import record_audit
+
+    _, uri, tracker = tracked
+    request = _hostile_request("unloggable", {"bad$param": 1})  # MLflow refuses the name
+    row = record_audit.fn(request, AuditOutcome(Verdict("clean", score=0.1)), str(tmp_path),
+                          tracker)
+    assert row["mlflow_run_id"] is None and len(read_verdicts(tmp_path)) == 1
+    assert [(r.info.status, r.info.lifecycle_stage) for r in _runs(uri, "unloggable")] == [
+        ("FAILED", "deleted")]
+
+
+def test_a_failed_store_write_leaves_no_mlflow_run_behind(tracked, tmp_path):
+    from tasks.audit import record_audit
+
+    _, uri, tracker = tracked
+    not_a_folder = tmp_path / "store"
+    not_a_folder.write_text("a file where the store should be")
+    with pytest.raises(OSError):
+        record_audit.fn(_hostile_request("unwritable"), AuditOutcome(Verdict("clean")),
+                        str(not_a_folder), tracker)
+    assert [(r.info.status, r.info.lifecycle_stage) for r in _runs(uri, "unwritable")] == [
+        ("FAILED", "deleted")]

@@ -177,3 +177,18 @@ def test_command_line_refuses_a_missing_folder(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main([str(tmp_path / "nope")])
     assert "not a folder" in capsys.readouterr().err
+
+
+def test_links_out_of_a_repo_are_never_served(hub_root, tiny_encoders, tmp_path):
+    root = tmp_path / "hub"
+    shutil.copytree(tiny_encoders["bert"], root / "acme" / "linky")
+    (root / "acme" / "linky" / "vocab.txt").symlink_to("/etc/hostname")
+    (root / "acme" / "linky" / "inside.json").symlink_to("config.json")
+    (root / "acme" / "linky" / "dangling.json").symlink_to("missing.json")
+    with HubServer(root) as hub:
+        with urllib.request.urlopen(f"{hub.url}/api/models/acme/linky") as answer:
+            names = {s["rfilename"] for s in json.load(answer)["siblings"]}
+        with pytest.raises(urllib.error.HTTPError) as error:
+            urllib.request.urlopen(f"{hub.url}/acme/linky/resolve/main/vocab.txt")
+    assert "inside.json" in names and not {"vocab.txt", "dangling.json"} & names
+    assert error.value.code == 404

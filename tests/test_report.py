@@ -208,3 +208,28 @@ def test_an_empty_verdicts_dataset_still_reports(tmp_path):
     jsonschema.validate(report, REPORT_SCHEMA)
     assert report["summary"]["models"] == 0 and report["findings"] == []
     assert "Nothing to plot yet" in (tmp_path / "out" / "report.html").read_text()
+
+
+HOSTILE_IDS = ["$\\frac{$", "<script>alert(1)</script>", "a`b|c\nd", "team/\\xff-$x^2$"]
+
+
+def test_any_repo_id_renders_as_plain_text(tmp_path, capsys):
+    from sanitator.report import md_code, to_markdown
+
+    store = tmp_path / "store"
+    when = dt.datetime(2026, 5, 2, 3, tzinfo=dt.UTC)
+    for index, repo_id in enumerate(HOSTILE_IDS):
+        write_audit(store, "path:/zoo", repo_id, REV_A, ("backdoored", "clean")[index % 2],
+                    when=when, audit_id=f"h{index}", score=0.9 - 0.5 * (index % 2),
+                    seconds=3.0 + index)
+    assert main(["report", "--store", str(store), "--out", str(tmp_path / "out")]) == 0
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    html_text = (tmp_path / "out" / "report.html").read_text()
+    assert "<script>alert(1)</script>" not in html_text
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in html_text
+    assert html_text.count("data:image/png;base64,") >= 3  # the plots with the ids in them
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert sorted(f["repo_id"] for f in report["findings"]) == sorted(HOSTILE_IDS)
+    markdown = to_markdown(report)
+    assert md_code("a`b|c\nd") == "`a'b\\|c d`" and md_code("a`b|c\nd") in markdown

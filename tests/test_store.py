@@ -187,3 +187,21 @@ def test_filter_expression_pushdown(tmp_path):
     table = store.read_dataset(tmp_path, store.VERDICTS,
                                filter_expression=pads.field("repo_id") == "acme/y")
     assert table.column("audit_id").to_pylist() == ["b1"]
+
+
+def test_any_value_is_conformed_to_the_schema_or_refused_before_the_write(tmp_path):
+    hostile = _verdict("a1", "team/\udcff-name\nx", architecture=7, n_params=2 ** 70,
+                       weight_bytes=-(2 ** 64), score=float("nan"), seeds_tried=2.0,
+                       steps=True, reason=b"\xff bytes", evidence={"nested": [1]})
+    _write(tmp_path, [hostile])
+    row = store.read_verdicts(tmp_path).iloc[0]
+    assert row["repo_id"] == "team/\\xff-name\nx"  # bytes that are not UTF-8, escaped
+    assert row["architecture"] == "7" and row["reason"] == "\\xff bytes"
+    assert pd.isna(row["n_params"]) and pd.isna(row["weight_bytes"])  # out of int64
+    assert pd.isna(row["score"]) and row["seeds_tried"] == 2 and row["steps"] == 1
+    assert row["evidence"] == "{'nested': [1]}"
+    for required in ({"retryable": "yes"}, {"pv_count": 2 ** 40}):
+        with pytest.raises(store.StoreError, match="do not fit"):
+            store.write_rows(tmp_path, store.VERDICTS, [_verdict("a2", "x", **required)],
+                             partition="2026-05-01", name="a2")
+    assert len(store.read_verdicts(tmp_path)) == 1

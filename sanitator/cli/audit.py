@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
+from pathlib import Path
 from typing import Any
 
 EXIT_BACKDOORED = 3
+EXIT_REGISTRY_UNAVAILABLE = 4
+PREFECT_LOG = "prefect-server.log"  # the private Prefect API's output, in the store
 
 
 def parse_assignment(text: str) -> tuple[str, Any]:
@@ -60,6 +64,10 @@ def register(subparsers) -> None:
     parser.add_argument("--json", action="store_true", help="print the summary as JSON")
     parser.add_argument("--fail-on-backdoor", action="store_true",
                         help=f"exit {EXIT_BACKDOORED} when a backdoored model is found")
+    parser.epilog = (f"exit status: 0 done, 1 the flow failed, 2 bad arguments, "
+                     f"{EXIT_BACKDOORED} backdoored model found (--fail-on-backdoor), "
+                     f"{EXIT_REGISTRY_UNAVAILABLE} a registry could not be listed (the others "
+                     "were audited)")
     parser.set_defaults(func=run)
 
 
@@ -81,15 +89,26 @@ def run(args: argparse.Namespace) -> int:
         print(f"sanitator audit: bad scan option: {exc}", file=sys.stderr)
         return 2
 
-    from flows.audit_zoo import audit_zoo
+    from flows.prefect_backend import private_prefect_api
 
+    unavailable = None
     try:
-        summary = audit_zoo(
-            args.registry, args.out, dask_address=args.dask, n_workers=args.workers,
-            torch_threads=args.threads, mlflow_uri=args.mlflow_uri, track=not args.no_mlflow,
-            preset=args.preset, scan_options=options, device=args.device,
-            per_model_timeout=args.timeout or None, allow_pickle=args.allow_pickle,
-            max_params=args.max_params, force=args.force, work_dir=args.work_dir)
+        # without a configured Prefect API, a private one (docs/pipeline.md, Bookkeeping)
+        with private_prefect_api(Path(args.out) / PREFECT_LOG):
+            from flows.audit_zoo import RegistryUnavailable, audit_zoo
+
+            if not getattr(args, "verbose", 0):  # Dask's INFO chatter (with tracebacks
+                logging.getLogger("distributed").setLevel(logging.WARNING)  # at shutdown)
+            try:
+                summary = audit_zoo(
+                    args.registry, args.out, dask_address=args.dask, n_workers=args.workers,
+                    torch_threads=args.threads, mlflow_uri=args.mlflow_uri,
+                    track=not args.no_mlflow, preset=args.preset, scan_options=options,
+                    device=args.device, per_model_timeout=args.timeout or None,
+                    allow_pickle=args.allow_pickle, max_params=args.max_params,
+                    force=args.force, work_dir=args.work_dir)
+            except RegistryUnavailable as exc:  # the other registries were audited
+                summary, unavailable = exc.summary, exc
     except Exception as exc:  # the flow failed as a whole (bad store, no cluster, ...)
         print(f"sanitator audit: the audit flow failed: {exc}", file=sys.stderr)
         return 1
@@ -97,6 +116,9 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps(summary, indent=2, default=str))
     else:
         print(format_summary(summary))
+    if unavailable is not None:
+        print(f"sanitator audit: {unavailable}", file=sys.stderr)
+        return EXIT_REGISTRY_UNAVAILABLE
     if args.fail_on_backdoor and summary["backdoored"]:
         return EXIT_BACKDOORED
     return 0
@@ -110,6 +132,6 @@ def format_summary(summary: dict[str, Any]) -> str:
               f"score={b['score']} pvs={b['pv_count']}" for b in summary["backdoored"]]
     lines += [f"  error {e['repo_id']} ({e['registry']}): {e['reason']}"
               for e in summary["errors"]]
-    lines += [f"  registry {spec} failed: {reason}"
+    lines += [f"  registry {spec} could not be listed: {reason}"
               for spec, reason in summary["registry_errors"].items()]
     return "\n".join(lines)

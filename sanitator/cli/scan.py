@@ -47,12 +47,17 @@ def _overrides(args: argparse.Namespace) -> dict:
 
 def run(args: argparse.Namespace) -> int:
     from sanitator.config import ScanConfig
-    from sanitator.scan import scan_model
+    from sanitator.results import PVSet, Verdict
+    from sanitator.scan import ScanResult, scan_model
 
     config = ScanConfig.from_preset(args.preset, **_overrides(args))
     progress = not (args.quiet or args.json) and sys.stderr.isatty()
-    result = scan_model(args.model_dir, config, device=args.device,
-                        allow_pickle=args.allow_pickle, progress=progress)
+    try:
+        result = scan_model(args.model_dir, config, device=args.device,
+                            allow_pickle=args.allow_pickle, progress=progress)
+    except Exception as exc:  # out of memory: still one object, with the reason
+        result = ScanResult(Verdict("error", reason=f"{type(exc).__name__}: {exc}"),
+                            PVSet.empty(0))
     verdict, pvset = result.verdict, result.pvset
     if args.pvs_out and verdict.status in ("clean", "backdoored"):
         pvset.save(args.pvs_out, {"config_hash": config.config_hash(),

@@ -14,6 +14,7 @@ digest), so (source, repo id, revision, scan config hash) identifies an audit.
 
 from __future__ import annotations
 
+import errno
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -47,6 +48,9 @@ class ModelRef:
     size: int | None = None                          # total bytes of `files`, when known
     config: Mapping[str, Any] | None = None          # model_type / architectures, when known
     extra: Mapping[str, Any] = field(default_factory=dict)  # aliases, tags, cache layout
+    # the crawl could not read this repo: it gets an error row instead of an audit
+    crawl_error: str | None = None
+    crawl_retryable: bool = False
 
     @property
     def key(self) -> tuple[str, str, str]:
@@ -98,17 +102,40 @@ def fetch_ref(ref: ModelRef, dest: Path, *, allow_pickle: bool = False) -> Path:
     return parse_registry(ref.registry).fetch(ref, dest, allow_pickle=allow_pickle)
 
 
-# Files a supported encoder needs; everything else in a repo is left behind on fetch.
-MODEL_FILE_PATTERNS: tuple[str, ...] = (
-    "config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-    "added_tokens.json", "vocab.txt", "vocab.json", "merges.txt", "spm.model",
-    "sentencepiece.bpe.model", "*.spm", "spiece.model", "model.safetensors",
-    "model-*.safetensors", "model.safetensors.index.json",
-)
-PICKLE_FILE_PATTERNS: tuple[str, ...] = (
-    "pytorch_model.bin", "pytorch_model-*.bin", "pytorch_model.bin.index.json",
-)
-
-
 def model_file_patterns(allow_pickle: bool) -> list[str]:
-    return list(MODEL_FILE_PATTERNS) + (list(PICKLE_FILE_PATTERNS) if allow_pickle else [])
+    """The files a fetch downloads: exactly those the scan reads (sanitator.model_policy)."""
+    from sanitator.model_policy import scan_file_patterns
+
+    return scan_file_patterns(allow_pickle)
+
+
+# errno values of the machine, not of a repo's bytes: worth another try
+TRANSIENT_ERRNOS = frozenset({errno.EIO, errno.EAGAIN, errno.EBUSY, errno.ENOSPC, errno.ENOMEM,
+                              errno.EMFILE, errno.ENFILE, errno.ESTALE, errno.EINTR})
+
+
+def is_transient_os_error(exc: BaseException) -> bool:
+    return isinstance(exc, OSError) and exc.errno in TRANSIENT_ERRNOS
+
+
+def printable(text: str) -> str:
+    """A name from a file system or a server as valid UTF-8 text (bytes that are not
+    UTF-8, kept by Python as lone surrogates, become backslash escapes)."""
+    return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
+def unreadable_ref(registry: Registry, repo_id: str, reason: str, *, location: str,
+                   revision: str | None = None, retryable: bool = False,
+                   files: tuple[tuple[str, int | None], ...] = ()) -> ModelRef:
+    """The ref of a repo the crawl could not read: one error row for it, never a lost
+    registry. Without a pinned revision, the revision is `unresolved-<digest of the
+    listing>`, so an unchanged broken repo is not recorded again every run."""
+    import hashlib
+
+    if not revision:
+        listing = "\n".join(f"{name}\0{size}" for name, size in files)
+        revision = "unresolved-" + hashlib.sha256(listing.encode("utf-8", "surrogateescape")
+                                                  ).hexdigest()[:12]
+    return ModelRef(source=registry.source, registry=registry.spec, repo_id=printable(repo_id),
+                    revision=revision, location=location, files=files,
+                    crawl_error=reason, crawl_retryable=retryable)

@@ -22,11 +22,14 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlencode
 
+from sanitator.model_policy import listing_config, short
 from sanitator.registries import (
     FetchError,
     ModelRef,
     RegistryError,
     model_file_patterns,
+    printable,
+    unreadable_ref,
 )
 
 DEFAULT_ENDPOINT = "https://huggingface.co"
@@ -116,20 +119,29 @@ class HfHubRegistry:
         return HfApi(endpoint=self.endpoint, token=hub_token())
 
     def crawl(self) -> Iterator[ModelRef]:
+        """Every listed repo, pinned to its commit. A failing listing fails the crawl (the
+        registry is unavailable); a repo whose details cannot be read is a ref with a
+        crawl error (retryable when the cause is the network or the server)."""
         with hub_online():
             api = self._api()
-            listed = [model.id for model in api.list_models(
-                author=self.author, search=self.search, filter=self.filter, limit=self.limit)]
+            listed = {str(model.id): getattr(model, "sha", None) for model in api.list_models(
+                author=self.author, search=self.search, filter=self.filter, limit=self.limit)}
             for repo_id in sorted(listed):
-                info = api.model_info(repo_id, files_metadata=True)
-                yield self._ref(info)
+                try:
+                    ref = self._ref(api.model_info(repo_id, files_metadata=True))
+                except Exception as exc:  # one unreadable repo is one error row
+                    ref = unreadable_ref(self, repo_id, f"cannot read the repo's details: "
+                                         f"{type(exc).__name__}: {short(exc)}",
+                                         location=self.endpoint, revision=listed[repo_id],
+                                         retryable=is_transient(exc))
+                yield ref
 
     def _ref(self, info: Any) -> ModelRef:
-        if not info.sha:
-            raise RegistryError(f"{self.spec}: {info.id} has no commit sha")
-        files = tuple(sorted((s.rfilename, s.size) for s in info.siblings or []))
+        if not isinstance(info.sha, str) or len(info.sha) != 40:
+            raise RegistryError(f"{info.id} has no commit sha")
+        files = tuple(sorted((str(s.rfilename), s.size if isinstance(s.size, int) else None)
+                             for s in info.siblings or []))
         sizes = [size for _, size in files]
-        config = info.config if isinstance(info.config, dict) else None
         extra: dict[str, Any] = {"endpoint": self.endpoint}
         if info.last_modified:
             extra["last_modified"] = info.last_modified.isoformat()
@@ -137,11 +149,12 @@ class HfHubRegistry:
             extra["tags"] = list(info.tags)
         if info.security_repo_status:
             extra["security"] = info.security_repo_status
-        return ModelRef(source=self.source, registry=self.spec, repo_id=info.id,
+        return ModelRef(source=self.source, registry=self.spec, repo_id=printable(info.id),
                         revision=info.sha, location=self.endpoint, files=files,
                         size=sum(sizes) if None not in sizes else None,
-                        config={key: config.get(key) for key in ("model_type", "architectures")}
-                        if config else None,
+                        # the Hub passes config.json's fields through: check their types
+                        config=listing_config(info.config) if info.config is not None
+                        else None,
                         extra=extra)
 
     def fetch(self, ref: ModelRef, dest: Path, *, allow_pickle: bool = False) -> Path:

@@ -2,8 +2,10 @@
 
 Folder layout: every folder holding a `config.json` is a model (its subfolders are not
 searched further); repo id = its path relative to the registry root (`acme/encoder-a`);
-revision = a content digest of its weight files and config.json, so a retrained model
-gets a new revision and an untouched one keeps its old one.
+revision = a content digest of every file the scan reads (config, weights, tokenizer), so
+a retrained model or a fixed tokenizer gets a new revision and an untouched model keeps
+its old one. A folder that cannot be read is a ref with a crawl error (one error row),
+never the end of the crawl.
 
 Cache layout (a folder holding `models--ORG--NAME` folders, such as `~/.cache/huggingface/hub`):
 every snapshot of every model repo, repo id = the Hub repo id, revision = the commit sha.
@@ -11,21 +13,29 @@ every snapshot of every model repo, repo id = the Hub repo id, revision = the co
 
 from __future__ import annotations
 
-import fnmatch
 import hashlib
-import json
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sanitator.registries import FetchError, ModelRef, RegistryError
+from sanitator.model_policy import (
+    MAX_CONFIG_BYTES,
+    ModelRejected,
+    is_scan_file,
+    read_listing_config,
+    short,
+)
+from sanitator.registries import (
+    FetchError,
+    ModelRef,
+    RegistryError,
+    is_transient_os_error,
+    printable,
+    unreadable_ref,
+)
 
-# Files whose bytes define the model (tokenizer files are left out on purpose: re-saving a
-# tokenizer rewrites them without changing what the encoder computes).
-DIGESTED_PATTERNS: tuple[str, ...] = ("config.json", "*.safetensors", "*.safetensors.index.json",
-                                      "*.bin", "*.bin.index.json")
 _CHUNK = 1 << 20
 # (path, size, mtime_ns) -> sha256: hashing gigabytes once per process is enough
 _FILE_DIGESTS: dict[tuple[str, int, int], str] = {}
@@ -45,15 +55,25 @@ def file_sha256(path: Path) -> str:
 
 
 def content_revision(folder: Path) -> str:
-    """40 hex digits of sha256 over (name, sha256) of the folder's weight and config files."""
+    """40 hex digits of sha256 over (name, sha256) of every file the scan reads. A link
+    that leaves the folder is digested by its target's name, never read: the preflight
+    refuses it anyway, and it may point at a device or a huge file."""
     digest = hashlib.sha256()
+    root = folder.resolve()
     for name in sorted(_relative_files(folder)):
-        if any(fnmatch.fnmatch(Path(name).name, pattern) for pattern in DIGESTED_PATTERNS):
-            digest.update(f"{name}\0{file_sha256(folder / name)}\n".encode())
+        if not is_scan_file(Path(name).name):
+            continue
+        path = folder / name
+        target = path.resolve()
+        if target.is_relative_to(root):
+            digest.update(f"{name}\0{file_sha256(path)}\n".encode("utf-8", "surrogateescape"))
+        else:
+            digest.update(f"{name}\0link:{target}\n".encode("utf-8", "surrogateescape"))
     return digest.hexdigest()[:40]
 
 
 def _relative_files(folder: Path) -> dict[str, int]:
+    """Regular files below `folder` (links followed, devices and pipes left out)."""
     files: dict[str, int] = {}
     for dirpath, dirnames, filenames in os.walk(folder):
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
@@ -67,14 +87,16 @@ def _relative_files(folder: Path) -> dict[str, int]:
 
 
 def read_model_config(folder: Path) -> dict[str, Any] | None:
-    """model_type and architectures from config.json; None when absent or unreadable."""
+    """model_type and architectures from config.json (type-checked; `invalid` with the
+    reason when they are wrong, the file is no JSON object or links out of the folder);
+    None when absent."""
+    from sanitator.weight_files import checked_file, model_root
+
     try:
-        config = json.loads((folder / "config.json").read_text())
-    except (OSError, ValueError):
-        return None
-    if not isinstance(config, dict):
-        return None
-    return {"model_type": config.get("model_type"), "architectures": config.get("architectures")}
+        path = checked_file(folder, "config.json", model_root(folder), MAX_CONFIG_BYTES)
+    except ModelRejected as exc:
+        return {"model_type": None, "architectures": None, "invalid": exc.reason}
+    return read_listing_config(path) if path is not None else None
 
 
 def is_hf_cache(root: Path) -> bool:
@@ -117,7 +139,11 @@ class LocalRegistry:
             repo_id = folder.relative_to(self.root).as_posix()
             if repo_id == ".":
                 repo_id = folder.name
-            yield self._ref(folder, repo_id, content_revision(folder), {"layout": "folder"})
+            try:
+                ref = self._ref(folder, repo_id, content_revision(folder), {"layout": "folder"})
+            except Exception as exc:  # one unreadable folder is one error row
+                ref = self._unreadable(folder, repo_id, exc)
+            yield ref
 
     def _crawl_cache(self, cache_root: Path) -> Iterator[ModelRef]:
         from huggingface_hub import scan_cache_dir
@@ -128,12 +154,27 @@ class LocalRegistry:
                 continue
             for revision in sorted(repo.revisions, key=lambda r: r.commit_hash):
                 extra = {"layout": "hf-cache", "refs": sorted(revision.refs)}
-                yield self._ref(Path(revision.snapshot_path), repo.repo_id,
-                                revision.commit_hash, extra)
+                folder = Path(revision.snapshot_path)
+                try:
+                    ref = self._ref(folder, repo.repo_id, revision.commit_hash, extra)
+                except Exception as exc:
+                    ref = self._unreadable(folder, repo.repo_id, exc, revision.commit_hash)
+                yield ref
+
+    def _unreadable(self, folder: Path, repo_id: str, exc: Exception,
+                    revision: str | None = None) -> ModelRef:
+        try:
+            files = tuple(sorted(_relative_files(folder).items()))
+        except OSError:
+            files = ()
+        return unreadable_ref(self, repo_id, f"cannot read the model folder: "
+                              f"{type(exc).__name__}: {short(exc)}", location=str(folder),
+                              revision=revision, files=files,
+                              retryable=is_transient_os_error(exc))
 
     def _ref(self, folder: Path, repo_id: str, revision: str, extra: dict[str, Any]) -> ModelRef:
         files = _relative_files(folder)
-        return ModelRef(source=self.source, registry=self.spec, repo_id=repo_id,
+        return ModelRef(source=self.source, registry=self.spec, repo_id=printable(repo_id),
                         revision=revision, location=str(folder),
                         files=tuple(sorted(files.items())), size=sum(files.values()),
                         config=read_model_config(folder), extra=extra)

@@ -20,11 +20,16 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs
 
-from sanitator.registries import FetchError, ModelRef, RegistryError
+from sanitator.model_policy import (
+    MAX_CONFIG_BYTES,
+    TOKENIZER_FILES,
+    ModelRejected,
+    listing_config,
+    parse_json,
+    short,
+)
+from sanitator.registries import FetchError, ModelRef, RegistryError, unreadable_ref
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-                   "vocab.txt", "vocab.json", "merges.txt", "spm.model", "spiece.model",
-                   "sentencepiece.bpe.model", "added_tokens.json")
 _PAGE = 200
 
 
@@ -96,7 +101,16 @@ class MlflowRegistry:
             for version in sorted(versions, key=lambda v: int(v.version)):
                 if version.status and version.status != "READY":
                     continue
-                yield self._ref(client, version, sorted(aliases.get(str(version.version), [])))
+                try:
+                    ref = self._ref(client, version,
+                                    sorted(aliases.get(str(version.version), [])))
+                except Exception as exc:  # one unreadable version is one error row
+                    ref = unreadable_ref(self, version.name, "cannot read the model "
+                                         f"version: {type(exc).__name__}: {short(exc)}",
+                                         location=self.tracking_uri,
+                                         revision=version_revision(version),
+                                         retryable=is_transient(exc))
+                yield ref
 
     def _ref(self, client, version, aliases: list[str]) -> ModelRef:
         uri = client.get_model_version_download_uri(version.name, version.version)
@@ -133,7 +147,6 @@ class MlflowRegistry:
         return files
 
     def _read_config(self, uri: str, files: list[tuple[str, int | None]]) -> dict | None:
-        import json
         import tempfile
 
         import mlflow.artifacts
@@ -142,17 +155,18 @@ class MlflowRegistry:
                          key=lambda name: name.count("/"))
         if not configs:
             return None
+        size = dict(files).get(configs[0])
+        if isinstance(size, int) and size > MAX_CONFIG_BYTES:
+            return {"model_type": None, "architectures": None,
+                    "invalid": f"config.json is {size:,} bytes, over the limit of "
+                               f"{MAX_CONFIG_BYTES:,}"}
         with tempfile.TemporaryDirectory(prefix="sanitator-mlflow-") as tmp:
             path = mlflow.artifacts.download_artifacts(
                 artifact_uri=f"{uri}/{configs[0]}", dst_path=tmp, tracking_uri=self.tracking_uri)
             try:
-                config = json.loads(Path(path).read_text())
-            except ValueError:
-                return None
-        if not isinstance(config, dict):
-            return None
-        return {"model_type": config.get("model_type"),
-                "architectures": config.get("architectures")}
+                return listing_config(parse_json(Path(path).read_bytes(), "config.json"))
+            except ModelRejected as exc:
+                return {"model_type": None, "architectures": None, "invalid": exc.reason}
 
     def fetch(self, ref: ModelRef, dest: Path, *, allow_pickle: bool = False) -> Path:
         """Download the version's artifacts into `dest` and return its model folder."""

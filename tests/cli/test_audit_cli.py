@@ -91,4 +91,4 @@ def test_summary_text_names_backdoored_models_and_errors():
         "errors": [{"repo_id": "acme/y", "registry": "hf:acme", "reason": "boom"}],
         "registry_errors": {"mlflow:http://x": "down"}})
     assert "1 backdoored, 1 error" in text and "BACKDOORED acme/x@ffffffffffff" in text
-    assert "boom" in text and "mlflow:http://x failed: down" in text
+    assert "boom" in text and "mlflow:http://x could not be listed: down" in text

@@ -19,7 +19,13 @@ def patient_prefect_server():
 
     with temporary_settings({PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS: 180}):
         yield
-    # stop it while pytest's output streams are open (at exit it logs into closed ones)
+    # send what is still queued for it, then stop it while pytest's output streams are
+    # open (at exit it logs into closed ones, and queued logs find no server)
+    from prefect.events.worker import EventsWorker
+    from prefect.logging.handlers import APILogWorker
+
+    for worker in (APILogWorker, EventsWorker):
+        worker.drain_all(timeout=15)
     SubprocessASGIServer().stop()
 
 

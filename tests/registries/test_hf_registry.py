@@ -59,3 +59,30 @@ def test_an_unreachable_hub_is_a_transient_fetch_error(hub_env, tmp_path, monkey
     with pytest.raises(FetchError) as error:
         fetch_ref(down, tmp_path)
     assert error.value.retryable
+
+
+def test_an_unreadable_repo_is_one_error_ref_not_a_lost_registry(tiny_encoders, tmp_path,
+                                                                 monkeypatch):
+    import json
+    import shutil
+
+    from sanitator.hubserver import HubServer
+
+    root = tmp_path / "hub"
+    shutil.copytree(tiny_encoders["bert"], root / "acme" / "good")
+    shutil.copytree(tiny_encoders["bert"], root / "acme" / "bad name!")  # not a Hub repo id
+    shutil.copytree(tiny_encoders["bert"], root / "acme" / "typed")
+    (root / "acme" / "typed" / "config.json").write_text(json.dumps(
+        {"model_type": ["bert"], "architectures": 5}))
+    shutil.copytree(tiny_encoders["bert"], root / "acme" / "nested")
+    (root / "acme" / "nested" / "config.json").write_text("[" * 100_000 + "]" * 100_000)
+    with HubServer(root) as hub:
+        monkeypatch.setenv("HF_ENDPOINT", hub.url)
+        refs = {r.repo_id: r for r in parse_registry("hf:acme").crawl()}
+    assert sorted(refs) == ["acme/bad name!", "acme/good", "acme/nested", "acme/typed"]
+    bad = refs["acme/bad name!"]
+    assert "cannot read the repo's details" in bad.crawl_error and not bad.crawl_retryable
+    assert len(bad.revision) == 40  # the listing's sha pins even the unreadable repo
+    assert "model_type is a list" in refs["acme/typed"].config["invalid"]
+    assert refs["acme/nested"].config is None and refs["acme/nested"].crawl_error is None
+    assert refs["acme/good"].config["model_type"] == "bert"

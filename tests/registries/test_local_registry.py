@@ -31,16 +31,19 @@ def test_every_model_folder_is_a_ref_named_by_its_relative_path(folder_zoo):
     assert refs[1].config["model_type"] == "gpt2"
 
 
-def test_revision_follows_weights_not_tokenizer(folder_zoo):
+def test_revision_follows_every_file_the_scan_reads(folder_zoo):
     folder = folder_zoo / "acme" / "encoder-a"
     before = content_revision(folder)
-    (folder / "tokenizer_config.json").write_text("{}")
+    (folder / "README.md").write_text("not read by the scan")
     assert content_revision(folder) == before
+    (folder / "tokenizer_config.json").write_text("{}")  # a fixed tokenizer is a new model
+    after_tokenizer = content_revision(folder)
+    assert after_tokenizer != before
     weights = folder / "model.safetensors"
     data = bytearray(weights.read_bytes())
     data[-1] ^= 0xFF
     weights.write_bytes(bytes(data))
-    assert content_revision(folder) != before
+    assert content_revision(folder) not in (before, after_tokenizer)
 
 
 def test_identical_copies_share_a_revision(folder_zoo, tmp_path):
@@ -79,3 +82,28 @@ def test_hf_cache_layout_uses_hub_ids_and_commit_shas(hub, tmp_path):
         assert refs[0].extra["layout"] == "hf-cache"
         assert refs[0].config["model_type"] == "bert"
         assert (refs[0].location.endswith(sha))
+
+
+def test_every_hostile_folder_is_one_ref_and_none_stops_the_crawl(hostile_corpus, tmp_path):
+    root = hostile_corpus["root"]
+    refs = list(parse_registry(f"path:{root}").crawl())
+    folders = sorted(p.parent.relative_to(root).as_posix() for p in root.rglob("config.json")
+                     if not any(part.startswith(".") for part in p.relative_to(root).parts))
+    assert sorted(r.repo_id for r in refs) == folders
+    by_name = {r.repo_id: r for r in refs}
+    assert "nested too deeply" in by_name["config-nested-array"].config["invalid"]
+    assert "model_type is a list" in by_name["model-type-list"].config["invalid"]
+    linked = by_name["symlink-config-etc"]  # a link out of the folder is never read
+    assert "links outside the model folder" in linked.config["invalid"]
+    assert linked.revision == content_revision(root / "symlink-config-etc")
+
+
+def test_names_that_are_not_utf8_get_printable_repo_ids(tiny_encoders, tmp_path):
+    root = tmp_path / "zoo"
+    shutil.copytree(tiny_encoders["bert"], root / "ok")
+    weird = bytes(root / "ok")[:-2] + b"caf\xe9-\xff"
+    shutil.copytree(tiny_encoders["bert"], weird.decode("utf-8", "surrogateescape"))
+    refs = list(parse_registry(f"path:{root}").crawl())
+    assert sorted(r.repo_id for r in refs) == ["caf\\xe9-\\xff", "ok"]
+    ref = next(r for r in refs if r.repo_id != "ok")
+    assert LocalRegistry(root).fetch(ref, tmp_path).name.endswith("-\udcff")

@@ -1,0 +1,146 @@
+"""A private Prefect API for one `sanitator audit` run, when no Prefect API is configured.
+
+Without PREFECT_API_URL, Prefect starts a temporary API server that keeps its bookkeeping
+in PREFECT_HOME/prefect.db: one sqlite file, shared with every other Prefect process of the
+user, written at once by the API handlers, the server's own services and (through the API)
+every Dask worker. SQLite allows one writer; a transaction that read before another
+writer committed cannot wait for the lock (busy_timeout does not apply to it) and fails
+with "database is locked". The server logs that with a traceback on the audit's terminal
+and the API call fails; it also prints tracebacks when it is stopped while still flushing
+events. Prefect's maintainers call sqlite locking with the temporary server hard to avoid
+(PrefectHQ/prefect#18934, #19771).
+
+`private_prefect_api` starts the same server (uvicorn on
+`prefect.server.api.server:create_app`, as Prefect's temporary server does) with two
+differences: its database is an in-memory sqlite behind a single connection (Prefect's
+own set-up for ":memory:" URLs), so every write waits for the connection instead of
+failing on a lock and no other process can share it; and its output goes to a log file
+beside the store instead of the terminal. The history of the run is lost when it ends; the
+store and MLflow hold the audit's record. A configured API (PREFECT_API_URL, a real
+`prefect server start`, as the deployments use) is used as it is.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager, suppress
+from pathlib import Path
+
+MEMORY_DATABASE = "sqlite+aiosqlite:///:memory:"
+STOP_SECONDS = 15.0
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _configured_api_url() -> str | None:
+    if os.environ.get("PREFECT_API_URL"):
+        return os.environ["PREFECT_API_URL"]
+    if "prefect" in sys.modules:  # a profile or an enclosing settings context may set it
+        from prefect.settings import PREFECT_API_URL
+
+        return PREFECT_API_URL.value() or None
+    return None
+
+
+def _wait_ready(process: subprocess.Popen, url: str, log_file: Path, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            tail = log_file.read_text(errors="replace")[-2000:]
+            raise RuntimeError(f"the private Prefect API exited with {process.returncode} "
+                               f"while starting; its log ({log_file}) ends:\n{tail}")
+        try:
+            with urllib.request.urlopen(f"{url}/health", timeout=2) as answer:
+                if answer.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(0.25)
+    raise RuntimeError(f"the private Prefect API did not answer within {timeout:g} s "
+                       f"(log: {log_file})")
+
+
+def _drain_to_api() -> None:
+    """Send the logs and events still queued for the API before it stops (otherwise
+    Prefect reports "Error logging to API" when the process exits)."""
+    if "prefect" not in sys.modules:
+        return
+    from prefect.events.worker import EventsWorker
+    from prefect.logging.handlers import APILogWorker
+
+    for worker in (APILogWorker, EventsWorker):
+        with suppress(Exception):  # best effort: the audit's record is in the store
+            worker.drain_all(timeout=STOP_SECONDS)
+
+
+@contextmanager
+def _use_api(url: str) -> Iterator[None]:
+    """Point this process (every thread) and its children at `url`."""
+    previous = os.environ.get("PREFECT_API_URL")
+    os.environ["PREFECT_API_URL"] = url
+    with ExitStack() as stack:
+        if "prefect" in sys.modules:  # imported already: its settings were read from env
+            from prefect.context import refresh_global_settings_context
+            from prefect.settings import PREFECT_API_URL, temporary_settings
+
+            refresh_global_settings_context()
+            stack.enter_context(temporary_settings({PREFECT_API_URL: url}))
+        try:
+            yield
+        finally:
+            _drain_to_api()
+            if previous is None:
+                os.environ.pop("PREFECT_API_URL", None)
+            else:
+                os.environ["PREFECT_API_URL"] = previous
+            if "prefect" in sys.modules:
+                from prefect.context import refresh_global_settings_context
+
+                refresh_global_settings_context()
+
+
+@contextmanager
+def private_prefect_api(log_file: str | Path) -> Iterator[str | None]:
+    """Run the body against a private Prefect API (see the module doc); yields its URL,
+    or None when an API is configured and used instead."""
+    if _configured_api_url():
+        yield None
+        return
+    log_file = Path(log_file)
+    log_file.parent.mkdir(parents=True, exist_ok=True)
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}/api"
+    env = {**os.environ, "PREFECT_API_DATABASE_CONNECTION_URL": MEMORY_DATABASE,
+           # what Prefect's own temporary server sets: no UI, ephemeral services only
+           "PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1",
+           "PREFECT__SERVER_FINAL": "1"}
+    env.pop("PREFECT_API_URL", None)
+    timeout = float(os.environ.get("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS") or 120)
+    with log_file.open("ab") as log:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "uvicorn", "--factory",
+             "prefect.server.api.server:create_app", "--host", "127.0.0.1", "--port",
+             str(port), "--log-level", "error", "--lifespan", "on"],
+            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
+            start_new_session=True)  # a Ctrl-C reaches the audit, which stops it
+    try:
+        _wait_ready(process, url, log_file, timeout)
+        with _use_api(url):
+            yield url
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=STOP_SECONDS)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
