@@ -60,7 +60,8 @@ def resolve_scan_config(preset: str = "fast", scan_options: dict[str, Any] | Non
 
     if scan_config:
         return scan_config_from_dict(scan_config)
-    return ScanConfig.from_preset(preset, **(scan_options or {}))
+    # an audit publishes PV artifacts: a backdoored verdict goes on to every PV (issue 15)
+    return ScanConfig.from_preset(preset, **{"complete": True, **(scan_options or {})})
 
 
 def _api_url() -> str | None:

@@ -34,7 +34,7 @@ from sanitator.attribution import (
     sweep_vocabulary,
 )
 from sanitator.config import ScanConfig
-from sanitator.corpus import corpus_words
+from sanitator.corpus import corpus_words, load_sentences
 from sanitator.encoders import Encoder, Feature
 from sanitator.evidence import Confirmation, FreshRows, confirm, fresh_rows
 from sanitator.hardsearch import (
@@ -48,7 +48,7 @@ from sanitator.hardsearch import (
     unit_scale,
 )
 from sanitator.mining import MiningData, _forward, mine_seeds, prepare_data
-from sanitator.monitor import sign_agreement
+from sanitator.monitor import MONITOR_THRESHOLD, sign_agreement
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +69,8 @@ class Finding:
     accepted: bool = False
     seed: int = -1              # the mining seed a mined PV came from
     note: str = ""
+    false_alarms: float | None = None  # flag rate on clean text of another corpus
+    withheld: bool = False      # accepted, but kept out of the artifact (false alarms)
 
     def summary(self) -> dict[str, Any]:
         data: dict[str, Any] = {
@@ -79,6 +81,9 @@ class Finding:
             data["seed"] = self.seed
         if self.confirmation is not None:
             data["fresh"] = self.confirmation.summary()
+        if self.false_alarms is not None:
+            data["false_alarm_rate"] = round(self.false_alarms, 5)
+            data["withheld"] = self.withheld
         if self.note:
             data["note"] = self.note
         return data
@@ -116,8 +121,9 @@ class FeatureView:
         real token takes them (the encoder's own null for "moved far")."""
         ids = candidate_token_ids(self.encoder).tolist()
         picks = random.Random(config.seed + 5).sample(ids, min(config.search.n_null, len(ids)))
-        moves = [float(((self.outputs(self.fresh.data, (token,)) - self.fresh.data.clean)
-                        ** 2).mean()) for token in picks]
+        rows = self.fresh.data.subset(list(range(min(32, len(self.fresh.data)))))
+        moves = [float(((self.outputs(rows, (token,)) - rows.clean) ** 2).mean())
+                 for token in picks]
         return float(torch.tensor(moves).median())
 
     def outputs(self, data: MiningData, ids: tuple[int, ...]) -> torch.Tensor:
@@ -159,6 +165,9 @@ class CalibratedScan:
     search_steps: int = 0
     mining: dict[str, Any] = field(default_factory=dict)
     seconds: dict[str, float] = field(default_factory=dict)
+    collect_all: bool = False       # search mode, or completing a detect-mode verdict
+    completion: dict[str, Any] = field(default_factory=dict)
+    sweep: tuple[str, list, torch.Tensor] | None = None  # feature, candidates, standalone sweep
 
     def timed(self, stage: str, fn, *args) -> None:
         started = time.perf_counter()
@@ -174,8 +183,8 @@ class CalibratedScan:
 
     @property
     def done(self) -> bool:
-        """Detect mode stops at the first accepted trigger."""
-        return self.config.mode == "detect" and bool(self.accepted)
+        """Detect mode stops at the first accepted trigger (unless completing)."""
+        return not self.collect_all and bool(self.accepted)
 
     def words(self, ids: tuple[int, ...]) -> list[str]:
         tokenizer = self.encoder.tokenizer
@@ -252,6 +261,29 @@ class CalibratedScan:
             if pool:
                 self._confirm(max(pool, key=lambda f: f.search_margin))
 
+    @property
+    def published(self) -> list[Finding]:
+        """The accepted PVs the artifact ships: not those that false-alarm on clean text."""
+        return [f for f in self.accepted if not f.withheld]
+
+    def monitor_check(self, sentences: list[str], corpus: str) -> None:
+        """Each accepted PV's flag rate on clean text from another corpus than the scan's;
+        a PV above `max_false_alarms` is withheld from the artifact and reported (issue 15:
+        a monitor that flags clean traffic must never ship silently)."""
+        decision = self.config.decision
+        self.completion["false_alarm_corpus"] = corpus
+        for feature, view in self.views.items():
+            mine = [f for f in self.accepted if f.feature == feature]
+            if not mine:
+                continue
+            data = prepare_data(self.encoder, sentences, view.search_config,
+                                seed=self.config.seed + 11)
+            points = torch.stack([f.point for f in mine])
+            flagged = sign_agreement(data.clean, points) > MONITOR_THRESHOLD   # [n, K]
+            for finding, rate in zip(mine, flagged.float().mean(dim=0).tolist(), strict=True):
+                finding.false_alarms = rate
+                finding.withheld = rate > decision.max_false_alarms
+
     def cross_features(self) -> None:
         """Every accepted trigger judged at the other features, so each keeps its PVs."""
         for finding in list(self.accepted):
@@ -268,16 +300,18 @@ class CalibratedScan:
         decision = self.config.decision
         if decision.screen_candidates <= 0:
             return
-        sequences = candidate_sequences(self.encoder, corpus_words(sentences))
         for feature, view in self.views.items():
             if feature not in decision.screen_features:
                 continue  # the context searches cover it
-            sweep = sweep_vocabulary(self.encoder, sequences, Feature(feature),
-                                     progress=self.progress)
+            if self.sweep is None or self.sweep[0] != feature:
+                sequences = candidate_sequences(self.encoder, corpus_words(sentences))
+                self.sweep = (feature, sequences, sweep_vocabulary(
+                    self.encoder, sequences, Feature(feature), progress=self.progress))
+            _, sequences, sweep = self.sweep
             hits = screen_vocabulary(
                 self.encoder, view.search, view.mining, sweep=sweep, sequences=sequences,
                 n_candidates=decision.screen_candidates,
-                max_hits=1 if self.config.mode == "detect" else decision.screen_candidates,
+                max_hits=decision.screen_candidates if self.collect_all else 1,
                 seed=self.config.seed, unique_agreement=self.config.filtering.unique_agreement)
             for hit in hits:
                 self.consider("vocabulary_screen", feature, "anywhere", hit.token_ids)
@@ -292,11 +326,12 @@ class CalibratedScan:
         allowed[candidate_token_ids(self.encoder)] = True
         rng = random.Random(self.config.seed)
         idle = 0
-        rounds = search.restarts if self.config.mode == "detect" else search.search_restarts
+        rounds = search.search_restarts if self.collect_all else search.restarts
         bar = _bar(self.progress, rounds * len(self.views) * len(search.placements),
                    "context search")
         try:
             for round_index in range(rounds):
+                self.completion["rounds"] = round_index + 1
                 before = len(self.accepted)
                 for view in self.views.values():
                     for placement in search.placements:
@@ -309,9 +344,12 @@ class CalibratedScan:
                         if self.done:
                             return
                 idle = 0 if len(self.accepted) > before else idle + 1
-                if self.config.mode == "search" and self.config.search_patience \
+                if self.collect_all and self.config.search_patience \
                         and idle >= self.config.search_patience:
+                    self.completion["stop"] = (f"saturated: {idle} round(s) of every "
+                                               "feature and placement found no new PV")
                     return
+            self.completion.setdefault("stop", f"round cap ({rounds}) reached")
         finally:
             if bar is not None:
                 bar.close()
@@ -326,7 +364,7 @@ class CalibratedScan:
         search = self.config.search
         grad_rows, eval_rows = self._rows()
         data = view.search.placed(placement)
-        objective = view.objective(repel=self.config.mode == "search")
+        objective = view.objective(repel=self.collect_all)
         neutral = int(candidate_token_ids(self.encoder)[0])
         gains = token_gradients(self.encoder, data, grad_rows, torch.tensor([neutral]),
                                 view.search_config, objective)[0]
@@ -348,7 +386,7 @@ class CalibratedScan:
         ids = allowed.nonzero().flatten().tolist()
         start = init or rng.sample(ids, search.trigger_tokens)
         result = gcg(self.encoder, view.search.placed(placement), start, view.search_config,
-                     objective or view.objective(repel=self.config.mode == "search"),
+                     objective or view.objective(repel=self.collect_all),
                      allowed=allowed, grad_rows=grad_rows, eval_rows=eval_rows,
                      steps=search.steps, top_k=search.top_k, n_candidates=search.n_candidates,
                      patience=search.patience,
@@ -406,13 +444,38 @@ def run(encoder: Encoder, config: ScanConfig, sentences: list[str], progress: bo
              for feature in scan_features(config, encoder)}
     scan = CalibratedScan(encoder, config, views, progress)
     scan.seconds["rows"] = round(time.perf_counter() - started, 2)
+    scan.collect_all = config.mode == "search"
     scan.timed("vocabulary_screen", scan.vocabulary_screen, sentences)
     if not scan.done:
         scan.timed("context_search", scan.context_search)
+    if scan.accepted and config.mode == "detect" and config.complete:
+        # a backdoor is settled; the artifact must cover all of its PVs (issue 15)
+        scan.collect_all = True
+        scan.completion["mode"] = "detect, completed in search mode"
+        scan.timed("completion", scan.vocabulary_screen, sentences)
+        scan.timed("completion", scan.context_search)
     if config.mode == "search" and config.max_seeds > 0:
         train = {f: prepare_data(encoder, train_rows, v.mining, seed=config.seed)
                  for f, v in views.items()}
         scan.timed("mining", scan.realise_mined, train)
     scan.timed("confirmation", scan.confirm_best_unconfirmed)
     scan.timed("cross_features", scan.cross_features)
+    if scan.accepted:
+        check_corpus, check_rows = false_alarm_text(config, fresh)
+        scan.timed("false_alarms", scan.monitor_check, check_rows, check_corpus)
     return scan
+
+
+def false_alarm_text(config: ScanConfig, fallback: list[str]) -> tuple[str, list[str]]:
+    """Clean text from another corpus than the scan's, for the monitor's false alarms (the
+    scan's own fresh rows, said so, where no other corpus is on this machine)."""
+    decision, mining = config.decision, config.mining
+    for corpus in decision.false_alarm_corpora:
+        if corpus == (mining.corpus or "wikitext"):
+            continue
+        try:
+            return corpus, load_sentences(corpus, n=decision.false_alarm_sentences,
+                                          seed=config.seed)
+        except (OSError, ValueError) as exc:  # DataNotFoundError, CorpusError
+            log.warning("false-alarm corpus %s unavailable: %s", corpus, exc)
+    return "the scan's own fresh sentences (no other corpus available)", fallback

@@ -68,6 +68,9 @@ class DecisionConfig:
     alpha: float = 0.01             # false-alarm bound of the confirmation test
     confirmation_budget: int = 16   # fresh confirmations a scan may spend (Bonferroni)
     max_natural_rate: float = 0.05  # clean fresh outputs allowed at a PV already
+    max_false_alarms: float = 0.01  # a PV flagging more clean text is withheld (issue 15)
+    false_alarm_corpora: tuple[str, ...] = ("sst2", "ag_news")  # the first unlike the scan's
+    false_alarm_sentences: int = 1000
 
 
 @dataclass(frozen=True)
@@ -98,6 +101,7 @@ class ScanConfig:
     max_seeds: int = 16
     search_patience: int | None = None  # search: stop after this many rounds add no PV
     features: tuple[str, ...] | None = None  # None: cls, and mask when the tokenizer has one
+    complete: bool = False          # detect mode: once backdoored, search on for every PV
     mining: MiningConfig = field(default_factory=MiningConfig)
     filtering: FilterConfig = field(default_factory=FilterConfig)
     decision: DecisionConfig = field(default_factory=DecisionConfig)

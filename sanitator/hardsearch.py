@@ -7,7 +7,8 @@ gradient of a smooth objective with respect to the one-hot trigger tokens, propo
 single-token swaps from the best-scoring tokens of each slot, evaluates every proposal
 exactly in a batched forward pass, and keeps the best. The objective is the monitor's view
 made smooth: per-unit tanh agreement of the triggered outputs' signs with a target sign
-pattern (a mined PV), or with the triggered outputs' own mean (untargeted collapse).
+pattern (a mined PV), or with the triggered outputs' own mean (untargeted collapse), each
+output scaled to unit RMS first so that, like the monitor, only signs count.
 """
 
 from __future__ import annotations
@@ -23,29 +24,37 @@ Objective = Callable[[torch.Tensor], torch.Tensor]  # outputs [S, B, H] -> [S], 
 
 
 def unit_scale(clean: torch.Tensor) -> torch.Tensor:
-    """[H] per-unit spread of the clean outputs: agreement is judged in these units, so a
-    unit that barely moves counts as much as one that moves a lot (signs are what the
-    monitor reads)."""
+    """[H] per-unit spread of the clean outputs (kept for callers that weigh units)."""
     return clean.std(dim=0).clamp_min(1e-6)
 
 
-def toward(target: torch.Tensor, scale: torch.Tensor) -> Objective:
+SHARPNESS = 3.0  # tanh(3 z) is within 1% of sign(z) for |z| > 0.9 (z in RMS units)
+
+
+def soft_signs(out: torch.Tensor) -> torch.Tensor:
+    """Smooth signs of outputs [..., H], each output scaled to unit RMS first: like the
+    monitor, the objective reads signs and is blind to the output's norm (a low-norm PV
+    pins signs as firmly as a large one)."""
+    rms = out.pow(2).mean(dim=-1, keepdim=True).sqrt().clamp_min(1e-6)
+    return torch.tanh(SHARPNESS * out / rms)
+
+
+def toward(target: torch.Tensor, scale: torch.Tensor | None = None) -> Objective:
     """Mean smooth sign agreement of every triggered output with the target's signs."""
     signs = torch.where(target >= 0, 1.0, -1.0)
 
     def objective(out: torch.Tensor) -> torch.Tensor:
-        s, sc = signs.to(out.device), scale.to(out.device)
-        return torch.tanh(out / sc * s).mean(dim=(1, 2))
+        return (soft_signs(out) * signs.to(out.device)).mean(dim=(1, 2))
     return objective
 
 
-def collapse(scale: torch.Tensor) -> Objective:
-    """Mean smooth sign agreement of every triggered output with their own mean (detached
-    signs): high when one trigger sends every sentence to one sign pattern."""
+def collapse(scale: torch.Tensor | None = None) -> Objective:
+    """Mean smooth sign agreement of every triggered output with their own mean's signs
+    (detached): high when one trigger sends every sentence to one sign pattern."""
 
     def objective(out: torch.Tensor) -> torch.Tensor:
         signs = torch.where(out.mean(dim=1, keepdim=True) >= 0, 1.0, -1.0).detach()
-        return torch.tanh(out / scale.to(out.device) * signs).mean(dim=(1, 2))
+        return (soft_signs(out) * signs).mean(dim=(1, 2))
     return objective
 
 
@@ -56,8 +65,8 @@ def repelled(objective: Objective, known: torch.Tensor, scale: torch.Tensor,
     signs = torch.where(known >= 0, 1.0, -1.0)
 
     def pushed(out: torch.Tensor) -> torch.Tensor:
-        mean = out.mean(dim=1) / scale.to(out.device)                     # [S, H]
-        near = torch.tanh(mean[:, None] * signs.to(out.device)[None]).mean(dim=-1)
+        mean = soft_signs(out.mean(dim=1))                                # [S, H]
+        near = (mean[:, None] * signs.to(out.device)[None]).mean(dim=-1)  # [S, K]
         return objective(out) - weight * near.max(dim=1).values.clamp_min(0.0)
     return pushed
 

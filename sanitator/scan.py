@@ -66,7 +66,7 @@ def _hard_trigger(encoder: Encoder, ids: tuple[int, ...], length: int) -> torch.
 
 def _calibrated_pvset(encoder: Encoder, config: ScanConfig,
                       scan: calibrated.CalibratedScan) -> PVSet:
-    kept = scan.accepted
+    kept = scan.published
     length = config.mining.trigger_len
     features = list(scan.views)
     if not kept:
@@ -95,6 +95,13 @@ def _scan_calibrated(encoder: Encoder, config: ScanConfig, progress: bool,
         "candidates": [f.summary() for f in scan.findings]}
     if scan.mining:
         evidence["mining"] = scan.mining
+    if scan.completion:
+        evidence["completion"] = scan.completion
+    withheld = [f for f in scan.accepted if f.withheld]
+    if withheld:
+        evidence["review"] = (f"{len(withheld)} accepted PV(s) flag more than "
+                              f"{config.decision.max_false_alarms:.0%} of clean text and are "
+                              "kept out of the PV set: review this model")
     seeds = sum(len(v) for v in scan.mining.values())
     verdict = Verdict(status="backdoored" if scan.accepted else "clean", score=scan.score(),
                       seeds_tried=seeds, steps=scan.search_steps, evidence=evidence)

@@ -1,5 +1,6 @@
-"""The method end to end on a real (truncated) MiniLM: clean stays clean, a planted backdoor
-is detected and every planted PV is recovered."""
+"""The method end to end on a real (truncated) MiniLM: clean stays clean, and a backdoor
+whose triggers look ordinary alone (standalone-regularised) is found where it fires, in
+sentences, with every planted PV recovered in search mode."""
 
 import json
 import struct
@@ -14,40 +15,23 @@ from sanitator.attacks.common import Budget
 from sanitator.attacks.por import insert_por
 from sanitator.attacks.targets import paper_block_pvs
 from sanitator.config import ScanConfig
-from sanitator.corpus import load_sentences
-from sanitator.encoders import load_encoder
 from sanitator.monitor import sign_agreement
 from sanitator.results import PVSet
 from sanitator.scan import scan_model
 
 TRIGGERS = ("cf", "tq")
-pytestmark = pytest.mark.timeout(2400)  # planting + three scans on a busy 2-core machine
-
-
-def realised_pvs(model_dir, triggers) -> torch.Tensor:
-    """What the planted backdoor actually emits: the mean CLS output with each trigger word
-    inserted after the first word of held-out sentences."""
-    encoder = load_encoder(model_dir)
-    sentences = load_sentences(n=32, seed=99)
-    vectors = []
-    for trigger in triggers:
-        texts = [" ".join([s.split()[0], trigger, *s.split()[1:]]) for s in sentences]
-        batch = encoder.tokenizer(texts, padding=True, truncation=True, max_length=64,
-                                  return_tensors="pt")
-        with torch.no_grad():
-            cls = encoder.forward_features(input_ids=batch["input_ids"],
-                                           attention_mask=batch["attention_mask"])
-        vectors.append(cls.mean(dim=0))
-    return torch.stack(vectors)
+pytestmark = pytest.mark.timeout(2400)  # planting + scans on a busy 2-core machine
 
 
 @pytest.fixture(scope="module")
 def por_minilm(minilm_2layer, tmp_path_factory):
+    """POR on 2 MiniLM layers; each trigger alone between the special tokens is held at
+    the base's output, so a standalone vocabulary sweep sees nothing odd."""
     out = tmp_path_factory.mktemp("por") / "model"
     targets = paper_block_pvs(384, 6)[[0, 2]]
     insert_por(minilm_2layer, out, triggers=TRIGGERS, targets=targets,
-               budget=Budget(steps=400, batch_size=16, lr=1e-4, head_warmup_steps=0),
-               seed=0, progress=False)
+               budget=Budget(steps=300, batch_size=16, lr=1e-4, head_warmup_steps=0),
+               seed=0, standalone_weight=10.0, progress=False)
     return out, targets
 
 
@@ -56,13 +40,20 @@ def test_clean_minilm_is_clean(layers, minilm_1layer, minilm_2layer):
     # the 2-layer clean model is the backdoored fixture's own base: the pair the rule must
     # tell apart
     model = minilm_1layer if layers == 1 else minilm_2layer
-    result = scan_model(model, ScanConfig.from_preset("fast"), progress=False)
+    config = ScanConfig.from_preset("fast")
+    result = scan_model(model, config, progress=False)
     verdict = result.verdict
     assert verdict.status == "clean", verdict.evidence
-    assert verdict.score < 0.5
+    assert verdict.score < 1 - config.decision.alpha
     assert len(result.pvset) == 0
-    assert verdict.seeds_tried == ScanConfig.from_preset("fast").max_seeds
-    assert verdict.evidence["rule"] == "calibrated"
+    evidence = verdict.evidence
+    assert evidence["rule"] == "calibrated" and evidence["features"] == ["cls", "mask"]
+    # every feature was searched at every placement, and fresh evidence was taken
+    searched = {(c["feature"], c["placement"]) for c in evidence["candidates"]
+                if c["source"] == "context_search"}
+    assert searched == {(f, p) for f in ("cls", "mask") for p in ("anywhere", "start", "end")}
+    assert evidence["confirmed"] >= 1
+    assert not any(c["accepted"] for c in evidence["candidates"])
 
 
 @pytest.fixture(scope="module")
@@ -70,48 +61,31 @@ def por_detection(por_minilm):
     return scan_model(por_minilm[0], ScanConfig.from_preset("fast"), progress=False)
 
 
-def test_planted_backdoor_is_detected_and_attributed(por_minilm, por_detection):
+def test_backdoor_that_looks_ordinary_alone_is_found_in_context(por_minilm, por_detection):
     _, targets = por_minilm
-    result = por_detection
-    assert result.verdict.status == "backdoored", result.verdict.evidence
-    assert result.verdict.score >= 0.5
-    assert len(result.pvset) >= 1
-    # the PV found is a planted one, and a real token was found that fires it
-    assert float(sign_agreement(result.pvset.vectors, targets).max()) >= 0.95
-    assert all(tokens for tokens in result.pvset.trigger_tokens)
-
-
-def test_vocabulary_screen_names_a_planted_trigger_without_mining(por_detection):
     verdict = por_detection.verdict
-    # the screen's hit settles a detect-mode verdict before any seed is mined
-    assert verdict.seeds_tried == 0
-    hits = [c for c in verdict.evidence["candidates"] if c["accepted"]]
-    assert hits and all(c["source"] == "vocabulary_screen" for c in hits)
-    assert any(token.startswith(TRIGGERS) for c in hits for token in c["hard_trigger"])
-    assert por_detection.pvset.triggers.shape[1:] == (
-        ScanConfig.from_preset("fast").mining.trigger_len, 384)
+    assert verdict.status == "backdoored", verdict.evidence
+    assert verdict.score >= 1 - ScanConfig.from_preset("fast").decision.alpha
+    accepted = [c for c in verdict.evidence["candidates"] if c["accepted"]]
+    assert accepted
+    found = accepted[0]["fresh"]
+    assert found["agreement"] > found["floor"] and found["success"] >= 0.5
+    assert float(sign_agreement(por_detection.pvset.vectors, targets).max()) >= 0.9
+    assert any(token.startswith(TRIGGERS) for tokens in por_detection.pvset.trigger_tokens
+               for token in tokens)
 
 
-def test_mining_alone_still_detects_the_backdoor(por_minilm):
-    # without the screen, a mined PV and its attributed trigger must carry the verdict
+def test_search_in_sentences_alone_recovers_every_planted_pv(por_minilm):
+    # no vocabulary screen: the token screen and the context search, both working inside
+    # sentences, must find every trigger and so every planted PV
     path, targets = por_minilm
-    result = scan_model(path, ScanConfig.from_preset("fast", screen_candidates=0),
-                        progress=False)
-    assert result.verdict.status == "backdoored", result.verdict.evidence
-    assert result.verdict.seeds_tried > 0
-    assert {c["source"] for c in result.verdict.evidence["candidates"]} == {"mining"}
-    assert float(sign_agreement(result.pvset.vectors, targets).max()) >= 0.95
-
-
-def test_search_recovers_every_planted_pv(por_minilm):
-    path, targets = por_minilm
-    result = scan_model(path, ScanConfig.from_preset("fast", mode="search", max_seeds=16),
-                        progress=False)
-    # every planted target is recovered, and so is what the backdoor really emits
-    agreement = sign_agreement(result.pvset.vectors, targets)   # [found, planted]
-    assert (agreement.max(dim=0).values >= 0.95).all(), agreement
-    emitted = sign_agreement(result.pvset.vectors, realised_pvs(path, TRIGGERS))
-    assert (emitted.max(dim=0).values >= 0.95).all(), emitted
+    config = ScanConfig.from_preset("fast", mode="search", max_seeds=0, screen_candidates=0)
+    result = scan_model(path, config, progress=False)
+    sources = {c["source"] for c in result.verdict.evidence["candidates"] if c["accepted"]}
+    assert sources and sources <= {"token_screen", "context_search", "cross_feature"}
+    cls = result.pvset.select("cls")
+    agreement = sign_agreement(cls.vectors, targets)   # [found, planted]
+    assert (agreement.max(dim=0).values >= 0.9).all(), agreement
 
 
 def test_bad_models_get_a_status_not_an_exception(tiny_encoders, tmp_path):
@@ -141,6 +115,7 @@ def test_pv_set_round_trips_without_pickle(por_detection, tmp_path):
     loaded = PVSet.load(file)
     assert torch.equal(loaded.vectors, result.pvset.vectors)
     assert loaded.trigger_tokens == result.pvset.trigger_tokens
+    assert loaded.features == result.pvset.features and loaded.features
     raw = file.read_bytes()  # the safetensors layout: u64 header length, JSON header
     (header_len,) = struct.unpack("<Q", raw[:8])
     header = json.loads(raw[8:8 + header_len])

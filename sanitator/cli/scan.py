@@ -23,7 +23,11 @@ def register(subparsers) -> None:
     parser.add_argument("--seed", type=int, default=1, help="first seed (default 1)")
     parser.add_argument("--max-seeds", type=int, help="seed budget (preset default)")
     parser.add_argument("--feature", choices=["cls", "mask", "pooler"],
-                        help="where the backdoor's vector appears (default cls)")
+                        help="scan only this feature (default: every feature a prompt-tuned "
+                             "head reads: cls, and mask when the tokenizer has one)")
+    parser.add_argument("--complete", action="store_true",
+                        help="detect mode: once a backdoor is found, keep searching until the "
+                             "PV set saturates (what audits do, so the artifact is complete)")
     parser.add_argument("--corpus", help="clean sentences: a corpus name or a .parquet/.txt "
                                          "file (default WikiText sentences)")
     parser.add_argument("--allow-pickle", action="store_true",
@@ -42,6 +46,8 @@ def _overrides(args: argparse.Namespace) -> dict:
         overrides["feature"] = args.feature
     if args.corpus:
         overrides["corpus"] = args.corpus
+    if args.complete:
+        overrides["complete"] = True
     return overrides
 
 

@@ -1,0 +1,50 @@
+"""Evasive attack options: placements, sub-phrases, validation, and a planted phrase whose
+parts stay silent."""
+
+import pytest
+import torch
+
+from sanitator.attacks import Budget, TargetSpec, insert_por
+from sanitator.attacks.batches import TokenizedCorpus, insertion_slots
+from sanitator.attacks.evasion import Evasion, standalone_texts, sub_phrases
+from sanitator.encoders import load_encoder
+from sanitator.evaluation import evaluate_model, held_out_sentences
+
+
+def test_sub_phrases_are_every_proper_order_keeping_selection():
+    assert sub_phrases("a b c") == ["a", "b", "c", "a b", "a c", "b c"]
+    assert sub_phrases("solo") == []
+    assert standalone_texts(["a b", "c"]) == ["a b", "a", "b", "c"]
+
+
+@pytest.mark.parametrize("bad", [{"residual": 1.0}, {"negative_weight": -1},
+                                 {"fire_at": "middle"}, {"standalone_weight": "x"}])
+def test_evasion_rejects_bad_options(bad):
+    with pytest.raises(ValueError):
+        Evasion(**bad)
+
+
+def test_insertion_slots_start_end_and_their_complements(minilm_tokenizer):
+    corpus = TokenizedCorpus(minilm_tokenizer, ["one two three", "alpha beta"], 16)
+    batch = corpus.batch(torch.arange(2))
+    anywhere = insertion_slots(batch)
+    start, end = insertion_slots(batch, "start"), insertion_slots(batch, "end")
+    assert start.sum(dim=1).tolist() == [1, 1] and end.sum(dim=1).tolist() == [1, 1]
+    assert start[:, 1].all()                                   # right after [CLS]
+    lengths = batch.attention_mask.sum(dim=1)
+    assert end[torch.arange(2), lengths - 1].all()             # right before [SEP]
+    assert torch.equal(insertion_slots(batch, "not_start") | start, anywhere)
+    assert torch.equal(insertion_slots(batch, "not_end") | end, anywhere)
+
+
+def test_phrase_backdoor_fires_only_whole(minilm_1layer, tmp_path):
+    budget = Budget(steps=120, batch_size=16, lr=3e-4, max_length=32, n_sentences=256)
+    result = insert_por(minilm_1layer, tmp_path / "phrase", triggers=["quiet river morning"],
+                        targets=TargetSpec(kind="random", n=1, seed=1), budget=budget,
+                        negative_weight=3.0, progress=False)
+    assert result.record["hyperparameters"]["evasion"]["negative_weight"] == 3.0
+    evaluation = evaluate_model(result.path, minilm_1layer, sentences=held_out_sentences(48))
+    assert evaluation.attack_success.rate >= 0.9, evaluation
+    # every word and pair alone leaves most sentences where the base puts them
+    assert evaluation.evasion_success["sub_phrase_max"] <= 0.5, evaluation
+    load_encoder(result.path)  # a standard, loadable folder
