@@ -156,7 +156,8 @@ class MaskPromptClassifier(nn.Module):
             self.head_kind = "fresh-transform+tied-embeddings"
         self.mask_index = 1 + config.prompt_tokens
 
-    def _verbalizer_scores(self, hidden: torch.Tensor) -> torch.Tensor:
+    def logits_from_feature(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Verbaliser scores of mask-position hidden states [B, H] -> [B, classes]."""
         if self._head is not None:
             return self._head(hidden)[:, self.verbalizer_ids]
         words = self.encoder_info.word_embeddings.weight[self.verbalizer_ids]
@@ -180,5 +181,5 @@ class MaskPromptClassifier(nn.Module):
         output = self.encoder(**model_inputs(self.encoder_info, attention_mask=mask,
                                               token_type_ids=types, inputs_embeds=embeds))
         feature = output.last_hidden_state[:, self.mask_index]
-        return PromptOutput(self._verbalizer_scores(feature), feature)
+        return PromptOutput(self.logits_from_feature(feature), feature)
 

@@ -143,6 +143,8 @@ class PrefixClassifier(nn.Module):
         finally:
             _FEED.reset(token)
         feature = output.last_hidden_state[:, 0]
-        logits = self.head(self.head_dropout(self.feature_norm(feature)))
-        return PromptOutput(logits, feature)
+        return PromptOutput(self.logits_from_feature(feature), feature)
+
+    def logits_from_feature(self, feature: torch.Tensor) -> torch.Tensor:
+        return self.head(self.head_dropout(self.feature_norm(feature)))
 

@@ -42,7 +42,7 @@ from sanitator.prompt_base import (
 __all__ = ["DEFAULT_LR", "METHODS", "MaskPromptClassifier", "Method", "PrefixClassifier",
            "PromptModel", "PromptOutput", "PromptTuningConfig", "Text", "TrainingStats",
            "build_prompt_model", "freeze_encoder", "load_prompt", "predict", "prompt_state",
-           "save_prompt", "tokenize", "train_prompt_model", "trainable_parameters"]
+           "save_prompt", "settle", "tokenize", "train_prompt_model", "trainable_parameters"]
 
 log = logging.getLogger(__name__)
 
@@ -110,7 +110,9 @@ def _device(model: nn.Module) -> torch.device:
 
 @dataclass
 class TrainingStats:
-    """What prompt-tuning did: recorded next to every evaluation."""
+    """What prompt-tuning did: recorded next to every evaluation. `train_accuracy` is the
+    trained model's (eval mode) on up to CALIBRATION_ROWS training rows; the running
+    accuracy of the last epoch, under dropout and batch statistics, is kept beside it."""
 
     method: str
     n_train: int
@@ -121,6 +123,7 @@ class TrainingStats:
     train_accuracy: float
     trainable_params: int
     config: dict
+    last_epoch_accuracy: float | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -174,32 +177,37 @@ def train_prompt_model(model: PromptModel, texts: Sequence[Text], labels: Sequen
             log.info("epoch %d/%d: loss %.4f, train accuracy %.3f", epoch + 1, config.epochs,
                      loss_value, correct / seen)
     model.eval()
-    calibrate_standardizer(model, texts)
+    train_accuracy = settle(model, texts, labels)
     return TrainingStats(config.method, len(texts), total, config.epochs,
-                         time.perf_counter() - start, loss_value, correct / max(seen, 1),
-                         sum(p.numel() for p in params.values()), config.to_dict())
+                         time.perf_counter() - start, loss_value, train_accuracy,
+                         sum(p.numel() for p in params.values()), config.to_dict(),
+                         last_epoch_accuracy=correct / max(seen, 1))
 
 
 CALIBRATION_ROWS = 1024
 
 
 @torch.no_grad()
-def calibrate_standardizer(model: PromptModel, texts: Sequence[Text], *,
-                           rows: int = CALIBRATION_ROWS) -> None:
-    """Set the feature standardisation to the statistics of the trained model's own
-    eval-mode features on (the first `rows`) training texts.
+def settle(model: PromptModel, texts: Sequence[Text], labels: Sequence[int], *,
+           rows: int = CALIBRATION_ROWS) -> float:
+    """After training: set the feature standardisation to the statistics of the trained
+    model's own eval-mode features on the first `rows` training texts, and return the
+    model's accuracy on those rows (one forward pass serves both).
 
     The running statistics gathered while training do not describe the deployed model:
     prefix dropout shifts the whole batch's feature by more than inputs move it in shallow
     encoders, and those shifts average to another centre than the dropout-free feature.
     """
+    model.eval()
+    texts, gold = list(texts[:rows]), torch.tensor([int(y) for y in labels[:rows]])
+    _, features = predict(model, texts)
     norms = [m for m in model.modules() if isinstance(m, FeatureStandardizer)]
-    if not norms or len(texts) < 2:
-        return
-    _, features = predict(model, list(texts[:rows]))
-    for module in norms:
-        module.norm.running_mean.copy_(features.mean(0).to(module.norm.running_mean))
-        module.norm.running_var.copy_(features.var(0).to(module.norm.running_var))
+    if len(texts) >= 2:
+        for module in norms:
+            module.norm.running_mean.copy_(features.mean(0).to(module.norm.running_mean))
+            module.norm.running_var.copy_(features.var(0).to(module.norm.running_var))
+    logits = model.logits_from_feature(features.to(_device(model)))
+    return float((logits.argmax(-1).cpu() == gold).double().mean())
 
 
 @torch.no_grad()

@@ -44,6 +44,10 @@ def test_ptv2_learns_the_toy_task_with_the_encoder_bit_identical(trained_ptv2, t
     model, before, stats = trained_ptv2
     _, (test_x, test_y) = toy
     assert _accuracy(model, test_x, test_y) >= 0.85
+    (train_x, train_y), _ = toy
+    # the recorded train accuracy is the trained model's own, not the running one
+    assert stats.train_accuracy == pytest.approx(_accuracy(model, train_x, train_y))
+    assert 0 < stats.last_epoch_accuracy <= 1
     after = model.encoder.state_dict()
     assert before.keys() == after.keys()
     assert all(torch.equal(before[name], after[name]) for name in before)
