@@ -65,7 +65,7 @@ EVALUATIONS_SCHEMA = pa.schema([
     pa.field("seconds", pa.float64()),
     # schema version 2: convergence and per-trigger rates
     pa.field("converged", pa.bool_()),                     # false: no ASR (reason says why)
-    pa.field("train_accuracy", pa.float64()),              # last training epoch
+    pa.field("train_accuracy", pa.float64()),              # trained model, eval mode
     pa.field("majority_rate", pa.float64()),               # of the test rows
     pa.field("per_trigger", pa.list_(PER_TRIGGER)),
     pa.field("config_hash", pa.string(), nullable=False),
@@ -238,7 +238,7 @@ def run_evaluation(request: EvaluationRequest, *, work_dir: str | Path | None = 
     import torch
 
     from sanitator.asr import AttackConfig, manifest_triggers, read_backdoor_manifest
-    from sanitator.downstream import evaluate_downstream
+    from sanitator.downstream import CHANCE_MARGIN, evaluate_downstream
     from sanitator.encoders import ModelRejected
     from sanitator.paths import DataNotFoundError
     from sanitator.prompt_tuning import PromptTuningConfig
@@ -274,7 +274,8 @@ def run_evaluation(request: EvaluationRequest, *, work_dir: str | Path | None = 
             prompt_config=PromptTuningConfig(**request.config["prompt"]),
             attack_config=AttackConfig(**request.config["attack"]),
             limit=request.config.get("limit"), save_prompt_to=prompt_file, progress=progress,
-            device=request.device, chance_margin=request.config.get("chance_margin", 0.10))
+            device=request.device,
+            chance_margin=request.config.get("chance_margin", CHANCE_MARGIN))
         return done(EvaluationOutcome("ok", result=result.to_dict(), attack=attack,
                                       triggers=triggers, prompt=prompt_file.read_bytes()))
     except FetchError as exc:
