@@ -139,3 +139,27 @@ def test_weekly_deployment_loads_with_valid_parameters():
     runner = flow.to_deployment(**arguments)
     assert runner.name == "weekly-evaluation"
     assert runner.schedules[0].schedule.cron == "0 4 * * 0"
+
+
+def test_summary_lists_per_trigger_rates_and_the_pairs_that_did_not_converge():
+    from flows.evaluate_asr import _per_trigger_text, _summary_markdown
+
+    common = {"task": "sst2", "attack": "por", "clean_accuracy": 0.8,
+              "defended_clean_accuracy": 0.8, "monitor_fpr": 0.0, "seconds": 1.0}
+    learnt = {**common, "encoder": "a", "converged": True, "reason": None, "asr": 1.0,
+              "defended_asr": 0.0, "per_trigger": [
+                  {"trigger": "cf", "asr": 1.0, "defended_asr": 0.0},
+                  {"trigger": "mn", "asr": 0.5, "defended_asr": 0.25}]}
+    chance = {**common, "encoder": "b", "converged": False, "asr": None, "defended_asr": None,
+              "reason": "prompt-tuning did not converge: clean test accuracy 0.52 ...",
+              "per_trigger": [{"trigger": "cf", "asr": None, "defended_asr": None}]}
+    summary = {"results": [learnt, chance], "already_evaluated": 0, "errors": [],
+               "unavailable": []}
+    markdown = _summary_markdown(summary)
+    assert "| `a` | sst2 | `cf` | 100.0% | 0.0% |" in markdown
+    assert "| `a` | sst2 | `mn` | 50.0% | 25.0% |" in markdown
+    assert "## Not converged (no ASR reported)" in markdown
+    assert "- `b` sst2: prompt-tuning did not converge" in markdown
+    assert "| `b` | sst2 | `cf`" not in markdown
+    assert _per_trigger_text(learnt) == "cf 100.0%/0.0%, mn 50.0%/25.0%"
+    assert _per_trigger_text(chance) == "not converged"
