@@ -137,6 +137,13 @@ def audit_and_pull(members: Sequence[Member], store: Path, work: Path, options: 
             if rows.empty:
                 raise SystemExit(f"{member.name}: the audit wrote no verdict to {store}")
             member.verdict = rows.iloc[-1].to_dict()
+            if member.verdict["status"] not in ("clean", "backdoored"):
+                # no verdict, no artifact: the deployment would run unguarded
+                log.warning("%s: audit %s (%s); monitoring with no PVs", member.name,
+                            member.verdict["status"], member.verdict.get("reason"))
+                member.best_agreement = [0.0] * len(member.manifest.get("pvs", [])) \
+                    if member.manifest else []
+                continue
             member.artifact = work / f"{member.name}.pvs.safetensors"
             runner(["pv", "pull", member.name, "--store", str(store), "--registry", registry,
                     "--out", str(member.artifact), "--json"])
