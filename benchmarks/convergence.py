@@ -52,7 +52,7 @@ def run_one(folder: Path, task: str, config: PromptTuningConfig, limit: int, mar
     tuned = tune_on_task(folder, task, prompt_config=config, limit=limit, progress=progress)
     predictions, _ = predict(tuned.model, tuned.test.texts)
     clean = float((predictions == torch.tensor(tuned.test.labels)).double().mean())
-    verdict = check_convergence(tuned.training.train_accuracy, tuned.train.labels, clean,
+    verdict = check_convergence(tuned.training.train_accuracy, tuned.scored_train_labels, clean,
                                 tuned.test.labels, margin)
     return {"task": tuned.spec.name, "method": config.method, "n_train": len(tuned.train),
             "n_test": len(tuned.test), "train_accuracy": tuned.training.train_accuracy,

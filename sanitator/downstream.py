@@ -19,6 +19,7 @@ import torch
 from sanitator.asr import AttackConfig, AttackReport, evaluate_attack
 from sanitator.monitor import SignMonitor
 from sanitator.prompt_tuning import (
+    CALIBRATION_ROWS,
     PromptModel,
     PromptTuningConfig,
     TrainingStats,
@@ -171,6 +172,11 @@ class TunedModel:
     def feature(self) -> str:
         return "cls" if self.config.method == "ptv2" else "mask"
 
+    @property
+    def scored_train_labels(self) -> list[int]:
+        """The labels of the training rows `training.train_accuracy` was measured on."""
+        return self.train.labels[:CALIBRATION_ROWS]
+
 
 def tune_on_task(model_dir: str | Path, task: TaskSpec | str, *,
                  prompt_config: PromptTuningConfig | None = None, limit: int | None = None,
@@ -206,7 +212,7 @@ def attack_tuned(tuned: TunedModel, triggers: list[str], *, pvs: torch.Tensor | 
     monitor = None if pvs is None else SignMonitor(pvs, threshold=attack_config.threshold)
 
     def gate(clean_accuracy: float) -> str | None:
-        return check_convergence(tuned.training.train_accuracy, tuned.train.labels,
+        return check_convergence(tuned.training.train_accuracy, tuned.scored_train_labels,
                                  clean_accuracy, tuned.test.labels, chance_margin).reason
 
     model = tuned.model
@@ -214,7 +220,7 @@ def attack_tuned(tuned: TunedModel, triggers: list[str], *, pvs: torch.Tensor | 
                              triggers, monitor=monitor, attack_field=tuned.spec.attack_field,
                              max_length=tuned.config.max_length, config=attack_config,
                              hidden_size=model.encoder_info.hidden_size, gate=gate)
-    convergence = check_convergence(tuned.training.train_accuracy, tuned.train.labels,
+    convergence = check_convergence(tuned.training.train_accuracy, tuned.scored_train_labels,
                                     report.clean_accuracy, tuned.test.labels, chance_margin)
     seconds = tuned.training.seconds + time.perf_counter() - start
     return DownstreamResult(tuned.model_dir, tuned.spec.name, tuned.config.method,

@@ -39,10 +39,11 @@ from sanitator.prompt_base import (
     Text,
 )
 
-__all__ = ["DEFAULT_LR", "METHODS", "MaskPromptClassifier", "Method", "PrefixClassifier",
-           "PromptModel", "PromptOutput", "PromptTuningConfig", "Text", "TrainingStats",
-           "build_prompt_model", "freeze_encoder", "load_prompt", "predict", "prompt_state",
-           "save_prompt", "settle", "tokenize", "train_prompt_model", "trainable_parameters"]
+__all__ = ["CALIBRATION_ROWS", "DEFAULT_LR", "METHODS", "MaskPromptClassifier", "Method",
+           "PrefixClassifier", "PromptModel", "PromptOutput", "PromptTuningConfig", "Text",
+           "TrainingStats", "build_prompt_model", "freeze_encoder", "load_prompt", "predict",
+           "prompt_state", "save_prompt", "settle", "tokenize", "train_prompt_model",
+           "trainable_parameters"]
 
 log = logging.getLogger(__name__)
 
