@@ -5,7 +5,6 @@ import torch
 from evaluation_support import toy_sentiment
 
 from sanitator.encoders import ModelRejected, load_encoder
-from sanitator.models import minilm_path
 from sanitator.monitor import MonitoredEncoder, SignMonitor
 from sanitator.prompt_tuning import (
     PromptTuningConfig,
@@ -140,11 +139,11 @@ def test_standardiser_statistics_are_the_trained_models_own(trained_ptv2, toy):
     assert torch.allclose(norm.running_var, features.var(0), rtol=1e-3, atol=1e-8)
 
 
-def test_ptv1_learns_the_toy_task_through_the_mask(toy):
+def test_ptv1_learns_the_toy_task_through_the_mask(toy, minilm_2layer):
     (train_x, train_y), (test_x, test_y) = toy
     config = PromptTuningConfig(method="ptv1", epochs=3, batch_size=16, max_length=32,
                                 learning_rate=3e-3)
-    model = build_prompt_model(minilm_path(), 2, config, verbalizer=("bad", "good"))
+    model = build_prompt_model(minilm_2layer, 2, config, verbalizer=("bad", "good"))
     before = [p.clone() for p in model.encoder.parameters()]
     train_prompt_model(model, train_x, train_y, progress=False)
     assert _accuracy(model, test_x, test_y) >= 0.75
