@@ -124,7 +124,8 @@ def verbalizer_token_ids(tokenizer, words: Sequence[str]) -> list[int]:
 class MaskPromptClassifier(nn.Module):
     """P-tuning v1: [CLS] prompt_1..prompt_k [MASK] text... ; logits = MLM scores of the
     verbaliser words at the mask. Feature = the mask position's last hidden state (a fresh
-    head reads it standardised unless `config.standardize` is off)."""
+    head reads it standardised, see FeatureStandardizer, unless `config.standardize` is
+    False)."""
 
     method = "ptv1"
 
@@ -151,7 +152,7 @@ class MaskPromptClassifier(nn.Module):
             self.head_kind = "mlm"
         else:
             self._head = None
-            self.feature_norm = standardizer(encoder.hidden_size, config)
+            self.feature_norm = standardizer(encoder.hidden_size, config, auto_active=True)
             self.fresh_head = FreshVerbalizerHead(encoder.hidden_size, encoder.embedding_size)
             self.head_kind = "fresh-transform+tied-embeddings"
         self.mask_index = 1 + config.prompt_tokens

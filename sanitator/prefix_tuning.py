@@ -97,7 +97,7 @@ def _attention_layout(encoder: Encoder) -> tuple[int, int, int]:
 
 class PrefixClassifier(nn.Module):
     """P-tuning v2: deep prefixes at every layer of a frozen encoder + a linear CLS head
-    (on the standardised CLS feature unless `config.standardize` is off)."""
+    (on the CLS feature standardised where it barely varies, see FeatureStandardizer)."""
 
     method = "ptv2"
 
@@ -119,7 +119,8 @@ class PrefixClassifier(nn.Module):
         self.prefix = nn.Embedding(config.prefix_length,
                                    self.n_layers * 2 * self.n_heads * self.head_dim)
         self.prefix_dropout = nn.Dropout(config.dropout)
-        self.feature_norm = standardizer(encoder.hidden_size, config)
+        # auto mode decides from the CLS spread before training (prompt_tuning.train)
+        self.feature_norm = standardizer(encoder.hidden_size, config, auto_active=False)
         self.head_dropout = nn.Dropout(config.dropout)
         self.head = nn.Linear(encoder.hidden_size, n_labels)
 

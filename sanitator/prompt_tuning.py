@@ -32,18 +32,21 @@ from sanitator.prefix_tuning import PrefixClassifier
 from sanitator.prompt_base import (
     DEFAULT_LR,
     METHODS,
+    SPREAD_ROWS,
+    SPREAD_THRESHOLD,
     FeatureStandardizer,
     Method,
     PromptOutput,
     PromptTuningConfig,
     Text,
+    feature_spread,
 )
 
 __all__ = ["CALIBRATION_ROWS", "DEFAULT_LR", "METHODS", "MaskPromptClassifier", "Method",
            "PrefixClassifier", "PromptModel", "PromptOutput", "PromptTuningConfig", "Text",
-           "TrainingStats", "build_prompt_model", "freeze_encoder", "load_prompt", "predict",
-           "prompt_state", "save_prompt", "settle", "tokenize", "train_prompt_model",
-           "trainable_parameters"]
+           "TrainingStats", "build_prompt_model", "choose_standardization", "freeze_encoder",
+           "load_prompt", "predict", "prompt_state", "save_prompt", "settle", "tokenize",
+           "train_prompt_model", "trainable_parameters"]
 
 log = logging.getLogger(__name__)
 
@@ -125,6 +128,8 @@ class TrainingStats:
     trainable_params: int
     config: dict
     last_epoch_accuracy: float | None = None
+    standardized: bool = False             # the head read the standardised feature
+    feature_spread: float | None = None    # what auto mode decided on (ptv2), else None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -142,6 +147,7 @@ def train_prompt_model(model: PromptModel, texts: Sequence[Text], labels: Sequen
     if bad:
         raise ValueError(f"labels {bad} outside 0..{model.n_labels - 1}")
     freeze_encoder(model)
+    spread = choose_standardization(model, texts)
     params = trainable_parameters(model)
     optimizer = torch.optim.AdamW(params.values(), lr=config.lr,
                                   weight_decay=config.weight_decay)
@@ -182,10 +188,36 @@ def train_prompt_model(model: PromptModel, texts: Sequence[Text], labels: Sequen
     return TrainingStats(config.method, len(texts), total, config.epochs,
                          time.perf_counter() - start, loss_value, train_accuracy,
                          sum(p.numel() for p in params.values()), config.to_dict(),
-                         last_epoch_accuracy=correct / max(seen, 1))
+                         last_epoch_accuracy=correct / max(seen, 1),
+                         standardized=_standardizer_active(model), feature_spread=spread)
 
 
 CALIBRATION_ROWS = 1024
+
+
+def _standardizers(model: PromptModel) -> list[FeatureStandardizer]:
+    return [m for m in model.modules() if isinstance(m, FeatureStandardizer)]
+
+
+def _standardizer_active(model: PromptModel) -> bool:
+    return any(bool(m.active) for m in _standardizers(model))
+
+
+@torch.no_grad()
+def choose_standardization(model: PromptModel, texts: Sequence[Text]) -> float | None:
+    """Auto mode, ptv2: standardise the head's input when the CLS feature of the prompt
+    model as initialised barely moves across (up to SPREAD_ROWS) training texts. Returns
+    the measured spread (None when nothing was decided)."""
+    norms = _standardizers(model)
+    if model.config.standardize is not None or model.method != "ptv2" or not norms:
+        return None
+    _, features = predict(model, list(texts[:SPREAD_ROWS]))
+    spread = feature_spread(features)
+    for module in norms:
+        module.active.fill_(spread < SPREAD_THRESHOLD)
+    log.info("CLS spread across inputs %.4f: %s head", spread,
+             "standardised" if spread < SPREAD_THRESHOLD else "plain")
+    return spread
 
 
 @torch.no_grad()
@@ -202,11 +234,9 @@ def settle(model: PromptModel, texts: Sequence[Text], labels: Sequence[int], *,
     model.eval()
     texts, gold = list(texts[:rows]), torch.tensor([int(y) for y in labels[:rows]])
     _, features = predict(model, texts)
-    norms = [m for m in model.modules() if isinstance(m, FeatureStandardizer)]
     if len(texts) >= 2:
-        for module in norms:
-            module.norm.running_mean.copy_(features.mean(0).to(module.norm.running_mean))
-            module.norm.running_var.copy_(features.var(0).to(module.norm.running_var))
+        for module in _standardizers(model):
+            module.calibrate(features)
     logits = model.logits_from_feature(features.to(_device(model)))
     return float((logits.argmax(-1).cpu() == gold).double().mean())
 

@@ -92,8 +92,8 @@ def test_save_and_load_round_trip(trained_ptv2, toy, tmp_path, minilm_2layer):
     second, _ = predict(again, test_x)
     assert torch.equal(first, second)
     assert torch.equal(model.prefix.weight, again.prefix.weight)
-    assert torch.equal(model.feature_norm.norm.running_mean,
-                       again.feature_norm.norm.running_mean)
+    assert torch.equal(model.feature_norm.mean, again.feature_norm.mean)
+    assert torch.equal(model.feature_norm.var, again.feature_norm.var)
 
 
 def test_prompt_files_from_before_the_standardiser_still_load(tmp_path, minilm_1layer):
@@ -134,9 +134,9 @@ def test_standardiser_statistics_are_the_trained_models_own(trained_ptv2, toy):
     model, _, _ = trained_ptv2
     (train_x, _), _ = toy
     _, features = predict(model, train_x)
-    norm = model.feature_norm.norm
-    assert torch.allclose(norm.running_mean, features.mean(0), atol=1e-5)
-    assert torch.allclose(norm.running_var, features.var(0), rtol=1e-3, atol=1e-8)
+    norm = model.feature_norm
+    assert torch.allclose(norm.mean, features.mean(0), atol=1e-5)
+    assert torch.allclose(norm.var, features.var(0, unbiased=False).mean(), rtol=1e-3)
 
 
 def test_ptv1_learns_the_toy_task_through_the_mask(toy, minilm_2layer):
@@ -177,3 +177,37 @@ def test_unsupported_family_and_bad_settings_are_refused(tiny_encoders):
     model = build_prompt_model(tiny_encoders["bert"], 2, PromptTuningConfig(max_length=8))
     with pytest.raises(ValueError, match=r"outside 0\.\.1"):
         train_prompt_model(model, ["a", "b"], [0, 2], progress=False)
+
+
+def test_feature_spread_is_robust_to_a_few_outliers():
+    from sanitator.prompt_base import feature_spread
+
+    generator = torch.Generator().manual_seed(0)
+    steady = 0.05 + 1e-3 * torch.randn(200, 16, generator=generator)
+    assert feature_spread(steady) == pytest.approx(0.02, rel=0.2)
+    spiked = steady.clone()
+    spiked[:4] = 1.0  # a few inputs pushed onto a PV
+    assert feature_spread(spiked) < 0.03
+    assert feature_spread(torch.randn(200, 16, generator=generator)) > 5
+
+
+def test_auto_mode_standardises_only_where_the_cls_feature_barely_varies(toy, minilm_2layer):
+    from sanitator.models import minilm_path
+    from sanitator.prompt_base import SPREAD_THRESHOLD
+
+    (train_x, train_y), _ = toy
+    config = PromptTuningConfig(prefix_length=4, epochs=1, batch_size=32, max_length=32)
+    assert config.standardize is None
+    shallow = build_prompt_model(minilm_2layer, 2, config)
+    stats = train_prompt_model(shallow, train_x[:64], train_y[:64], progress=False)
+    assert stats.standardized and stats.feature_spread < SPREAD_THRESHOLD
+    assert bool(shallow.feature_norm.active)
+    # all six layers of MiniLM make the CLS feature move from input to input: plain head
+    varied = build_prompt_model(minilm_path(), 2, config)
+    stats = train_prompt_model(varied, train_x[:64], train_y[:64], progress=False)
+    assert not stats.standardized and stats.feature_spread > SPREAD_THRESHOLD
+    # ptv1's fresh head is always standardised; forcing the setting skips the measurement
+    forced = build_prompt_model(minilm_2layer, 2, PromptTuningConfig(standardize=False,
+                                                                     max_length=32))
+    stats = train_prompt_model(forced, train_x[:32], train_y[:32], progress=False)
+    assert not stats.standardized and stats.feature_spread is None

@@ -60,9 +60,10 @@ def register(subparsers) -> None:
     tuning.add_argument("--batch-size", type=int, default=32)
     tuning.add_argument("--max-length", type=int, help="tokens (default: the task's)")
     tuning.add_argument("--seed", type=int, default=44, help="prompt-tuning seed")
-    tuning.add_argument("--no-standardize", dest="standardize", action="store_false",
-                        help="feed the head the raw feature (the reference's head; stays at "
-                             "chance on 1-2 layer encoders)")
+    tuning.add_argument("--standardize", choices=["auto", "on", "off"], default="auto",
+                        help="centre and scale the feature before the head: auto (ptv2 where "
+                             "the CLS feature barely varies, as in 1-2 layer encoders; ptv1 "
+                             "always), on, or off (the reference's plain head)")
     tuning.add_argument("--chance-margin", type=float, default=0.10, metavar="P",
                         help="accuracy (train or clean test) within P of the majority-class "
                              "rate means not converged: no ASR is reported, exit "
@@ -156,7 +157,8 @@ def run(args: argparse.Namespace) -> int:
             method=args.method, prefix_length=args.prefix_length,
             prompt_tokens=args.prompt_tokens, learning_rate=args.lr, epochs=args.epochs,
             batch_size=args.batch_size, max_length=args.max_length,
-            train_size=args.train_size or None, seed=args.seed, standardize=args.standardize)
+            train_size=args.train_size or None, seed=args.seed,
+            standardize={"auto": None, "on": True, "off": False}[args.standardize])
         attack_config = AttackConfig(seed=args.attack_seed, on_flag=args.on_flag,
                                      threshold=args.threshold)
         found = _pvs(args)

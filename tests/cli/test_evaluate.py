@@ -8,7 +8,7 @@ from evaluation_support import planted_backdoor, write_toy_task
 from sanitator.cli import main
 from sanitator.models import minilm_path
 
-FAST = ["--epochs", "2", "--prefix-length", "8", "--batch-size", "16", "--max-length", "32",
+FAST = ["--epochs", "3", "--prefix-length", "8", "--batch-size", "16", "--max-length", "32",
         "--limit", "30", "--no-progress"]
 SUMMARY = {"clean_accuracy", "asr", "defended_asr", "defended_clean_accuracy", "monitor_fpr",
            "n_test", "seconds", "converged", "convergence_reason"}

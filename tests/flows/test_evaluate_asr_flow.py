@@ -17,7 +17,7 @@ from sanitator.evaluation_runs import DEFAULT_TRIGGERS, read_evaluations
 
 ROOT = Path(__file__).resolve().parents[2]
 PREFECT_YAML = ROOT / "deployments" / "prefect.yaml"
-FAST = {"epochs": 2, "prefix_length": 8, "batch_size": 16, "max_length": 32,
+FAST = {"epochs": 3, "prefix_length": 8, "batch_size": 16, "max_length": 32,
         "train_size": 160}
 
 
