@@ -27,8 +27,8 @@ from sanitator.downstream import CHANCE_MARGIN, check_convergence, tune_on_task
 from sanitator.prompt_tuning import PromptTuningConfig, predict
 
 log = logging.getLogger("benchmarks.convergence")
-COLUMNS = ("encoder", "task", "method", "train_acc", "clean_acc", "majority", "converged",
-           "n_train", "epochs", "lr", "seconds")
+COLUMNS = ("encoder", "task", "method", "head", "train_acc", "clean_acc", "majority",
+           "converged", "n_train", "epochs", "lr", "seconds")
 
 
 def encoder_folder(ref: str, cache: Path) -> Path:
@@ -59,6 +59,8 @@ def run_one(folder: Path, task: str, config: PromptTuningConfig, limit: int, mar
             "clean_accuracy": clean, "majority_rate": verdict.test_majority,
             "train_majority": verdict.train_majority, "converged": verdict.converged,
             "reason": verdict.reason, "config": tuned.training.config,
+            "standardized": tuned.training.standardized,
+            "feature_spread": tuned.training.feature_spread,
             "seconds": time.perf_counter() - tuned.started}
 
 
@@ -102,7 +104,9 @@ def main(argv: list[str] | None = None) -> int:
                 if args.out:
                     with args.out.open("a") as handle:
                         handle.write(json.dumps(result) + "\n")
+                head = "standardised" if result["standardized"] else "plain"
                 rows.append({"encoder": ref, "task": result["task"], "method": method,
+                             "head": head,
                              "train_acc": _pct(result["train_accuracy"]),
                              "clean_acc": _pct(result["clean_accuracy"]),
                              "majority": _pct(result["majority_rate"]),
