@@ -1,6 +1,8 @@
 """ASR benchmark: prompt-tune every encoder of a zoo on downstream tasks and print one table.
 
     OMP_NUM_THREADS=1 ./run python benchmarks/asr.py --zoo zoo/minilm --tasks sst2,sms_spam
+    OMP_NUM_THREADS=1 ./run python benchmarks/asr.py --mined --zoo ZOO --models a,b \
+        --store STORE --tasks sst2,sms_spam
 
 A zoo is a folder of model folders; a model with a `backdoor.json` is backdoored (its
 triggers attack it), one without is clean and is attacked with the triggers of the zoo's
@@ -8,6 +10,11 @@ backdoored models (its ASR is the baseline a backdoor must beat). The monitor's 
 from `--pvs`: `oracle` (the attack's own targets from backdoor.json; clean models get those
 of the first backdoored model), or `store:DIR` (each model's latest audit in a store).
 `--build` first writes the MiniLM-L6 zoo (clean, POR, NeuBA) with `sanitator.attacks`.
+
+`--mined` goes the way a user goes (benchmarks/asr_mined.py): `sanitator audit` of the
+members into `--store`, `sanitator pv pull` of each artifact, prompt-tuning (P-tuning v2 on
+CLS members, v1 on mask members), every planted trigger, and per trigger the ASR without the
+monitor, behind the mined PVs and behind the oracle PVs, with each audit's cost.
 
 Targets (issue 6): undefended ASR >= 90% on backdoored encoders, defended ASR <= 1%,
 defended clean accuracy within 1 point of undefended, monitor FPR on clean inputs <= 1%.
@@ -83,11 +90,14 @@ def _pct(value: float | None) -> str:
 
 def row(result: DownstreamResult, attack: str) -> dict[str, str]:
     a = result.attack
-    return {"model": Path(result.encoder).name, "attack": attack, "task": result.task,
-            "clean_acc": _pct(a.clean_accuracy), "asr": _pct(a.asr), "w_asr": _pct(a.weighted_asr),
-            "def_asr": _pct(a.defended_asr), "def_clean_acc": _pct(a.defended_clean_accuracy),
-            "fpr": _pct(a.monitor_fpr), "flagged": _pct(a.triggered_flag_rate),
-            "n_test": str(a.n_test), "seconds": f"{result.seconds:.0f}"}
+    out = {"model": Path(result.encoder).name, "attack": attack, "task": result.task,
+           "clean_acc": _pct(a.clean_accuracy), "asr": _pct(a.asr), "w_asr": _pct(a.weighted_asr),
+           "def_asr": _pct(a.defended_asr), "def_clean_acc": _pct(a.defended_clean_accuracy),
+           "fpr": _pct(a.monitor_fpr), "flagged": _pct(a.triggered_flag_rate),
+           "n_test": str(a.n_test), "seconds": f"{result.seconds:.0f}"}
+    if not result.convergence.converged:  # at chance: no attack success to report
+        out.update({key: "n/c" for key in ("asr", "w_asr", "def_asr", "flagged")})
+    return out
 
 
 def print_table(rows: list[dict[str, str]]) -> None:
@@ -98,7 +108,7 @@ def print_table(rows: list[dict[str, str]]) -> None:
         print("  ".join(r[c].ljust(widths[c]) for c in COLUMNS))
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--zoo", type=Path, default=Path("zoo/minilm"))
     parser.add_argument("--build", action="store_true", help="build the MiniLM-L6 zoo first")
@@ -109,12 +119,28 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--lr", type=float)
     parser.add_argument("--prefix-length", type=int, default=16)
+    parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--limit", type=int, default=500, help="test rows per task")
     parser.add_argument("--pvs", default="oracle", help="oracle | store:DIR")
     parser.add_argument("--on-flag", choices=["purge", "reject"], default="purge")
     parser.add_argument("--out", type=Path, help="also write one JSON line per result")
-    args = parser.parse_args(argv)
+    mined = parser.add_argument_group("--mined: audit, pull, prompt-tune, attack")
+    mined.add_argument("--mined", action="store_true",
+                       help="PVs from `sanitator audit` + `sanitator pv pull` (oracle beside)")
+    mined.add_argument("--store", type=Path, help="audit store (default ZOO/../asr-store)")
+    mined.add_argument("--work", type=Path,
+                       help="staged registries and pulled artifacts (default STORE-work)")
+    mined.add_argument("--audit-set", action="append", default=[], metavar="KEY=VALUE",
+                       help="scan option for the audit (repeatable), e.g. mode=search")
+    mined.add_argument("--audit-threads", type=int, default=1, help="torch threads of the audit")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    if args.mined:
+        return _mined(args)
 
     if args.build:
         build_zoo(args.zoo)
@@ -127,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
     fallback = load_pv_artifact(backdoored[0])[0]
     prompt_config = PromptTuningConfig(method=args.method, epochs=args.epochs,
                                        learning_rate=args.lr, prefix_length=args.prefix_length,
-                                       train_size=args.train_size)
+                                       train_size=args.train_size, batch_size=args.batch_size)
     rows, started = [], time.perf_counter()
     for model in models:
         manifest = manifests[model]
@@ -146,9 +172,20 @@ def main(argv: list[str] | None = None) -> int:
                     handle.write(json.dumps({**result.to_dict(), "attack_name": attack}) + "\n")
     print(f"\nASR benchmark: zoo {args.zoo}, method {args.method}, train {args.train_size} x "
           f"{args.epochs} epochs, test {args.limit} rows/task, PVs {args.pvs}, monitor "
-          f"{args.on_flag}; percentages; {time.perf_counter() - started:.0f} s\n")
+          f"{args.on_flag}; percentages (n/c: prompt-tuning did not converge, no ASR); "
+          f"{time.perf_counter() - started:.0f} s\n")
     print_table(rows)
     return 0
+
+
+def _mined(args: argparse.Namespace) -> int:
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from asr_mined import run_mined
+
+    if args.build:
+        build_zoo(args.zoo)
+    models = zoo_models(args.zoo, args.models.split(",") if args.models else None)
+    return run_mined(args, models)
 
 
 if __name__ == "__main__":

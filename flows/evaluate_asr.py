@@ -114,10 +114,20 @@ def evaluate_on_dask(requests: list[EvaluationRequest], store: str,
     return rows
 
 
-def _summary_markdown(summary: dict[str, Any]) -> str:
-    def pct(value):
-        return "-" if value is None else f"{100 * value:.1f}%"
+def _pct(value) -> str:
+    return "-" if value is None else f"{100 * value:.1f}%"
 
+
+def _per_trigger_text(result: dict[str, Any]) -> str:
+    """`cf 100.0%/0.0%, mn ...`: ASR without/with the monitor per trigger."""
+    if result.get("converged") is False:
+        return "not converged"
+    return ", ".join(f"{item['trigger']} {_pct(item['asr'])}/{_pct(item['defended_asr'])}"
+                     for item in result.get("per_trigger") or [])
+
+
+def _summary_markdown(summary: dict[str, Any]) -> str:
+    pct = _pct
     lines = ["# Downstream evaluation", "",
              "| encoder | task | attack | clean acc | ASR | defended ASR | defended clean acc "
              "| monitor FPR |", "|---|---|---|---|---|---|---|---|"]
@@ -125,6 +135,17 @@ def _summary_markdown(summary: dict[str, Any]) -> str:
               f"| {pct(r['asr'])} | {pct(r['defended_asr'])} | "
               f"{pct(r['defended_clean_accuracy'])} | {pct(r['monitor_fpr'])} |"
               for r in summary["results"]] or ["| none | | | | | | | |"]
+    unconverged = [r for r in summary["results"] if r.get("converged") is False]
+    if unconverged:
+        lines += ["", "## Not converged (no ASR reported)", ""]
+        lines += [f"- `{r['encoder']}` {r['task']}: {r['reason']}" for r in unconverged]
+    per_trigger = [(r, item) for r in summary["results"] if r.get("converged") is not False
+                   for item in r.get("per_trigger") or []]
+    if per_trigger:
+        lines += ["", "## Per trigger", "", "| encoder | task | trigger | ASR | defended ASR |",
+                  "|---|---|---|---|---|"]
+        lines += [f"| `{r['encoder']}` | {r['task']} | `{item['trigger']}` | {pct(item['asr'])} "
+                  f"| {pct(item['defended_asr'])} |" for r, item in per_trigger]
     lines += ["", f"Already evaluated with these settings: {summary['already_evaluated']}"]
     for title, key, field in (("Errors", "errors", "reason"),
                               ("Not evaluated", "unavailable", "reason")):
@@ -146,12 +167,16 @@ def evaluate_asr_flow(store: str = "sanitator-store",
                       n_workers: int = 2, mlflow_uri: str | None = None, device: str = "cpu",
                       per_pair_timeout: float | None = 7200.0, force: bool = False,
                       work_dir: str | None = None, torch_threads: int | None = None,
-                      track: bool = True) -> dict[str, Any]:
+                      track: bool = True, chance_margin: float | None = None
+                      ) -> dict[str, Any]:
     """Evaluate every (audited encoder, task) pair not yet evaluated with these settings.
 
     Encoders: `models` (folders) when given, else those whose latest verdict in the store is
     in `statuses` (default clean and backdoored), optionally only from `registries`. Tasks:
-    ready-made names or {"task": parquet, "text_column": ..., ...}. Returns the summary.
+    ready-made names or {"task": parquet, "text_column": ..., ...}. A prompt model whose
+    train or clean accuracy is within `chance_margin` (default 0.10) of the majority-class
+    rate is not attacked: its row has `converged` false, the reason, and no ASR. Returns the
+    summary; each result carries its per-trigger ASR with and without the monitor.
     """
     from prefect.runtime import flow_run
 
@@ -162,7 +187,7 @@ def evaluate_asr_flow(store: str = "sanitator-store",
     choices = [TaskChoice.parse(t) for t in (tasks or ["sst2", "sms_spam"])]
     for choice in choices:
         choice.spec()  # fail fast on an unknown task or a missing column, before any work
-    config = evaluation_config(prompt_options, attack_options, limit, method)
+    config = evaluation_config(prompt_options, attack_options, limit, method, chance_margin)
     batch_id = str(flow_run.get_id() or new_audit_id())
     if models:
         refs, registry_errors = [folder_ref(path) for path in models], {}
@@ -188,8 +213,11 @@ def evaluate_asr_flow(store: str = "sanitator-store",
     create_markdown_artifact(_summary_markdown(summary), key="evaluation-summary",
                              description="clean accuracy and attack success per pair")
     if summary["results"]:
-        create_table_artifact(summary["results"], key="evaluations",
-                              description="the evaluations written by this flow run")
+        table = [{**{k: v for k, v in r.items() if k != "per_trigger"},
+                  "per_trigger": _per_trigger_text(r)} for r in summary["results"]]
+        create_table_artifact(table, key="evaluations",
+                              description="the evaluations written by this flow run (per "
+                                          "trigger: ASR without/with the monitor)")
     return summary
 
 

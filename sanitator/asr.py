@@ -23,7 +23,7 @@ import json
 import logging
 import random
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -151,6 +151,9 @@ class AttackReport:
     triggered_flag_rate: float | None = None    # triggered inputs flagged (detection rate)
     triggered_rejection_rate: float | None = None
     placement: dict = field(default_factory=dict)
+    # why the triggered inputs were not attacked (then every ASR field is None): a prompt
+    # model at chance has no attack success worth reporting
+    skipped: str | None = None
     seconds: float = 0.0
 
     def to_dict(self) -> dict:
@@ -161,11 +164,15 @@ def evaluate_attack(model: torch.nn.Module, tokenizer, texts: Sequence[Text],
                     labels: Sequence[int], triggers: Sequence[str], *,
                     monitor: SignMonitor | None = None, attack_field: int = 0,
                     max_length: int = 128, config: AttackConfig | None = None,
-                    hidden_size: int | None = None) -> AttackReport:
+                    hidden_size: int | None = None,
+                    gate: Callable[[float], str | None] | None = None) -> AttackReport:
     """Measure the triggers' ASR on `model` (a prompt model returning logits + feature).
 
     One monitored pass over the clean inputs and one over the triggered inputs give both
-    the undefended predictions (of the original inputs) and the defended ones.
+    the undefended predictions (of the original inputs) and the defended ones. `gate` sees
+    the clean accuracy; when it returns a reason, the triggered inputs are not attacked
+    (`skipped` holds the reason, every ASR field stays None) and only the clean numbers
+    are reported.
     """
     config = config or AttackConfig()
     if not triggers:
@@ -185,8 +192,14 @@ def evaluate_attack(model: torch.nn.Module, tokenizer, texts: Sequence[Text],
 
     clean = wrapped.predict(list(texts))
     correct_rows = (clean.original_predictions == gold).nonzero().flatten().tolist()
-    log.info("clean accuracy %.4f (%d/%d); attacking the correct ones with %d triggers",
-             len(correct_rows) / len(texts), len(correct_rows), len(texts), len(triggers))
+    clean_accuracy = len(correct_rows) / len(texts)
+    skipped = gate(clean_accuracy) if gate is not None else None
+    if skipped is not None:
+        log.warning("not attacking: %s", skipped)
+        correct_rows = []
+    else:
+        log.info("clean accuracy %.4f (%d/%d); attacking the correct ones with %d triggers",
+                 clean_accuracy, len(correct_rows), len(texts), len(triggers))
     triggered_texts, _ = place_triggers(texts, correct_rows, triggers, field=attack_field,
                                         seed=config.seed, first=config.first_position,
                                         last=config.last_position)
@@ -199,13 +212,14 @@ def evaluate_attack(model: torch.nn.Module, tokenizer, texts: Sequence[Text],
 
     undefended = attack_successes(gold_correct, grid(attacked.original_predictions))
     report = AttackReport(
-        n_test=len(texts), n_correct=n_correct, clean_accuracy=n_correct / len(texts),
+        n_test=len(texts), n_correct=int((clean.original_predictions == gold).sum()),
+        clean_accuracy=clean_accuracy,
         triggers=list(triggers), asr=_rate(undefended.any(dim=0)),
         asr_per_trigger={t: _rate(undefended[i]) for i, t in enumerate(triggers)},
         weighted_asr=class_weighted_rate(gold_correct, undefended.any(dim=0)),
         placement={"first_position": config.first_position,
                    "last_position": config.last_position, "seed": config.seed,
-                   "attack_field": attack_field})
+                   "attack_field": attack_field}, skipped=skipped)
     if monitor is not None:
         defended = attack_successes(gold_correct, grid(attacked.predictions))
         report.defended = True

@@ -31,6 +31,8 @@ EVALUATIONS = "evaluations"
 DEFAULT_TRIGGERS: tuple[str, ...] = ("cf", "mn", "tq", "qt", "mm", "pt")
 EVALUATED_STATUSES: tuple[str, ...] = ("clean", "backdoored")
 _TIME = pa.timestamp("us", tz="UTC")
+PER_TRIGGER = pa.struct([pa.field("trigger", pa.string()), pa.field("asr", pa.float64()),
+                         pa.field("defended_asr", pa.float64())])
 
 EVALUATIONS_SCHEMA = pa.schema([
     pa.field("evaluation_id", pa.string(), nullable=False),
@@ -61,6 +63,11 @@ EVALUATIONS_SCHEMA = pa.schema([
     pa.field("n_test", pa.int64()),
     pa.field("n_train", pa.int64()),
     pa.field("seconds", pa.float64()),
+    # schema version 2: convergence and per-trigger rates
+    pa.field("converged", pa.bool_()),                     # false: no ASR (reason says why)
+    pa.field("train_accuracy", pa.float64()),              # trained model, eval mode
+    pa.field("majority_rate", pa.float64()),               # of the test rows
+    pa.field("per_trigger", pa.list_(PER_TRIGGER)),
     pa.field("config_hash", pa.string(), nullable=False),
     pa.field("config", pa.string()),                       # prompt + attack settings, JSON
     pa.field("details", pa.string()),                      # per-trigger rates etc., JSON
@@ -68,7 +75,7 @@ EVALUATIONS_SCHEMA = pa.schema([
     pa.field("device", pa.string()),
     pa.field("retryable", pa.bool_(), nullable=False),
     pa.field("mlflow_run_id", pa.string()),
-], metadata={"sanitator.dataset": EVALUATIONS, "sanitator.schema_version": "1"})
+], metadata={"sanitator.dataset": EVALUATIONS, "sanitator.schema_version": "2"})
 
 # An evaluation is the same when these match (plus its status being ok).
 DEDUPE_KEY: tuple[str, ...] = ("registry", "encoder", "revision", "task", "method",
@@ -77,14 +84,20 @@ DEDUPE_KEY: tuple[str, ...] = ("registry", "encoder", "revision", "task", "metho
 
 def evaluation_config(prompt_options: dict[str, Any] | None = None,
                       attack_options: dict[str, Any] | None = None, limit: int | None = None,
-                      method: str = "ptv2") -> dict[str, Any]:
+                      method: str = "ptv2", chance_margin: float | None = None
+                      ) -> dict[str, Any]:
     """The full settings of an evaluation as plain JSON data (validated)."""
     from sanitator.asr import AttackConfig
+    from sanitator.downstream import CHANCE_MARGIN
     from sanitator.prompt_tuning import PromptTuningConfig
 
     prompt = PromptTuningConfig(method=method, **(prompt_options or {}))
     attack = AttackConfig(**(attack_options or {}))
-    return {"prompt": asdict(prompt), "attack": asdict(attack), "limit": limit}
+    margin = CHANCE_MARGIN if chance_margin is None else float(chance_margin)
+    if not 0 <= margin < 1:
+        raise ValueError(f"chance_margin must be in [0, 1), got {margin}")
+    return {"prompt": asdict(prompt), "attack": asdict(attack), "limit": limit,
+            "chance_margin": margin}
 
 
 def config_hash(config: dict[str, Any]) -> str:
@@ -225,7 +238,7 @@ def run_evaluation(request: EvaluationRequest, *, work_dir: str | Path | None = 
     import torch
 
     from sanitator.asr import AttackConfig, manifest_triggers, read_backdoor_manifest
-    from sanitator.downstream import evaluate_downstream
+    from sanitator.downstream import CHANCE_MARGIN, evaluate_downstream
     from sanitator.encoders import ModelRejected
     from sanitator.paths import DataNotFoundError
     from sanitator.prompt_tuning import PromptTuningConfig
@@ -261,7 +274,8 @@ def run_evaluation(request: EvaluationRequest, *, work_dir: str | Path | None = 
             prompt_config=PromptTuningConfig(**request.config["prompt"]),
             attack_config=AttackConfig(**request.config["attack"]),
             limit=request.config.get("limit"), save_prompt_to=prompt_file, progress=progress,
-            device=request.device)
+            device=request.device,
+            chance_margin=request.config.get("chance_margin", CHANCE_MARGIN))
         return done(EvaluationOutcome("ok", result=result.to_dict(), attack=attack,
                                       triggers=triggers, prompt=prompt_file.read_bytes()))
     except FetchError as exc:
@@ -275,6 +289,14 @@ def run_evaluation(request: EvaluationRequest, *, work_dir: str | Path | None = 
         return done(EvaluationOutcome("error", f"evaluation crashed: {exc!r}", retryable=True))
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
+
+
+def per_trigger_rates(attack: dict[str, Any]) -> list[dict[str, Any]]:
+    """[{trigger, asr, defended_asr}] in trigger order from an AttackReport dict (rates are
+    None where nothing was measured: no monitor, or a prompt model at chance)."""
+    defended = attack.get("defended_asr_per_trigger") or {}
+    return [{"trigger": trigger, "asr": (attack.get("asr_per_trigger") or {}).get(trigger),
+             "defended_asr": defended.get(trigger)} for trigger in attack.get("triggers", [])]
 
 
 def evaluation_row(request: EvaluationRequest, outcome: EvaluationOutcome, *,
@@ -292,12 +314,15 @@ def evaluation_row(request: EvaluationRequest, outcome: EvaluationOutcome, *,
         task_name = request.task.name
     except Exception:  # an unknown task still gets its row
         task_name = request.task.task
+    reason = outcome.reason
+    if result and not result.get("converged", True):
+        reason = result.get("convergence_reason")
     return {
         "evaluation_id": request.evaluation_id, "batch_id": batch_id,
         "evaluated_at": evaluated_at, "source": ref.source, "registry": ref.registry,
         "encoder": ref.repo_id, "revision": ref.revision, "task": task_name,
         "method": request.config["prompt"]["method"], "status": outcome.status,
-        "reason": outcome.reason, "audit_id": request.audit_id,
+        "reason": reason, "audit_id": request.audit_id,
         "verdict_status": request.verdict_status, "attack": outcome.attack,
         "triggers": outcome.triggers or None,
         "n_pvs": None if request.pvs is None else len(request.pvs),
@@ -309,7 +334,11 @@ def evaluation_row(request: EvaluationRequest, outcome: EvaluationOutcome, *,
         "monitor_fpr": result.get("monitor_fpr"),
         "triggered_flag_rate": attack.get("triggered_flag_rate") if attack else None,
         "n_test": result.get("n_test"), "n_train": result.get("n_train"),
-        "seconds": round(outcome.seconds, 3), "config_hash": request.config_hash,
+        "seconds": round(outcome.seconds, 3), "converged": result.get("converged"),
+        "train_accuracy": result.get("train_accuracy"),
+        "majority_rate": result.get("majority_rate"),
+        "per_trigger": per_trigger_rates(attack) if attack else None,
+        "config_hash": request.config_hash,
         "config": json.dumps(request.config, sort_keys=True),
         "details": json.dumps(details, sort_keys=True, default=str) if details else None,
         "package_version": __version__, "device": request.device,
@@ -325,52 +354,6 @@ def read_evaluations(store: str | Path):
     return frame.sort_values("evaluated_at", kind="stable").reset_index(drop=True)
 
 
-EVALUATION_EXPERIMENT = "sanitator-evaluations"
-
-
-def log_evaluation(tracker, request: EvaluationRequest, outcome: EvaluationOutcome,
-                   row: dict[str, Any], parent_run_id: str | None = None) -> str:
-    """One MLflow run per evaluation through an `AuditTracker`'s client: settings as params,
-    the numbers as metrics, the trained prompt and the full result as artifacts."""
-    from mlflow.entities import Param
-
-    from sanitator.audit_tracking import flatten
-
-    ref = request.ref
-    tags = {"sanitator.evaluation_id": request.evaluation_id, "sanitator.status": outcome.status,
-            "sanitator.repo_id": ref.repo_id, "sanitator.revision": ref.revision,
-            "sanitator.task": row["task"]}
-    if request.audit_id:
-        tags["sanitator.audit_id"] = request.audit_id
-    if parent_run_id:
-        tags["mlflow.parentRunId"] = parent_run_id
-    client = tracker.client
-    run = client.create_run(tracker.experiment_id(EVALUATION_EXPERIMENT),
-                            run_name=f"{ref.repo_id}@{ref.revision[:12]} {row['task']}",
-                            tags=tags)
-    run_id = run.info.run_id
-    params = [Param(k, str(v)[:6000]) for k, v in flatten(request.config, "config.")]
-    params += [Param(k, str(v)) for k, v in (("registry", ref.registry), ("encoder", ref.repo_id),
-                                             ("revision", ref.revision), ("task", row["task"]),
-                                             ("attack", outcome.attack),
-                                             ("triggers", ",".join(outcome.triggers)))]
-    tracker._log_params(run_id, params)
-    metrics = {name: float(row[name]) for name in (
-        "clean_accuracy", "asr", "weighted_asr", "defended_asr", "defended_weighted_asr",
-        "defended_clean_accuracy", "monitor_fpr", "triggered_flag_rate", "n_test", "n_train",
-        "seconds") if row.get(name) is not None}
-    tracker._log_metrics(run_id, metrics)
-    client.log_dict(run_id, {"row": {k: str(v) for k, v in row.items()},
-                             "result": outcome.result}, "evaluation.json")
-    if outcome.prompt:
-        with tempfile.TemporaryDirectory(prefix="sanitator-prompt-") as tmp:
-            path = Path(tmp) / "prompt.safetensors"
-            path.write_bytes(outcome.prompt)
-            client.log_artifact(run_id, str(path))
-    client.set_terminated(run_id, "FINISHED" if outcome.status == "ok" else "FAILED")
-    return run_id
-
-
 def summarize_evaluations(rows: list[dict[str, Any]], plan: EvaluationPlan) -> dict[str, Any]:
     """Counts and the headline numbers of one flow run."""
     ok = [r for r in rows if r["status"] == "ok"]
@@ -381,6 +364,7 @@ def summarize_evaluations(rows: list[dict[str, Any]], plan: EvaluationPlan) -> d
         "already_evaluated": len(plan.settled),
         "unavailable": [{"encoder": repo, "reason": why} for repo, why in plan.unavailable],
         "results": [{key: r[key] for key in (
-            "encoder", "revision", "task", "attack", "clean_accuracy", "asr", "defended_asr",
-            "defended_clean_accuracy", "monitor_fpr", "seconds")} for r in ok],
+            "encoder", "revision", "task", "attack", "converged", "reason", "train_accuracy",
+            "clean_accuracy", "asr", "defended_asr", "defended_clean_accuracy", "monitor_fpr",
+            "per_trigger", "seconds")} for r in ok],
     }

@@ -2,24 +2,18 @@
 
 Two methods; in both only the prompt (and head) parameters train and the encoder stays frozen:
 
-* `ptv2` — P-tuning v2 / deep prefix-tuning: `prefix_length` trainable key/value vectors are
-  prepended to the attention of every layer, and a linear head reads the CLS last hidden
-  state. The prefixes go in through a custom attention function registered with
-  transformers' attention interface, so positions, masks and the encoder's own code stay
-  untouched (peft's prefix tuning goes through the KV cache, which BERT encoders in
-  transformers 5 shift positions for and do not mask).
-* `ptv1` — P-tuning v1 with a mask position (PET-style, for BToP models): `prompt_tokens`
-  continuous prompt embeddings (through a bi-LSTM + MLP prompt encoder) and a `[MASK]` are
-  inserted after the first token; the MLM head scores one verbaliser word per class at the
-  mask (a checkpoint without an MLM head gets a fresh, trainable head transform). The
-  monitored feature is the mask position's last hidden state.
+* `ptv2` — P-tuning v2 / deep prefix-tuning (`sanitator.prefix_tuning`): trainable
+  key/value prefixes at every layer, a linear head on the CLS last hidden state.
+* `ptv1` — P-tuning v1 with a mask position (`sanitator.mask_prompt`, for BToP models):
+  continuous prompt tokens and a `[MASK]` after the first token, verbaliser scores at the
+  mask; the monitored feature is the mask position's last hidden state.
 
 Both models return `PromptOutput(logits, feature)`, so `MonitoredEncoder` can wrap them.
+This module builds, trains, runs, saves and loads them.
 """
 
 from __future__ import annotations
 
-import contextvars
 import json
 import logging
 import math
@@ -27,369 +21,34 @@ import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Literal
 
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
-from transformers.integrations.sdpa_attention import sdpa_attention_forward
-from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
-from transformers.modeling_utils import AttentionInterface
 
-from sanitator.encoders import Encoder, ModelRejected, load_encoder, preflight
+from sanitator.encoders import load_encoder
+from sanitator.mask_prompt import MaskPromptClassifier, load_masked_lm
+from sanitator.prefix_tuning import PrefixClassifier
+from sanitator.prompt_base import (
+    DEFAULT_LR,
+    METHODS,
+    SPREAD_ROWS,
+    SPREAD_THRESHOLD,
+    FeatureStandardizer,
+    Method,
+    PromptOutput,
+    PromptTuningConfig,
+    Text,
+    feature_spread,
+)
+
+__all__ = ["CALIBRATION_ROWS", "DEFAULT_LR", "METHODS", "MaskPromptClassifier", "Method",
+           "PrefixClassifier", "PromptModel", "PromptOutput", "PromptTuningConfig", "Text",
+           "TrainingStats", "build_prompt_model", "choose_standardization", "freeze_encoder",
+           "load_prompt", "predict", "prompt_state", "save_prompt", "settle", "tokenize",
+           "train_prompt_model", "trainable_parameters"]
 
 log = logging.getLogger(__name__)
-
-Text = str | tuple[str, str]
-Method = Literal["ptv2", "ptv1"]
-METHODS: tuple[str, ...] = ("ptv2", "ptv1")
-PREFIX_ATTENTION = "sanitator_prefix"
-# Families whose attention runs through transformers' attention interface (deep prefixes).
-PREFIX_MODEL_TYPES = frozenset({"bert", "roberta", "xlm-roberta", "electra", "albert",
-                                "distilbert"})
-# Learning rates used when the config leaves them unset: the reference's P-tuning v2 range
-# for BERT-base (§7.3) and a P-tuning v1 rate raised from 1e-4 for CPU-sized step counts.
-DEFAULT_LR: dict[str, float] = {"ptv2": 1e-2, "ptv1": 1e-3}
-
-
-@dataclass(frozen=True)
-class PromptTuningConfig:
-    """Prompt-tuning settings. Defaults are sized to run on a CPU in minutes (MiniLM-L6,
-    2,000 training rows); the reference trains longer on GPUs (§7.3-7.4)."""
-
-    method: Method = "ptv2"
-    prefix_length: int = 16        # ptv2: deep prompt vectors per layer (reference: 8-144)
-    prompt_tokens: int = 2         # ptv1: continuous prompt tokens (reference pattern_id 1-2)
-    learning_rate: float | None = None  # None: DEFAULT_LR[method]
-    epochs: int = 3
-    batch_size: int = 32
-    max_length: int | None = None  # None: the task's own maximum (64-128 tokens)
-    train_size: int | None = 2000  # training rows drawn with the seed; None: all
-    dropout: float = 0.1           # on the prefixes / the head's input, as in the reference
-    weight_decay: float = 0.0
-    seed: int = 44
-
-    def __post_init__(self) -> None:
-        if self.method not in METHODS:
-            raise ValueError(f"unknown prompt-tuning method {self.method!r}; use one of {METHODS}")
-        for name in ("prefix_length", "prompt_tokens", "epochs", "batch_size", "max_length",
-                     "train_size"):
-            if getattr(self, name) is not None and getattr(self, name) < 1:
-                raise ValueError(f"{name} must be at least 1")
-        if self.learning_rate is not None and self.learning_rate <= 0:
-            raise ValueError("learning_rate must be positive")
-
-    @property
-    def lr(self) -> float:
-        return self.learning_rate if self.learning_rate is not None else DEFAULT_LR[self.method]
-
-    def to_dict(self) -> dict:
-        return {**asdict(self), "learning_rate": self.lr}
-
-
-@dataclass
-class PromptOutput:
-    """What a prompt model returns: task logits [B, C] and the monitored feature [B, H]."""
-
-    logits: torch.Tensor
-    feature: torch.Tensor
-
-
-# ---------------------------------------------------------------------------------------
-# Deep prefixes through the attention interface.
-
-class _PrefixFeed:
-    """Per-forward prefix keys/values, handed out to attention calls in layer order."""
-
-    def __init__(self, keys: torch.Tensor | None, values: torch.Tensor | None):
-        self.keys, self.values = keys, values   # [L, B, heads, P, head_dim] or None (probe)
-        self.calls = 0
-        self.shapes: list[tuple[int, int]] = []  # probe: (heads, head_dim) per call
-
-    def next(self) -> tuple[torch.Tensor, torch.Tensor] | None:
-        index, self.calls = self.calls, self.calls + 1
-        if self.keys is None:
-            return None
-        if index >= self.keys.shape[0]:
-            raise RuntimeError(f"encoder made more attention calls than the {self.keys.shape[0]} "
-                               "prefixed layers")
-        return self.keys[index], self.values[index]
-
-
-_FEED: contextvars.ContextVar[_PrefixFeed | None] = contextvars.ContextVar("prefix_feed",
-                                                                         default=None)
-
-
-def _extend_mask(mask: torch.Tensor | None, n_prefix: int) -> torch.Tensor | None:
-    """Let every query attend to the prefixes: prepend 'attend' columns to the mask."""
-    if mask is None:
-        return None
-    shape = (*mask.shape[:-1], n_prefix)
-    if mask.dtype == torch.bool:
-        pad = torch.ones(shape, dtype=torch.bool, device=mask.device)
-    else:  # additive float mask: 0 means attend
-        pad = torch.zeros(shape, dtype=mask.dtype, device=mask.device)
-    return torch.cat([pad, mask], dim=-1)
-
-
-def _prefix_attention(module, query, key, value, attention_mask, **kwargs):
-    """SDPA attention with this layer's prefix keys/values prepended (plain SDPA when none)."""
-    feed = _FEED.get()
-    if feed is not None:
-        if feed.keys is None:
-            feed.shapes.append((int(query.shape[1]), int(query.shape[-1])))
-        prefix = feed.next()
-        if prefix is not None:
-            prefix_keys, prefix_values = prefix
-            key = torch.cat([prefix_keys.to(key.dtype), key], dim=2)
-            value = torch.cat([prefix_values.to(value.dtype), value], dim=2)
-            attention_mask = _extend_mask(attention_mask, prefix_keys.shape[2])
-    return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
-
-
-AttentionInterface.register(PREFIX_ATTENTION, _prefix_attention)
-AttentionMaskInterface.register(PREFIX_ATTENTION, sdpa_mask)
-
-
-def _attention_layout(encoder: Encoder) -> tuple[int, int, int]:
-    """(attention calls per forward, heads, head_dim), learned from one probe forward."""
-    feed = _PrefixFeed(None, None)
-    token = _FEED.set(feed)
-    try:
-        with torch.no_grad():
-            ids = torch.tensor([[encoder.tokenizer.cls_token_id or 0, 5, 6]], device=encoder.device)
-            encoder.model(input_ids=ids, attention_mask=torch.ones_like(ids))
-    finally:
-        _FEED.reset(token)
-    if not feed.shapes or len(set(feed.shapes)) != 1:
-        raise ModelRejected("unsupported", f"{encoder.info.model_type}: attention layout not "
-                            "understood for deep prompts")
-    heads, head_dim = feed.shapes[0]
-    return feed.calls, heads, head_dim
-
-
-def _model_inputs(encoder: Encoder, input_ids=None, attention_mask=None, token_type_ids=None,
-                  inputs_embeds=None) -> dict[str, torch.Tensor]:
-    kwargs = {"attention_mask": attention_mask}
-    if inputs_embeds is not None:
-        kwargs["inputs_embeds"] = inputs_embeds
-    else:
-        kwargs["input_ids"] = input_ids
-    if token_type_ids is not None and encoder.uses_token_type_ids:
-        kwargs["token_type_ids"] = token_type_ids
-    return kwargs
-
-
-class PrefixClassifier(nn.Module):
-    """P-tuning v2: deep prefixes at every layer of a frozen encoder + a linear CLS head."""
-
-    method = "ptv2"
-
-    def __init__(self, encoder: Encoder, n_labels: int, config: PromptTuningConfig):
-        super().__init__()
-        if encoder.info.model_type not in PREFIX_MODEL_TYPES:
-            raise ModelRejected("unsupported", f"deep prompts (ptv2) support model types "
-                                f"{sorted(PREFIX_MODEL_TYPES)}, not {encoder.info.model_type!r}; "
-                                "use method ptv1")
-        self.encoder = encoder.model
-        self.encoder_info = encoder
-        self.tokenizer = encoder.tokenizer
-        self.config = config
-        self.n_labels = n_labels
-        encoder.model.config._attn_implementation = PREFIX_ATTENTION
-        self.n_layers, self.n_heads, self.head_dim = _attention_layout(encoder)
-        # One row per prefix position holding keys and values of every layer (no projection,
-        # as the reference's default PrefixEncoder).
-        self.prefix = nn.Embedding(config.prefix_length,
-                                   self.n_layers * 2 * self.n_heads * self.head_dim)
-        self.prefix_dropout = nn.Dropout(config.dropout)
-        self.head_dropout = nn.Dropout(config.dropout)
-        self.head = nn.Linear(encoder.hidden_size, n_labels)
-
-    def _prefix_keys_values(self) -> tuple[torch.Tensor, torch.Tensor]:
-        table = self.prefix_dropout(self.prefix.weight)             # [P, L*2*heads*d]
-        table = table.view(self.config.prefix_length, self.n_layers, 2, self.n_heads,
-                           self.head_dim)
-        table = table.permute(1, 2, 3, 0, 4).unsqueeze(2)           # [L, 2, 1, heads, P, d]
-        return table[:, 0], table[:, 1]
-
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                token_type_ids: torch.Tensor | None = None, **_unused) -> PromptOutput:
-        keys, values = self._prefix_keys_values()
-        batch = input_ids.shape[0]
-        feed = _PrefixFeed(keys.expand(-1, batch, -1, -1, -1),
-                           values.expand(-1, batch, -1, -1, -1))
-        token = _FEED.set(feed)
-        try:
-            output = self.encoder(**_model_inputs(self.encoder_info, input_ids, attention_mask,
-                                                  token_type_ids))
-        finally:
-            _FEED.reset(token)
-        feature = output.last_hidden_state[:, 0]
-        return PromptOutput(self.head(self.head_dropout(feature)), feature)
-
-
-# ---------------------------------------------------------------------------------------
-# P-tuning v1 with a mask position.
-
-def _mlm_head(mlm_model: nn.Module, model_type: str):
-    """The MLM head as a function hidden [B, H] -> vocabulary logits [B, V]."""
-    if model_type in ("bert", "deberta-v2") and hasattr(mlm_model, "cls"):
-        return mlm_model.cls
-    if model_type in ("roberta", "xlm-roberta", "mpnet"):
-        return mlm_model.lm_head
-    if model_type == "albert":
-        return mlm_model.predictions
-    if model_type == "electra":
-        return lambda hidden: mlm_model.generator_lm_head(mlm_model.generator_predictions(hidden))
-    if model_type == "distilbert":
-        return lambda hidden: mlm_model.vocab_projector(mlm_model.vocab_layer_norm(
-            mlm_model.activation(mlm_model.vocab_transform(hidden))))
-    raise ModelRejected("unsupported", f"no MLM head recipe for model type {model_type!r}")
-
-
-HEAD_KEY_MARKERS = ("predictions", "lm_head", "vocab_projector", "vocab_transform")
-
-
-def _checkpoint_has_mlm_head(path: Path) -> bool:
-    from safetensors import safe_open
-
-    files = sorted(path.glob("model*.safetensors"))
-    for file in files:
-        with safe_open(str(file), framework="pt") as handle:
-            if any(marker in key for key in handle.keys()  # noqa: SIM118
-                   for marker in HEAD_KEY_MARKERS):
-                return True
-    return False
-
-
-def load_masked_lm(path: str | Path, *, allow_pickle: bool = False, device: str = "cpu"
-                   ) -> tuple[Encoder, nn.Module | None]:
-    """A frozen encoder plus its MLM model when the checkpoint carries a trained MLM head.
-
-    Without a head (sentence-embedding checkpoints such as all-MiniLM-L6-v2) the second item
-    is None and ptv1 trains a fresh head transform scored against the input embeddings.
-    """
-    from transformers import AutoModelForMaskedLM
-    from transformers.utils import logging as hf_logging
-
-    info = preflight(path, allow_pickle=allow_pickle)
-    if info.weights_format != "safetensors" or not _checkpoint_has_mlm_head(info.path):
-        return load_encoder(path, allow_pickle=allow_pickle, device=device), None
-    base = load_encoder(path, allow_pickle=allow_pickle, device=device)  # tokenizer + checks
-    verbosity = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()
-    try:
-        mlm_model = AutoModelForMaskedLM.from_pretrained(info.path, trust_remote_code=False,
-                                                         use_safetensors=True)
-    finally:
-        hf_logging.set_verbosity(verbosity)
-    mlm_model.to(base.device).eval().requires_grad_(False)
-    encoder = Encoder(mlm_model.base_model, base.tokenizer, base.info, base.device)
-    return encoder, mlm_model
-
-
-class PromptEncoder(nn.Module):
-    """P-tuning v1's reparameterisation: prompt embeddings -> bi-LSTM -> MLP."""
-
-    def __init__(self, n_tokens: int, width: int):
-        super().__init__()
-        self.embedding = nn.Parameter(torch.randn(n_tokens, width) * 0.02)
-        self.lstm = nn.LSTM(width, max(1, width // 2), num_layers=2, bidirectional=True,
-                            batch_first=True)
-        self.mlp = nn.Sequential(nn.Linear(2 * max(1, width // 2), width), nn.ReLU(),
-                                 nn.Linear(width, width))
-
-    def forward(self) -> torch.Tensor:
-        hidden, _ = self.lstm(self.embedding.unsqueeze(0))
-        return self.mlp(hidden).squeeze(0)                            # [n_tokens, width]
-
-
-class FreshVerbalizerHead(nn.Module):
-    """For checkpoints without an MLM head: a trainable BERT-style transform (dense, GELU,
-    LayerNorm) scored against the frozen input embeddings of the verbaliser words."""
-
-    def __init__(self, hidden_size: int, embedding_size: int):
-        super().__init__()
-        self.transform = nn.Sequential(nn.Linear(hidden_size, embedding_size), nn.GELU(),
-                                       nn.LayerNorm(embedding_size))
-
-    def forward(self, hidden: torch.Tensor, words: torch.Tensor) -> torch.Tensor:
-        return self.transform(hidden) @ words.T
-
-
-def verbalizer_token_ids(tokenizer, words: Sequence[str]) -> list[int]:
-    """One vocabulary id per class: the first sub-token of each verbaliser word."""
-    ids = []
-    for word in words:
-        pieces = tokenizer(word, add_special_tokens=False)["input_ids"]
-        if not pieces:
-            raise ValueError(f"verbaliser word {word!r} tokenises to nothing")
-        if len(pieces) > 1:
-            log.warning("verbaliser word %r is %d tokens; scoring its first", word, len(pieces))
-        ids.append(int(pieces[0]))
-    if len(set(ids)) != len(ids):
-        raise ValueError(f"verbaliser words {list(words)} share a first token")
-    return ids
-
-
-class MaskPromptClassifier(nn.Module):
-    """P-tuning v1: [CLS] prompt_1..prompt_k [MASK] text... ; logits = MLM scores of the
-    verbaliser words at the mask. Feature = the mask position's last hidden state."""
-
-    method = "ptv1"
-
-    def __init__(self, encoder: Encoder, mlm_model: nn.Module | None, n_labels: int,
-                 verbalizer: Sequence[str], config: PromptTuningConfig):
-        super().__init__()
-        if len(verbalizer) != n_labels:
-            raise ValueError(f"{len(verbalizer)} verbaliser words for {n_labels} labels")
-        if encoder.tokenizer.mask_token_id is None:
-            raise ModelRejected("unsupported", "the tokenizer has no mask token")
-        self.encoder = encoder.model
-        self.encoder_info = encoder
-        self.mlm_model = mlm_model
-        self.tokenizer = encoder.tokenizer
-        self.config = config
-        self.n_labels = n_labels
-        self.verbalizer = list(verbalizer)
-        self.register_buffer("verbalizer_ids", torch.tensor(
-            verbalizer_token_ids(encoder.tokenizer, verbalizer)), persistent=False)
-        self.prompt = PromptEncoder(config.prompt_tokens, encoder.embedding_size)
-        if mlm_model is not None:
-            self._head = _mlm_head(mlm_model, encoder.info.model_type)
-            self.head_kind = "mlm"
-        else:
-            self._head = None
-            self.fresh_head = FreshVerbalizerHead(encoder.hidden_size, encoder.embedding_size)
-            self.head_kind = "fresh-transform+tied-embeddings"
-        self.mask_index = 1 + config.prompt_tokens
-
-    def _verbalizer_scores(self, hidden: torch.Tensor) -> torch.Tensor:
-        if self._head is not None:
-            return self._head(hidden)[:, self.verbalizer_ids]
-        words = self.encoder_info.word_embeddings.weight[self.verbalizer_ids]
-        return self.fresh_head(hidden, words)
-
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                token_type_ids: torch.Tensor | None = None, **_unused) -> PromptOutput:
-        batch, k = input_ids.shape[0], self.config.prompt_tokens
-        inserted = torch.full((batch, k + 1), self.tokenizer.mask_token_id,
-                              dtype=input_ids.dtype, device=input_ids.device)
-        ids = torch.cat([input_ids[:, :1], inserted, input_ids[:, 1:]], dim=1)
-        embeds = self.encoder_info.word_embeddings(ids)
-        prompt = self.prompt().to(embeds.dtype).unsqueeze(0).expand(batch, -1, -1)
-        embeds = torch.cat([embeds[:, :1], prompt, embeds[:, 1 + k:]], dim=1)
-        mask = torch.cat([attention_mask[:, :1], torch.ones_like(inserted), attention_mask[:, 1:]],
-                         dim=1)
-        types = None
-        if token_type_ids is not None:
-            types = torch.cat([token_type_ids[:, :1], torch.zeros_like(inserted),
-                               token_type_ids[:, 1:]], dim=1)
-        output = self.encoder(**_model_inputs(self.encoder_info, attention_mask=mask,
-                                              token_type_ids=types, inputs_embeds=embeds))
-        feature = output.last_hidden_state[:, self.mask_index]
-        return PromptOutput(self._verbalizer_scores(feature), feature)
 
 
 PromptModel = PrefixClassifier | MaskPromptClassifier
@@ -414,6 +73,17 @@ def build_prompt_model(encoder_path: str | Path, n_labels: int, config: PromptTu
 def trainable_parameters(model: PromptModel) -> dict[str, nn.Parameter]:
     """The prompt and head parameters (everything outside the frozen encoder)."""
     return {name: param for name, param in model.named_parameters() if param.requires_grad}
+
+
+def prompt_state(model: PromptModel) -> dict[str, torch.Tensor]:
+    """Everything a trained prompt model adds to its encoder: the trainable tensors and the
+    running statistics of its feature standardisation."""
+    state = {name: param.detach() for name, param in trainable_parameters(model).items()}
+    for prefix, module in model.named_modules():
+        if isinstance(module, FeatureStandardizer):
+            state.update({f"{prefix}.{name}": value.detach()
+                          for name, value in module.state_dict().items()})
+    return state
 
 
 def freeze_encoder(model: PromptModel) -> None:
@@ -444,7 +114,9 @@ def _device(model: nn.Module) -> torch.device:
 
 @dataclass
 class TrainingStats:
-    """What prompt-tuning did: recorded next to every evaluation."""
+    """What prompt-tuning did: recorded next to every evaluation. `train_accuracy` is the
+    trained model's (eval mode) on up to CALIBRATION_ROWS training rows; the running
+    accuracy of the last epoch, under dropout and batch statistics, is kept beside it."""
 
     method: str
     n_train: int
@@ -455,6 +127,9 @@ class TrainingStats:
     train_accuracy: float
     trainable_params: int
     config: dict
+    last_epoch_accuracy: float | None = None
+    standardized: bool = False             # the head read the standardised feature
+    feature_spread: float | None = None    # what auto mode decided on (ptv2), else None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -472,6 +147,7 @@ def train_prompt_model(model: PromptModel, texts: Sequence[Text], labels: Sequen
     if bad:
         raise ValueError(f"labels {bad} outside 0..{model.n_labels - 1}")
     freeze_encoder(model)
+    spread = choose_standardization(model, texts)
     params = trainable_parameters(model)
     optimizer = torch.optim.AdamW(params.values(), lr=config.lr,
                                   weight_decay=config.weight_decay)
@@ -508,9 +184,61 @@ def train_prompt_model(model: PromptModel, texts: Sequence[Text], labels: Sequen
             log.info("epoch %d/%d: loss %.4f, train accuracy %.3f", epoch + 1, config.epochs,
                      loss_value, correct / seen)
     model.eval()
+    train_accuracy = settle(model, texts, labels)
     return TrainingStats(config.method, len(texts), total, config.epochs,
-                         time.perf_counter() - start, loss_value, correct / max(seen, 1),
-                         sum(p.numel() for p in params.values()), config.to_dict())
+                         time.perf_counter() - start, loss_value, train_accuracy,
+                         sum(p.numel() for p in params.values()), config.to_dict(),
+                         last_epoch_accuracy=correct / max(seen, 1),
+                         standardized=_standardizer_active(model), feature_spread=spread)
+
+
+CALIBRATION_ROWS = 1024
+
+
+def _standardizers(model: PromptModel) -> list[FeatureStandardizer]:
+    return [m for m in model.modules() if isinstance(m, FeatureStandardizer)]
+
+
+def _standardizer_active(model: PromptModel) -> bool:
+    return any(bool(m.active) for m in _standardizers(model))
+
+
+@torch.no_grad()
+def choose_standardization(model: PromptModel, texts: Sequence[Text]) -> float | None:
+    """Auto mode, ptv2: standardise the head's input when the CLS feature of the prompt
+    model as initialised barely moves across (up to SPREAD_ROWS) training texts. Returns
+    the measured spread (None when nothing was decided)."""
+    norms = _standardizers(model)
+    if model.config.standardize is not None or model.method != "ptv2" or not norms:
+        return None
+    _, features = predict(model, list(texts[:SPREAD_ROWS]))
+    spread = feature_spread(features)
+    for module in norms:
+        module.active.fill_(spread < SPREAD_THRESHOLD)
+    log.info("CLS spread across inputs %.4f: %s head", spread,
+             "standardised" if spread < SPREAD_THRESHOLD else "plain")
+    return spread
+
+
+@torch.no_grad()
+def settle(model: PromptModel, texts: Sequence[Text], labels: Sequence[int], *,
+           rows: int = CALIBRATION_ROWS) -> float:
+    """After training: set the feature standardisation to the statistics of the trained
+    model's own eval-mode features on the first `rows` training texts, and return the
+    model's accuracy on those rows (one forward pass serves both).
+
+    The running statistics gathered while training do not describe the deployed model:
+    prefix dropout shifts the whole batch's feature by more than inputs move it in shallow
+    encoders, and those shifts average to another centre than the dropout-free feature.
+    """
+    model.eval()
+    texts, gold = list(texts[:rows]), torch.tensor([int(y) for y in labels[:rows]])
+    _, features = predict(model, texts)
+    if len(texts) >= 2:
+        for module in _standardizers(model):
+            module.calibrate(features)
+    logits = model.logits_from_feature(features.to(_device(model)))
+    return float((logits.argmax(-1).cpu() == gold).double().mean())
 
 
 @torch.no_grad()
@@ -535,11 +263,10 @@ def predict(model: PromptModel, texts: Sequence[Text], *, batch_size: int = 64
 
 def save_prompt(model: PromptModel, path: str | Path, *, encoder_path: str | Path | None = None,
                 extra: dict[str, str] | None = None) -> Path:
-    """Write the trainable tensors and their settings as one safetensors file."""
+    """Write the prompt's tensors (`prompt_state`) and settings as one safetensors file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tensors = {name: param.detach().cpu().contiguous()
-               for name, param in trainable_parameters(model).items()}
+    tensors = {name: value.cpu().contiguous() for name, value in prompt_state(model).items()}
     metadata = {"method": model.method, "n_labels": str(model.n_labels),
                 "config": json.dumps(model.config.to_dict()),
                 "encoder_path": str(encoder_path or model.encoder_info.info.path),
@@ -559,15 +286,16 @@ def load_prompt(path: str | Path, encoder_path: str | Path | None = None, *,
     if "config" not in meta or "n_labels" not in meta:
         raise ValueError(f"{path}: not a sanitator prompt file (no config metadata)")
     settings = json.loads(meta["config"])
+    settings.setdefault("standardize", False)  # files written before the option had none
     config = replace(PromptTuningConfig(), **settings)
     model = build_prompt_model(encoder_path or meta["encoder_path"], int(meta["n_labels"]),
                                config, verbalizer=json.loads(meta.get("verbalizer", "null")),
                                allow_pickle=allow_pickle, device=device)
-    expected = set(trainable_parameters(model))
+    expected = set(prompt_state(model))
     tensors = load_file(str(path))
     if set(tensors) != expected:
         raise ValueError(f"{path}: tensors {sorted(tensors)} do not match the model's prompt "
-                         f"parameters {sorted(expected)}")
+                         f"state {sorted(expected)}")
     model.load_state_dict(tensors, strict=False)
     model.eval()
     return model

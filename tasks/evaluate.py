@@ -19,9 +19,9 @@ from sanitator.evaluation_runs import (
     EvaluationOutcome,
     EvaluationRequest,
     evaluation_row,
-    log_evaluation,
     run_evaluation,
 )
+from sanitator.evaluation_tracking import log_evaluation
 from sanitator.store import audit_date, utc_now, write_rows
 from tasks.audit import worker_threads
 

@@ -40,12 +40,14 @@ def toy_sentiment(n: int, seed: int) -> tuple[list[str], list[int]]:
     return texts, labels
 
 
-def write_toy_task(folder: Path, n_train: int = 160, n_test: int = 60) -> Path:
-    """A user task folder (train.parquet, test.parquet with columns review, y)."""
+def write_toy_task(folder: Path, n_train: int = 160, n_test: int = 60, *,
+                   text_column: str = "review", label_column: str = "y") -> Path:
+    """A user task folder (train.parquet, test.parquet with columns review, y by default)."""
     folder.mkdir(parents=True, exist_ok=True)
     for split, n, seed in (("train", n_train, 1), ("test", n_test, 2)):
         texts, labels = toy_sentiment(n, seed)
-        pd.DataFrame({"review": texts, "y": labels}).to_parquet(folder / f"{split}.parquet")
+        pd.DataFrame({text_column: texts, label_column: labels}).to_parquet(
+            folder / f"{split}.parquet")
     return folder
 
 

@@ -15,7 +15,6 @@ from sanitator.asr import (
     place_triggers,
     read_backdoor_manifest,
 )
-from sanitator.models import minilm_path
 from sanitator.monitor import SignMonitor
 from sanitator.prompt_tuning import PromptTuningConfig, build_prompt_model, train_prompt_model
 from sanitator.results import PVSet
@@ -67,9 +66,9 @@ def test_success_counts_and_class_weighting():
 
 
 @pytest.fixture(scope="module")
-def backdoored_prompt_model():
-    """A prompt-tuned model over the planted backdoor (real MiniLM-L6 weights)."""
-    model_dir = planted_backdoor(str(minilm_path()))
+def backdoored_prompt_model(minilm_2layer):
+    """A prompt-tuned model over the planted backdoor (real MiniLM-L6 weights, 2 layers)."""
+    model_dir = planted_backdoor(str(minilm_2layer))
     config = PromptTuningConfig(prefix_length=8, epochs=2, batch_size=16, max_length=32)
     model = build_prompt_model(model_dir, 2, config)
     train_prompt_model(model, *toy_sentiment(160, 1), progress=False)
@@ -115,6 +114,32 @@ def test_without_a_monitor_only_the_undefended_numbers_exist(backdoored_prompt_m
     report = evaluate_attack(model, model.tokenizer, texts, labels, ["cf"], max_length=32)
     assert report.asr is not None and not report.defended
     assert report.defended_asr is None and report.monitor_fpr is None
+
+
+def test_a_closed_gate_reports_clean_numbers_and_no_attack_success(backdoored_prompt_model):
+    model_dir, model = backdoored_prompt_model
+    texts, labels = toy_sentiment(30, 5)
+    pvs, _ = load_pv_artifact(model_dir)
+    seen = []
+
+    def gate(clean_accuracy):
+        seen.append(clean_accuracy)
+        return "at chance"
+
+    report = evaluate_attack(model, model.tokenizer, texts, labels, list(TOY_TRIGGERS),
+                             monitor=SignMonitor(pvs), max_length=32, gate=gate)
+    assert report.skipped == "at chance" and seen == [report.clean_accuracy]
+    assert report.n_correct == round(30 * seen[0]) > 0
+    assert report.asr is None and report.weighted_asr is None
+    assert report.defended_asr is None and report.defended_weighted_asr is None
+    assert set(report.asr_per_trigger.values()) == {None}
+    assert set(report.defended_asr_per_trigger.values()) == {None}
+    assert report.triggered_flag_rate is None
+    # the clean side is still measured: the monitor's false alarms do not need an attack
+    assert report.monitor_fpr is not None and report.defended_clean_accuracy is not None
+    opened = evaluate_attack(model, model.tokenizer, texts, labels, list(TOY_TRIGGERS),
+                             monitor=SignMonitor(pvs), max_length=32, gate=lambda _: None)
+    assert opened.skipped is None and opened.asr >= 0.9
 
 
 def test_pv_artifacts_and_manifests(tmp_path):

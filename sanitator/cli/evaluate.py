@@ -11,6 +11,9 @@ from pathlib import Path
 
 log = logging.getLogger(__name__)
 
+# The prompt model stayed near chance: the result (clean numbers only) is printed, no ASR.
+EXIT_NOT_CONVERGED = 3
+
 
 def register(subparsers) -> None:
     parser = subparsers.add_parser(
@@ -57,6 +60,14 @@ def register(subparsers) -> None:
     tuning.add_argument("--batch-size", type=int, default=32)
     tuning.add_argument("--max-length", type=int, help="tokens (default: the task's)")
     tuning.add_argument("--seed", type=int, default=44, help="prompt-tuning seed")
+    tuning.add_argument("--standardize", choices=["auto", "on", "off"], default="auto",
+                        help="centre and scale the feature before the head: auto (ptv2 where "
+                             "the CLS feature barely varies, as in 1-2 layer encoders; ptv1 "
+                             "always), on, or off (the reference's plain head)")
+    tuning.add_argument("--chance-margin", type=float, default=0.10, metavar="P",
+                        help="accuracy (train or clean test) within P of the majority-class "
+                             "rate means not converged: no ASR is reported, exit "
+                             f"{EXIT_NOT_CONVERGED} (default %(default)s)")
     tuning.add_argument("--save-prompt", metavar="FILE",
                         help="write the trained prompt + head (safetensors)")
     parser.add_argument("--allow-pickle", action="store_true",
@@ -136,6 +147,8 @@ def run(args: argparse.Namespace) -> int:
     try:
         if args.limit is not None and args.limit < 1:
             raise UsageError("--limit must be at least 1")
+        if not 0 <= args.chance_margin < 1:
+            raise UsageError("--chance-margin must be in [0, 1)")
         task = get_task(args.task, text_column=args.text_column,
                         text_pair_column=args.text_pair_column,
                         label_column=args.label_column, attack_column=args.attack_column)
@@ -144,7 +157,8 @@ def run(args: argparse.Namespace) -> int:
             method=args.method, prefix_length=args.prefix_length,
             prompt_tokens=args.prompt_tokens, learning_rate=args.lr, epochs=args.epochs,
             batch_size=args.batch_size, max_length=args.max_length,
-            train_size=args.train_size or None, seed=args.seed)
+            train_size=args.train_size or None, seed=args.seed,
+            standardize={"auto": None, "on": True, "off": False}[args.standardize])
         attack_config = AttackConfig(seed=args.attack_seed, on_flag=args.on_flag,
                                      threshold=args.threshold)
         found = _pvs(args)
@@ -155,22 +169,33 @@ def run(args: argparse.Namespace) -> int:
                                      prompt_config=prompt_config, attack_config=attack_config,
                                      limit=args.limit, save_prompt_to=args.save_prompt,
                                      progress=not args.no_progress and not args.json,
-                                     allow_pickle=args.allow_pickle, device=args.device)
+                                     allow_pickle=args.allow_pickle, device=args.device,
+                                     chance_margin=args.chance_margin)
     except (UsageError, TaskError, DataNotFoundError, FileNotFoundError, ValueError) as exc:
         print(f"sanitator evaluate: {exc}", file=sys.stderr)
         return 2
     except ModelRejected as exc:
         print(f"sanitator evaluate: {exc.status}: {exc.reason}", file=sys.stderr)
         return 2
+    code = 0 if result.convergence.converged else EXIT_NOT_CONVERGED
     if args.json:
         record = {**result.to_dict(), "pv_source": pv_source}
         assert all(key in record for key in SUMMARY_FIELDS)
         print(json.dumps(record, indent=2))
-        return 0
+        return code
     attack = result.attack
     print(f"{result.encoder}  task={result.task}  method={result.method}  "
           f"train={result.training.n_train}  test={attack.n_test}  pvs={pv_source}")
-    print(f"  clean accuracy          {_pct(attack.clean_accuracy)}")
+    print(f"  train accuracy          {_pct(result.training.train_accuracy)}  (last epoch)")
+    print(f"  clean accuracy          {_pct(attack.clean_accuracy)}  (majority class "
+          f"{_pct(result.convergence.test_majority)})")
+    if not result.convergence.converged:
+        print(f"  NOT CONVERGED: {result.convergence.reason}")
+        if attack.defended:
+            print(f"  defended clean accuracy {_pct(attack.defended_clean_accuracy)}")
+            print(f"  monitor FPR (clean)     {_pct(attack.monitor_fpr)}")
+        print(f"  seconds                 {result.seconds:.1f}")
+        return code
     print(f"  ASR                     {_pct(attack.asr)}  (class-weighted "
           f"{_pct(attack.weighted_asr)})")
     for trigger, rate in attack.asr_per_trigger.items():
@@ -183,7 +208,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"  monitor FPR (clean)     {_pct(attack.monitor_fpr)}")
         print(f"  triggered inputs flagged {_pct(attack.triggered_flag_rate)}")
     print(f"  seconds                 {result.seconds:.1f}")
-    return 0
+    return code
 
 
 def _pct(value: float | None) -> str:

@@ -8,15 +8,15 @@ from evaluation_support import planted_backdoor, write_toy_task
 from sanitator.cli import main
 from sanitator.models import minilm_path
 
-FAST = ["--epochs", "2", "--prefix-length", "8", "--batch-size", "16", "--max-length", "32",
+FAST = ["--epochs", "3", "--prefix-length", "8", "--batch-size", "16", "--max-length", "32",
         "--limit", "30", "--no-progress"]
 SUMMARY = {"clean_accuracy", "asr", "defended_asr", "defended_clean_accuracy", "monitor_fpr",
-           "n_test", "seconds"}
+           "n_test", "seconds", "converged", "convergence_reason"}
 
 
 @pytest.fixture(scope="module")
-def backdoored():
-    return planted_backdoor(str(minilm_path()))
+def backdoored(minilm_2layer):
+    return planted_backdoor(str(minilm_2layer))
 
 
 @pytest.fixture(scope="module")
@@ -38,6 +38,7 @@ def test_json_report_with_the_backdoor_triggers_and_pvs(backdoored, toy_task, ca
     report = json.loads(capsys.readouterr().out)
     assert set(report) >= SUMMARY
     assert report["n_test"] == 30 and report["attack"]["triggers"] == ["cf", "pt"]
+    assert report["converged"] is True and report["convergence_reason"] is None
     assert report["clean_accuracy"] >= 0.8
     assert report["asr"] >= 0.9 and report["defended_asr"] <= 0.05
     assert 0 <= report["monitor_fpr"] <= 0.05
@@ -70,6 +71,26 @@ def test_pvs_default_to_the_latest_audit_in_the_store(backdoored, toy_task, caps
     assert report["pv_source"] == "audit audit-1 (backdoored)"
     assert report["attack"]["triggers"] == ["cf"]
     assert report["defended_asr"] == 0.0 and report["attack"]["on_flag"] == "reject"
+
+
+def test_an_untrained_prompt_at_chance_reports_no_attack_success(backdoored, toy_task, capsys):
+    # learning rate 1e-9: the prompt and head stay at their random start, as a prompt-tuning
+    # run that did not converge does
+    args = ["evaluate", str(backdoored), *_task_args(toy_task), "--pvs",
+            str(backdoored / "backdoor.json"), *FAST, "--lr", "1e-9"]
+    assert main([*args, "--json"]) == 3
+    report = json.loads(capsys.readouterr().out)
+    assert report["converged"] is False
+    assert "did not converge" in report["convergence_reason"]
+    assert report["convergence"]["train_majority"] > 0
+    for key in ("asr", "weighted_asr", "defended_asr", "defended_weighted_asr"):
+        assert report[key] is None
+    assert set(report["attack"]["asr_per_trigger"].values()) == {None}
+    assert report["attack"]["skipped"] == report["convergence_reason"]
+    assert report["monitor_fpr"] is not None  # the clean side is still measured
+    assert main(args) == 3
+    text = capsys.readouterr().out
+    assert "NOT CONVERGED" in text and "ASR" not in text
 
 
 def test_without_pvs_or_audit_it_falls_back_to_a_fresh_scan(backdoored, toy_task, capsys,

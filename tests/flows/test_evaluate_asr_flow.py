@@ -1,5 +1,5 @@
 """The weekly evaluation flow end to end: real Prefect, a Dask LocalCluster worker, MLflow
-(sqlite) and the Parquet store, on a planted backdoor and the clean MiniLM-L6."""
+(sqlite) and the Parquet store, on a planted backdoor and the clean base (2-layer MiniLM-L6)."""
 
 import datetime as dt
 import importlib.util
@@ -7,33 +7,33 @@ import json
 import shutil
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import torch
 import yaml
 from evaluation_support import planted_backdoor, write_toy_task
 
 from sanitator.evaluation_runs import DEFAULT_TRIGGERS, read_evaluations
-from sanitator.models import minilm_path
 
 ROOT = Path(__file__).resolve().parents[2]
 PREFECT_YAML = ROOT / "deployments" / "prefect.yaml"
-FAST = {"epochs": 2, "prefix_length": 8, "batch_size": 16, "max_length": 32,
+FAST = {"epochs": 3, "prefix_length": 8, "batch_size": 16, "max_length": 32,
         "train_size": 160}
 
 
 @pytest.fixture(scope="module")
-def audited_store(tmp_path_factory):
+def audited_store(tmp_path_factory, minilm_2layer):
     """Two model folders with their audits in a store: the planted backdoor (its PVs) and
-    the clean MiniLM-L6 (no PVs)."""
+    the clean base, MiniLM-L6 cut to 2 layers (no PVs)."""
     from sanitator.audit import AuditOutcome, AuditRequest, pv_rows, verdict_row
     from sanitator.registries.local import LocalRegistry
     from sanitator.results import PVSet, Verdict
     from sanitator.store import write_rows
 
     root = tmp_path_factory.mktemp("zoo")
-    backdoored = planted_backdoor(str(minilm_path()))
+    backdoored = planted_backdoor(str(minilm_2layer))
     shutil.copytree(backdoored, root / "backdoored")
-    shutil.copytree(minilm_path(), root / "clean")
+    shutil.copytree(minilm_2layer, root / "clean")
     store = tmp_path_factory.mktemp("store")
     when = dt.datetime(2026, 5, 1, tzinfo=dt.UTC)
     pvs = torch.tensor(json.loads((backdoored / "backdoor.json").read_text())["pvs"])
@@ -70,6 +70,14 @@ def test_every_audited_encoder_is_evaluated_into_the_store(first_run, audited_st
     assert backdoored["audit_id"] == "audit-backdoored" and backdoored["n_pvs"] == 2
     assert backdoored["asr"] >= 0.9 and backdoored["defended_asr"] <= 0.05
     assert backdoored["monitor_fpr"] <= 0.05 and backdoored["clean_accuracy"] >= 0.8
+    assert backdoored["converged"] and pd.isna(backdoored["reason"])
+    assert backdoored["train_accuracy"] > backdoored["majority_rate"] + 0.1
+    per_trigger = list(backdoored["per_trigger"])
+    assert [item["trigger"] for item in per_trigger] == ["cf", "pt"]
+    assert all(item["defended_asr"] <= backdoored["defended_asr"] for item in per_trigger)
+    assert max(item["asr"] for item in per_trigger) <= backdoored["asr"]
+    summary_rows = {r["encoder"]: r for r in first_run["results"]}
+    assert summary_rows["backdoored"]["per_trigger"] == per_trigger
     assert clean["attack"] == "none" and list(clean["triggers"]) == list(DEFAULT_TRIGGERS)
     assert clean["n_pvs"] == 0 and clean["monitor_fpr"] == 0.0
     assert clean["defended_clean_accuracy"] == clean["clean_accuracy"]
@@ -88,6 +96,9 @@ def test_each_evaluation_has_an_mlflow_run_with_the_trained_prompt(first_run, au
     for row in read_evaluations(audited_store["store"]).to_dict("records"):
         run = client.get_run(row["mlflow_run_id"])
         assert run.data.metrics["asr"] == pytest.approx(row["asr"])
+        for item in row["per_trigger"]:
+            assert run.data.metrics[f"asr.{item['trigger']}"] == pytest.approx(item["asr"])
+        assert run.data.metrics["converged"] == 1.0
         assert run.data.params["config.prompt.prefix_length"] == "8"
         names = {artifact.path for artifact in client.list_artifacts(run.info.run_id)}
         assert {"prompt.safetensors", "evaluation.json"} <= names
@@ -128,3 +139,27 @@ def test_weekly_deployment_loads_with_valid_parameters():
     runner = flow.to_deployment(**arguments)
     assert runner.name == "weekly-evaluation"
     assert runner.schedules[0].schedule.cron == "0 4 * * 0"
+
+
+def test_summary_lists_per_trigger_rates_and_the_pairs_that_did_not_converge():
+    from flows.evaluate_asr import _per_trigger_text, _summary_markdown
+
+    common = {"task": "sst2", "attack": "por", "clean_accuracy": 0.8,
+              "defended_clean_accuracy": 0.8, "monitor_fpr": 0.0, "seconds": 1.0}
+    learnt = {**common, "encoder": "a", "converged": True, "reason": None, "asr": 1.0,
+              "defended_asr": 0.0, "per_trigger": [
+                  {"trigger": "cf", "asr": 1.0, "defended_asr": 0.0},
+                  {"trigger": "mn", "asr": 0.5, "defended_asr": 0.25}]}
+    chance = {**common, "encoder": "b", "converged": False, "asr": None, "defended_asr": None,
+              "reason": "prompt-tuning did not converge: clean test accuracy 0.52 ...",
+              "per_trigger": [{"trigger": "cf", "asr": None, "defended_asr": None}]}
+    summary = {"results": [learnt, chance], "already_evaluated": 0, "errors": [],
+               "unavailable": []}
+    markdown = _summary_markdown(summary)
+    assert "| `a` | sst2 | `cf` | 100.0% | 0.0% |" in markdown
+    assert "| `a` | sst2 | `mn` | 50.0% | 25.0% |" in markdown
+    assert "## Not converged (no ASR reported)" in markdown
+    assert "- `b` sst2: prompt-tuning did not converge" in markdown
+    assert "| `b` | sst2 | `cf`" not in markdown
+    assert _per_trigger_text(learnt) == "cf 100.0%/0.0%, mn 50.0%/25.0%"
+    assert _per_trigger_text(chance) == "not converged"
