@@ -202,7 +202,7 @@ def test_rows_fit_the_store_schemas(tmp_path):
     assert store.write_rows(tmp_path, store.PVS, pvs, partition="2026-05-01", name="x")
     assert (row["pv_count"], row["seconds"], row["device"]) == (1, 1.235, "cuda:0")
     assert json.loads(row["evidence"]) == {"support": 3}
-    assert json.loads(row["config"]) == request.config
+    assert json.loads(row["config"]) == json.loads(json.dumps(request.config))
     assert pvs[0]["sign_bits"] == store.pack_signs([1.0, -2.0, 0.0])
     assert pvs[0]["trigger_shape"] == [2, 4] and len(pvs[0]["trigger"]) == 8
     assert (pvs[0]["seed"], pvs[0]["trigger_tokens"]) == (7, ["cf", "mn"])
