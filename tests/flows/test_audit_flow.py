@@ -55,9 +55,9 @@ def test_four_models_over_three_registries_get_the_right_statuses(first_run, sto
 
 
 def first_run_config_hash():
-    from sanitator.config import ScanConfig
+    from flows.audit_zoo import resolve_scan_config
 
-    return ScanConfig.from_preset("fast", **SCAN_OPTIONS).config_hash()
+    return resolve_scan_config("fast", SCAN_OPTIONS).config_hash()
 
 
 def test_pv_rows_and_mlflow_runs_are_written(first_run, store):
