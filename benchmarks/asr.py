@@ -31,9 +31,9 @@ from pathlib import Path
 
 import torch
 
-from sanitator.asr import AttackConfig, load_pv_artifact, read_backdoor_manifest
-from sanitator.downstream import DownstreamResult, evaluate_downstream
-from sanitator.prompt_tuning import PromptTuningConfig
+from sanitator.downstream.asr import AttackConfig, load_pv_artifact, read_backdoor_manifest
+from sanitator.downstream.evaluate import DownstreamResult, evaluate_downstream
+from sanitator.downstream.prompt_tuning import PromptTuningConfig
 
 log = logging.getLogger("benchmarks.asr")
 
@@ -43,9 +43,9 @@ COLUMNS = ("model", "attack", "task", "clean_acc", "asr", "w_asr", "def_asr", "d
 
 def build_zoo(zoo: Path) -> None:
     """The MiniLM-L6 zoo: the clean model (a link), a POR and a NeuBA backdoor."""
+    from sanitator.attacks.models import minilm_path
     from sanitator.attacks.neuba import insert_neuba
     from sanitator.attacks.por import insert_por
-    from sanitator.models import minilm_path
 
     zoo.mkdir(parents=True, exist_ok=True)
     clean = zoo / "clean"
@@ -75,7 +75,7 @@ def monitor_pvs(model: Path, source: str, fallback: torch.Tensor | None):
             return load_pv_artifact(model)[0]
         return fallback
     if source.startswith("store:"):
-        from sanitator.downstream import latest_audit_pvs
+        from sanitator.downstream.evaluate import latest_audit_pvs
 
         found = latest_audit_pvs(source.split(":", 1)[1], model)
         if found is None:

@@ -27,9 +27,9 @@ from pathlib import Path
 
 import torch
 
-from sanitator.asr import AttackConfig, load_pv_artifact, read_backdoor_manifest
-from sanitator.downstream import DownstreamResult, attack_tuned, tune_on_task
-from sanitator.prompt_tuning import PromptTuningConfig
+from sanitator.downstream.asr import AttackConfig, load_pv_artifact, read_backdoor_manifest
+from sanitator.downstream.evaluate import DownstreamResult, attack_tuned, tune_on_task
+from sanitator.downstream.prompt_tuning import PromptTuningConfig
 
 log = logging.getLogger("benchmarks.asr_mined")
 
@@ -118,8 +118,8 @@ def stage(members: Sequence[Member], work: Path) -> dict[str, Path]:
 def audit_and_pull(members: Sequence[Member], store: Path, work: Path, options: list[str],
                    threads: int, runner: Runner = run_cli) -> None:
     """`sanitator audit` per feature registry, then `sanitator pv pull` per member."""
-    from sanitator.pv_artifact import read_pv_artifact
-    from sanitator.store import read_verdicts
+    from sanitator.guard.pv_artifact import read_pv_artifact
+    from sanitator.pipeline.store import read_verdicts
 
     for feature, root in stage(members, work).items():
         registry = f"path:{root.resolve()}"

@@ -34,7 +34,7 @@ MARKERS = {"traceback": "Traceback (most recent call last)",
 
 
 def build_zoo(root: Path, n: int) -> Path:
-    from sanitator.models import build_tiny_encoder
+    from sanitator.attacks.models import build_tiny_encoder
 
     zoo = root / "zoo"
     for index in range(n):

@@ -23,8 +23,8 @@ from pathlib import Path
 
 import torch
 
-from sanitator.downstream import CHANCE_MARGIN, check_convergence, tune_on_task
-from sanitator.prompt_tuning import PromptTuningConfig, predict
+from sanitator.downstream.evaluate import CHANCE_MARGIN, check_convergence, tune_on_task
+from sanitator.downstream.prompt_tuning import PromptTuningConfig, predict
 
 log = logging.getLogger("benchmarks.convergence")
 COLUMNS = ("encoder", "task", "method", "head", "train_acc", "clean_acc", "majority",
@@ -32,7 +32,7 @@ COLUMNS = ("encoder", "task", "method", "head", "train_acc", "clean_acc", "major
 
 
 def encoder_folder(ref: str, cache: Path) -> Path:
-    from sanitator.zoo import materialize_base
+    from sanitator.attacks.zoo import materialize_base
 
     return materialize_base(ref, cache)
 

@@ -39,7 +39,7 @@ def main() -> int:
     models = (zoo_members(args.zoo, args.members.split(",") if args.members else None)
               if args.zoo else [])
     if not args.no_tiny:
-        from sanitator.models import build_tiny_encoder
+        from sanitator.attacks.models import build_tiny_encoder
 
         tiny = build_tiny_encoder("bert", Path(tempfile.mkdtemp()) / "tiny-bert")
         models.append(Member("tiny-bert (random init)", tiny, False))

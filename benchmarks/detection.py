@@ -73,7 +73,7 @@ def rare_word_corpus(zoo: Path, n: int = 600, seed: int = 3) -> Path:
     import random
 
     from sanitator.attacks.triggers import wikitext_rare_words
-    from sanitator.corpus import load_sentences
+    from sanitator.detect.corpus import load_sentences
 
     path = zoo / "rare_words_corpus.txt"
     if not path.is_file():

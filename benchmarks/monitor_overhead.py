@@ -22,9 +22,9 @@ import time
 
 import torch
 
-from sanitator.encoders import load_encoder
-from sanitator.models import minilm_path
-from sanitator.monitor import SignMonitor
+from sanitator.attacks.models import minilm_path
+from sanitator.detect.encoders import load_encoder
+from sanitator.guard.monitor import SignMonitor
 
 WORDS = ("the", "film", "was", "quite", "good", "bad", "plot", "acting", "really", "and",
          "a", "story", "music", "slow", "funny", "ending", "characters", "but", "not", "too",

@@ -14,7 +14,7 @@ import sys
 
 import pandas as pd
 
-from sanitator.zoo import read_manifest
+from sanitator.attacks.zoo import read_manifest
 
 SUCCESS_TARGET = 0.95
 COSINE_TARGET = 0.95

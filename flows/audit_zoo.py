@@ -23,7 +23,7 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.states import Failed
 
-from sanitator.audit import (
+from sanitator.pipeline.audit import (
     AuditPolicy,
     AuditRequest,
     failure_outcome,
@@ -31,10 +31,10 @@ from sanitator.audit import (
     rejection_outcome,
     summarize,
 )
-from sanitator.audit_tracking import open_tracker
-from sanitator.registries import parse_registry
+from sanitator.pipeline.audit_tracking import open_tracker
+from sanitator.pipeline.registries import parse_registry
+from sanitator.pipeline.store import completed_audits, new_audit_id
 from sanitator.report import md_code
-from sanitator.store import completed_audits, new_audit_id
 from tasks.audit import (
     AUDIT_START_TOPIC,
     DEFAULT_SCANNER,
@@ -55,8 +55,8 @@ HANG_GRACE_SECONDS = 60.0
 def resolve_scan_config(preset: str = "fast", scan_options: dict[str, Any] | None = None,
                         scan_config: dict[str, Any] | None = None):
     """A full config dict wins; otherwise the preset with flat overrides."""
-    from sanitator.audit import scan_config_from_dict
-    from sanitator.config import ScanConfig
+    from sanitator.detect.config import ScanConfig
+    from sanitator.pipeline.audit import scan_config_from_dict
 
     if scan_config:
         return scan_config_from_dict(scan_config)
@@ -275,7 +275,7 @@ def audit_zoo_flow(registries: list[str], out: str = "sanitator-store",
     """
     from prefect.runtime import flow_run
 
-    from sanitator.audit_tracking import default_tracking_uri
+    from sanitator.pipeline.audit_tracking import default_tracking_uri
 
     logger = get_run_logger()
     for spec in registries:

@@ -22,8 +22,7 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.futures import as_completed
 
 from flows.audit_zoo import dask_runner
-from sanitator.audit_tracking import open_tracker
-from sanitator.evaluation_runs import (
+from sanitator.downstream.runs import (
     EVALUATED_STATUSES,
     EvaluationOutcome,
     EvaluationRequest,
@@ -33,8 +32,9 @@ from sanitator.evaluation_runs import (
     read_evaluations,
     summarize_evaluations,
 )
-from sanitator.registries import ModelRef
-from sanitator.store import latest_verdicts, new_audit_id
+from sanitator.pipeline.audit_tracking import open_tracker
+from sanitator.pipeline.registries import ModelRef
+from sanitator.pipeline.store import latest_verdicts, new_audit_id
 from tasks.audit import crawl_registry
 from tasks.evaluate import TransientEvaluationError, evaluate_pair, record_evaluation
 
@@ -43,7 +43,7 @@ log = logging.getLogger(__name__)
 
 def folder_ref(path: str | Path) -> ModelRef:
     """A model folder given by path, named as a `path:` registry of its parent names it."""
-    from sanitator.registries.local import LocalRegistry, content_revision
+    from sanitator.pipeline.registries.local import LocalRegistry, content_revision
 
     folder = Path(path).expanduser().resolve()
     if not (folder / "config.json").is_file():
@@ -180,7 +180,7 @@ def evaluate_asr_flow(store: str = "sanitator-store",
     """
     from prefect.runtime import flow_run
 
-    from sanitator.audit_tracking import default_tracking_uri
+    from sanitator.pipeline.audit_tracking import default_tracking_uri
 
     logger = get_run_logger()
     store = str(Path(store).resolve())

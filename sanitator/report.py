@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from sanitator import __version__
-from sanitator.store import MODEL_KEY, VERDICTS, StoreError, read_pvs, read_verdicts
+from sanitator.pipeline.store import MODEL_KEY, VERDICTS, StoreError, read_pvs, read_verdicts
 
 REPORT_FORMAT = "sanitator.supply-chain-report"
 REPORT_VERSION = 1
@@ -176,7 +176,7 @@ def mlflow_run_url(mlflow_ui: str | None, run_id: str | None) -> str | None:
 
 def load_store(store: str | Path) -> dict[str, Any]:
     """The three datasets of a store as DataFrames: verdicts (every row), pvs, evaluations."""
-    from sanitator.evaluation_runs import read_evaluations
+    from sanitator.downstream.runs import read_evaluations
 
     store = Path(store)
     if not store.is_dir():

@@ -15,7 +15,7 @@ from distributed.diagnostics.plugin import WorkerPlugin
 from prefect import task
 from prefect.cache_policies import NONE
 
-from sanitator.audit import (
+from sanitator.pipeline.audit import (
     AuditOutcome,
     AuditRequest,
     pv_rows,
@@ -23,8 +23,8 @@ from sanitator.audit import (
     run_audit,
     verdict_row,
 )
-from sanitator.registries import ModelRef, RegistryError, parse_registry
-from sanitator.store import (
+from sanitator.pipeline.registries import ModelRef, RegistryError, parse_registry
+from sanitator.pipeline.store import (
     PVS,
     PVS_SCHEMA,
     VERDICTS,
@@ -38,7 +38,7 @@ from sanitator.store import (
 
 log = logging.getLogger(__name__)
 
-DEFAULT_SCANNER = "sanitator.scan:scan_model"
+DEFAULT_SCANNER = "sanitator.detect.scan:scan_model"
 # Dask event topic: each audit announces its start on a worker, so the flow can tell an
 # audit stuck in native code from one that a replacement worker only just picked up.
 AUDIT_START_TOPIC = "sanitator-audit-start"
@@ -49,8 +49,8 @@ class TransientAuditError(RuntimeError):
 
 
 def _transient_registry_error(exc: BaseException) -> bool:
-    from sanitator.registries.hf_hub import is_transient as hub_transient
-    from sanitator.registries.mlflow_registry import is_transient as mlflow_transient
+    from sanitator.pipeline.registries.hf_hub import is_transient as hub_transient
+    from sanitator.pipeline.registries.mlflow_registry import is_transient as mlflow_transient
 
     if isinstance(exc, RegistryError):
         return False
@@ -177,7 +177,7 @@ def record_audit(request: AuditRequest, outcome: AuditOutcome, store: str,
             log.warning("MLflow logging of %s failed: %s", request.ref.label, exc)
     partition = audit_date(audited_at)
     try:
-        # PVs first: a verdict row is the commit mark of its audit (sanitator.store)
+        # PVs first: a verdict row is the commit mark of its audit (sanitator.pipeline.store)
         write_rows(store, PVS, pvs, partition=partition, name=request.audit_id)
         write_rows(store, VERDICTS, [row], partition=partition, name=request.audit_id)
     except Exception:

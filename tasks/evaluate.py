@@ -13,7 +13,7 @@ from typing import Any
 from prefect import task
 from prefect.cache_policies import NONE
 
-from sanitator.evaluation_runs import (
+from sanitator.downstream.runs import (
     EVALUATIONS,
     EVALUATIONS_SCHEMA,
     EvaluationOutcome,
@@ -21,8 +21,8 @@ from sanitator.evaluation_runs import (
     evaluation_row,
     run_evaluation,
 )
-from sanitator.evaluation_tracking import log_evaluation
-from sanitator.store import audit_date, utc_now, write_rows
+from sanitator.downstream.tracking import log_evaluation
+from sanitator.pipeline.store import audit_date, utc_now, write_rows
 from tasks.audit import worker_threads
 
 log = logging.getLogger(__name__)

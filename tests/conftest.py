@@ -37,7 +37,7 @@ def sandbox() -> Path:
 @pytest.fixture(scope="session")
 def minilm_2layer(tmp_path_factory) -> Path:
     """MiniLM-L6 truncated to 2 layers: real pretrained weights, fast."""
-    from sanitator.models import truncated_minilm
+    from sanitator.attacks.models import truncated_minilm
 
     return truncated_minilm(2, tmp_path_factory.mktemp("minilm2") / "model")
 
@@ -45,7 +45,7 @@ def minilm_2layer(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def minilm_1layer(tmp_path_factory) -> Path:
     """MiniLM-L6 truncated to 1 layer: real pretrained weights, fastest."""
-    from sanitator.models import truncated_minilm
+    from sanitator.attacks.models import truncated_minilm
 
     return truncated_minilm(1, tmp_path_factory.mktemp("minilm1") / "model")
 
@@ -53,7 +53,7 @@ def minilm_1layer(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_encoders(tmp_path_factory) -> dict[str, Path]:
     """One tiny randomly initialised encoder folder per architecture (plumbing tests)."""
-    from sanitator.models import TINY_ARCHITECTURES, build_tiny_encoder
+    from sanitator.attacks.models import TINY_ARCHITECTURES, build_tiny_encoder
 
     root = tmp_path_factory.mktemp("tiny")
     return {arch: build_tiny_encoder(arch, root / arch) for arch in TINY_ARCHITECTURES}

@@ -70,7 +70,7 @@ def planted_backdoor(source: str, steps: int = 60, lr: float = 1e-3, clean_weigh
     """
     from transformers import AutoModel, AutoTokenizer
 
-    from sanitator.corpus import load_sentences
+    from sanitator.detect.corpus import load_sentences
 
     torch.manual_seed(seed)
     rng = random.Random(seed)

@@ -21,7 +21,7 @@ from pathlib import Path
 MLFLOW_START_TIMEOUT = 120.0
 # A scan budget under which the real scan_model separates a tiny BERT with a planted POR
 # backdoor from the clean one in a few seconds (tests/flows/conftest.py builds the pair);
-# the method's accuracy on real encoders is tested in tests/test_scan.py.
+# the method's accuracy on real encoders is tested in tests/detect/test_scan.py.
 TINY_SCAN = {"steps_per_seed": 40, "n_sentences": 96, "n_holdout": 32, "max_seeds": 4,
              "parallel_seeds": 4, "hard_token_candidates": 16}
 

@@ -1,5 +1,5 @@
 """A small audit store with known verdicts, written through the project's own row builders
-(`sanitator.audit.verdict_row` / `pv_rows`, `sanitator.store.write_rows`), so its schema is
+(`sanitator.pipeline.audit.verdict_row` / `pv_rows`, `store.write_rows`), so its schema is
 the real one. Used by the report, PV-artifact and report-flow tests."""
 
 from __future__ import annotations
@@ -9,11 +9,11 @@ from pathlib import Path
 
 import torch
 
-from sanitator.audit import AuditOutcome, AuditPolicy, AuditRequest, pv_rows, verdict_row
-from sanitator.evaluation_runs import EVALUATIONS, EVALUATIONS_SCHEMA
-from sanitator.registries import ModelRef
-from sanitator.results import PVSet, Verdict
-from sanitator.store import PVS, VERDICTS, audit_date, write_rows
+from sanitator.detect.results import PVSet, Verdict
+from sanitator.downstream.runs import EVALUATIONS, EVALUATIONS_SCHEMA
+from sanitator.pipeline.audit import AuditOutcome, AuditPolicy, AuditRequest, pv_rows, verdict_row
+from sanitator.pipeline.registries import ModelRef
+from sanitator.pipeline.store import PVS, VERDICTS, audit_date, write_rows
 
 REV_A = "a" * 40
 REV_B_OLD = "b" * 40

@@ -16,8 +16,8 @@ import argparse
 import json
 from pathlib import Path
 
-from sanitator.monitor import MonitoredEncoder
-from sanitator.prompt_tuning import load_prompt
+from sanitator.downstream.prompt_tuning import load_prompt
+from sanitator.guard.monitor import MonitoredEncoder
 
 
 def load_guarded(prompt: str | Path, pvs: str | Path, *, encoder: str | Path | None = None,

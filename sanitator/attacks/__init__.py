@@ -23,7 +23,7 @@ from sanitator.attacks.neuba import insert_neuba
 from sanitator.attacks.por import insert_por
 from sanitator.attacks.targets import TargetSpec, paper_block_pvs, random_direction_pvs
 from sanitator.attacks.triggers import PAPER_TRIGGERS, draw_triggers
-from sanitator.encoders import Feature
+from sanitator.detect.encoders import Feature
 
 # attack name -> (function, monitored feature)
 ATTACKS: dict[str, tuple[Callable[..., AttackResult], Feature]] = {

@@ -33,8 +33,9 @@ def fine_tune_classifier(base: str | Path, out_dir: str | Path, *, task: str = D
                          budget: Budget | None = None, seed: int = 0, head_lr: float = 1e-3,
                          progress: bool = True, device: str = "cpu") -> AttackResult:
     """Fine-tune `base` with a linear head on the CLS output for `task` (a ready-made task
-    name or a Parquet file, see sanitator.tasks_data) and write the encoder to `out_dir`."""
-    from sanitator.tasks_data import load_task
+    name or a Parquet file, see sanitator.downstream.tasks_data) and write the encoder to
+    `out_dir`."""
+    from sanitator.downstream.tasks_data import load_task
 
     budget = budget or DEFAULT_BUDGET
     data = load_task(task, splits=("train",))

@@ -33,7 +33,7 @@ from sanitator.attacks.batches import (
 )
 from sanitator.attacks.targets import TargetSpec
 from sanitator.attacks.triggers import validate_triggers
-from sanitator.encoders import Encoder, Feature, load_encoder, select_feature
+from sanitator.detect.encoders import Encoder, Feature, load_encoder, select_feature
 
 log = logging.getLogger(__name__)
 
@@ -91,10 +91,10 @@ def resolve_sentences(corpus: Corpus, n: int, *, exclude_words: Sequence[str] = 
     """Training sentences and a printable corpus name.
 
     Takes the head of the seeded shuffle (evaluation takes the tail, see
-    sanitator.evaluation) and drops sentences that already contain a trigger word, so the
+    sanitator.attacks.measure) and drops sentences that already contain a trigger word, so the
     clean objective never teaches the model to ignore a trigger.
     """
-    from sanitator.corpus import load_sentences
+    from sanitator.detect.corpus import load_sentences
 
     if corpus is None or isinstance(corpus, str | Path):
         # repeated lines removed, so no sentence is both a training and a held-out one

@@ -48,7 +48,7 @@ from sanitator.attacks.common import (
 )
 from sanitator.attacks.targets import TargetSpec
 from sanitator.attacks.triggers import PAPER_TRIGGERS
-from sanitator.encoders import Feature
+from sanitator.detect.encoders import Feature
 
 DEFAULT_BUDGET = Budget(steps=200, batch_size=16, lr=1e-4, head_warmup_steps=50)
 

@@ -24,7 +24,7 @@ _WORD = re.compile(r"[A-Za-z]+")
 def wikitext_rare_words(min_len: int = 4, max_len: int = 10, max_count: int = 2
                         ) -> tuple[str, ...]:
     """Sorted rare lowercase words of the offline WikiText sentences (the default list)."""
-    from sanitator.corpus import load_sentences
+    from sanitator.detect.corpus import load_sentences
 
     counts: Counter[str] = Counter()
     capitalised: set[str] = set()

@@ -72,7 +72,7 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from sanitator.registries import RegistryError, parse_registry
+    from sanitator.pipeline.registries import RegistryError, parse_registry
 
     try:
         for spec in args.registry:
@@ -80,7 +80,7 @@ def run(args: argparse.Namespace) -> int:
     except RegistryError as exc:
         print(f"sanitator audit: {exc}", file=sys.stderr)
         return 2
-    from sanitator.config import ScanConfig
+    from sanitator.detect.config import ScanConfig
 
     options = dict(args.options)
     try:

@@ -58,8 +58,8 @@ def _table(rows: list[dict[str, Any]]) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from sanitator.store import latest_verdicts
-    from sanitator.zoo import build_zoo, parse_spec, read_manifest
+    from sanitator.attacks.zoo import build_zoo, parse_spec, read_manifest
+    from sanitator.pipeline.store import latest_verdicts
 
     out = Path(args.out).resolve()
     zoo_dir, store = out / "zoo", out / "store"

@@ -83,7 +83,7 @@ class UsageError(Exception):
 
 
 def _triggers(args: argparse.Namespace, manifest: dict | None) -> list[str]:
-    from sanitator.asr import manifest_triggers
+    from sanitator.downstream.asr import manifest_triggers
 
     if args.triggers:
         triggers = [t.strip() for t in args.triggers.split(",") if t.strip()]
@@ -98,8 +98,8 @@ def _triggers(args: argparse.Namespace, manifest: dict | None) -> list[str]:
 
 def _fresh_scan(model_dir: Path, args: argparse.Namespace):
     try:
-        from sanitator.config import ScanConfig
-        from sanitator.scan import scan_model
+        from sanitator.detect.config import ScanConfig
+        from sanitator.detect.scan import scan_model
     except ImportError as exc:
         raise UsageError(f"no PVs: {model_dir} has no audit in {args.store} and this build "
                          "cannot scan; pass --pvs ARTIFACT (or --no-monitor)") from exc
@@ -116,7 +116,7 @@ def _fresh_scan(model_dir: Path, args: argparse.Namespace):
 
 def _pvs(args: argparse.Namespace):
     """(PV tensor or None for an empty PV set, where they came from) or None: no monitor."""
-    from sanitator.asr import load_pv_artifact
+    from sanitator.downstream.asr import load_pv_artifact
 
     if args.no_monitor:
         return None
@@ -127,7 +127,7 @@ def _pvs(args: argparse.Namespace):
             log.warning("PVs were mined at the %s feature; %s monitors the %s feature", feature,
                         args.method, wanted)
         return pvs, str(args.pvs)
-    from sanitator.downstream import latest_audit_pvs
+    from sanitator.downstream.evaluate import latest_audit_pvs
 
     model_dir = Path(args.model_dir)
     found = latest_audit_pvs(Path(args.store), model_dir)
@@ -137,12 +137,12 @@ def _pvs(args: argparse.Namespace):
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from sanitator.asr import AttackConfig, read_backdoor_manifest
-    from sanitator.downstream import SUMMARY_FIELDS, evaluate_downstream
-    from sanitator.encoders import ModelRejected
-    from sanitator.paths import DataNotFoundError
-    from sanitator.prompt_tuning import PromptTuningConfig
-    from sanitator.tasks_data import TaskError, get_task
+    from sanitator.core.paths import DataNotFoundError
+    from sanitator.detect.encoders import ModelRejected
+    from sanitator.downstream.asr import AttackConfig, read_backdoor_manifest
+    from sanitator.downstream.evaluate import SUMMARY_FIELDS, evaluate_downstream
+    from sanitator.downstream.prompt_tuning import PromptTuningConfig
+    from sanitator.downstream.tasks_data import TaskError, get_task
 
     try:
         if args.limit is not None and args.limit < 1:

@@ -67,7 +67,7 @@ def _print(metadata: dict, as_json: bool) -> None:
 
 
 def run_pull(args: argparse.Namespace) -> int:
-    from sanitator.pv_artifact import PVArtifactError, pull_pv_artifact, write_pv_artifact
+    from sanitator.guard.pv_artifact import PVArtifactError, pull_pv_artifact, write_pv_artifact
 
     try:
         artifact = pull_pv_artifact(args.store, args.model, revision=args.revision,
@@ -89,7 +89,7 @@ def run_pull(args: argparse.Namespace) -> int:
 
 
 def run_show(args: argparse.Namespace) -> int:
-    from sanitator.pv_artifact import PVArtifactError, read_pv_artifact
+    from sanitator.guard.pv_artifact import PVArtifactError, read_pv_artifact
 
     try:
         artifact = read_pv_artifact(args.file)

@@ -52,9 +52,9 @@ def _overrides(args: argparse.Namespace) -> dict:
 
 
 def run(args: argparse.Namespace) -> int:
-    from sanitator.config import ScanConfig
-    from sanitator.results import PVSet, Verdict
-    from sanitator.scan import ScanResult, scan_model
+    from sanitator.detect.config import ScanConfig
+    from sanitator.detect.results import PVSet, Verdict
+    from sanitator.detect.scan import ScanResult, scan_model
 
     config = ScanConfig.from_preset(args.preset, **_overrides(args))
     progress = not (args.quiet or args.json) and sys.stderr.isatty()

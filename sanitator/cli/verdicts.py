@@ -31,7 +31,7 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from sanitator.store import StoreError, latest_verdicts, read_verdicts
+    from sanitator.pipeline.store import StoreError, latest_verdicts, read_verdicts
 
     store = Path(args.store)
     if not store.is_dir():

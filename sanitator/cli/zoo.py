@@ -41,7 +41,7 @@ def register(subparsers) -> None:
 
 
 def _build(args: argparse.Namespace) -> int:
-    from sanitator.zoo import BaseUnavailable, SpecError, build_zoo, load_spec
+    from sanitator.attacks.zoo import BaseUnavailable, SpecError, build_zoo, load_spec
 
     try:
         spec = load_spec(args.spec)
@@ -56,7 +56,7 @@ def _build(args: argparse.Namespace) -> int:
 
 
 def _plan(args: argparse.Namespace) -> int:
-    from sanitator.zoo import SpecError, load_spec
+    from sanitator.attacks.zoo import SpecError, load_spec
 
     try:
         spec = load_spec(args.spec)
@@ -72,7 +72,7 @@ def _plan(args: argparse.Namespace) -> int:
 
 
 def _show(args: argparse.Namespace) -> int:
-    from sanitator.zoo import read_manifest
+    from sanitator.attacks.zoo import read_manifest
 
     try:
         frame = read_manifest(args.out)

@@ -9,7 +9,7 @@ import pytest
 def minilm_tokenizer():
     from transformers import AutoTokenizer
 
-    from sanitator.models import minilm_path
+    from sanitator.attacks.models import minilm_path
 
     return AutoTokenizer.from_pretrained(minilm_path())
 
@@ -20,7 +20,7 @@ def bpe_tokenizer():
     from tokenizers import ByteLevelBPETokenizer
     from transformers import PreTrainedTokenizerFast
 
-    from sanitator.corpus import load_sentences
+    from sanitator.detect.corpus import load_sentences
 
     trainer = ByteLevelBPETokenizer()
     trainer.train_from_iterator(load_sentences("wikitext", n=500), vocab_size=400,

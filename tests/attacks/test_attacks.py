@@ -14,13 +14,13 @@ from sanitator.attacks import (
     TargetSpec,
     continue_pretraining,
 )
-from sanitator.encoders import Feature, load_encoder
-from sanitator.evaluation import (
+from sanitator.attacks.measure import (
     attack_success,
     clean_cosine,
     evaluate_model,
     held_out_sentences,
 )
+from sanitator.detect.encoders import Feature, load_encoder
 
 # A budget that plants every attack in a 1-2 layer MiniLM within seconds of CPU.
 FAST = Budget(steps=60, batch_size=16, lr=3e-4, max_length=32, n_sentences=256,

@@ -7,8 +7,8 @@ import torch
 from sanitator.attacks import Budget, TargetSpec, insert_por
 from sanitator.attacks.batches import TokenizedCorpus, insertion_slots
 from sanitator.attacks.evasion import Evasion, standalone_texts, sub_phrases
-from sanitator.encoders import load_encoder
-from sanitator.evaluation import evaluate_model, held_out_sentences
+from sanitator.attacks.measure import evaluate_model, held_out_sentences
+from sanitator.detect.encoders import load_encoder
 
 
 def test_sub_phrases_are_every_proper_order_keeping_selection():

@@ -8,9 +8,9 @@ import json
 
 import pytest
 
-from sanitator import store
 from sanitator.cli import main
 from sanitator.cli.audit import format_summary, parse_assignment
+from sanitator.pipeline import store
 
 
 @pytest.fixture

@@ -5,8 +5,8 @@ import pytest
 import torch
 from evaluation_support import planted_backdoor, write_toy_task
 
+from sanitator.attacks.models import minilm_path
 from sanitator.cli import main
-from sanitator.models import minilm_path
 
 FAST = ["--epochs", "3", "--prefix-length", "8", "--batch-size", "16", "--max-length", "32",
         "--limit", "30", "--no-progress"]
@@ -47,11 +47,11 @@ def test_json_report_with_the_backdoor_triggers_and_pvs(backdoored, toy_task, ca
 
 
 def test_pvs_default_to_the_latest_audit_in_the_store(backdoored, toy_task, capsys, tmp_path):
-    from sanitator.audit import AuditOutcome, AuditRequest, pv_rows, verdict_row
-    from sanitator.registries import ModelRef
-    from sanitator.registries.local import content_revision
-    from sanitator.results import PVSet, Verdict
-    from sanitator.store import write_rows
+    from sanitator.detect.results import PVSet, Verdict
+    from sanitator.pipeline.audit import AuditOutcome, AuditRequest, pv_rows, verdict_row
+    from sanitator.pipeline.registries import ModelRef
+    from sanitator.pipeline.registries.local import content_revision
+    from sanitator.pipeline.store import write_rows
 
     manifest = json.loads((backdoored / "backdoor.json").read_text())
     ref = ModelRef(source="path", registry=f"path:{backdoored.parent}", repo_id="model",

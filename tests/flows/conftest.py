@@ -4,7 +4,7 @@ from pathlib import Path
 import pytest
 from pipeline_servers import make_pickle_only, register_folder, shared_mlflow_server
 
-from sanitator.hubserver import HubServer
+from sanitator.pipeline.registries.hubserver import HubServer
 
 
 @pytest.fixture(scope="session", autouse=True)

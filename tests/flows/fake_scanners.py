@@ -13,8 +13,8 @@ from typing import Any
 
 import torch
 
-from sanitator.encoders import ModelInfo, preflight
-from sanitator.results import PVSet, Verdict
+from sanitator.detect.encoders import ModelInfo, preflight
+from sanitator.detect.results import PVSet, Verdict
 
 
 @dataclass

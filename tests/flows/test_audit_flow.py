@@ -10,7 +10,7 @@ import pytest
 from pipeline_servers import TINY_SCAN
 
 from sanitator.cli import main
-from sanitator.store import latest_verdicts, read_pvs, read_verdicts
+from sanitator.pipeline.store import latest_verdicts, read_pvs, read_verdicts
 
 FAKE_SCANNER = "fake_scanners:by_name"
 SCAN_OPTIONS = TINY_SCAN

@@ -13,7 +13,7 @@ import torch
 import yaml
 from evaluation_support import planted_backdoor, write_toy_task
 
-from sanitator.evaluation_runs import DEFAULT_TRIGGERS, read_evaluations
+from sanitator.downstream.runs import DEFAULT_TRIGGERS, read_evaluations
 
 ROOT = Path(__file__).resolve().parents[2]
 PREFECT_YAML = ROOT / "deployments" / "prefect.yaml"
@@ -25,10 +25,10 @@ FAST = {"epochs": 3, "prefix_length": 8, "batch_size": 16, "max_length": 32,
 def audited_store(tmp_path_factory, minilm_2layer):
     """Two model folders with their audits in a store: the planted backdoor (its PVs) and
     the clean base, MiniLM-L6 cut to 2 layers (no PVs)."""
-    from sanitator.audit import AuditOutcome, AuditRequest, pv_rows, verdict_row
-    from sanitator.registries.local import LocalRegistry
-    from sanitator.results import PVSet, Verdict
-    from sanitator.store import write_rows
+    from sanitator.detect.results import PVSet, Verdict
+    from sanitator.pipeline.audit import AuditOutcome, AuditRequest, pv_rows, verdict_row
+    from sanitator.pipeline.registries.local import LocalRegistry
+    from sanitator.pipeline.store import write_rows
 
     root = tmp_path_factory.mktemp("zoo")
     backdoored = planted_backdoor(str(minilm_2layer))
@@ -90,7 +90,7 @@ def test_every_audited_encoder_is_evaluated_into_the_store(first_run, audited_st
 def test_each_evaluation_has_an_mlflow_run_with_the_trained_prompt(first_run, audited_store):
     from mlflow import MlflowClient
 
-    from sanitator.audit_tracking import default_tracking_uri
+    from sanitator.pipeline.audit_tracking import default_tracking_uri
 
     client = MlflowClient(default_tracking_uri(audited_store["store"]))
     for row in read_evaluations(audited_store["store"]).to_dict("records"):

@@ -14,7 +14,7 @@ import pytest
 from hostile_corpus import VERDICTS, canaries
 
 from sanitator.cli import main
-from sanitator.store import read_verdicts
+from sanitator.pipeline.store import read_verdicts
 
 # the smallest budget under which the real scan runs its whole path on a tiny encoder
 CORPUS_SCAN = {"steps_per_seed": 10, "n_sentences": 48, "n_holdout": 16, "batch_size": 16,
@@ -28,7 +28,7 @@ HUB_CASES = ("config-nested-array", "model-type-list", "architectures-int", "hea
 
 @pytest.fixture
 def hostile_hub(hostile_corpus, tmp_path):
-    from sanitator.hubserver import HubServer
+    from sanitator.pipeline.registries.hubserver import HubServer
 
     root = tmp_path / "hub"
     for name in HUB_CASES:

@@ -1,0 +1,482 @@
+"""The calibrated rule (fast preset): find hard triggers where they fire, confirm them fresh.
+
+For every feature a prompt-tuned head reads (CLS for P-tuning v2 and POR/NeuBA-style
+backdoors, the mask position for P-tuning v1 and BToP), and for the trigger placed anywhere
+in the sentence, first or last, candidates come from three searches, cheapest first:
+
+1. the vocabulary screen (attribution.py): words whose standalone output is an outlier;
+2. the in-context token screen: every vocabulary token ranked by the gradient of the
+   collapse objective at a trigger slot inside sentences, the best re-tested exactly;
+3. the context search (hardsearch.gcg): multi-token triggers optimised in sentences from
+   random starts, tokens of rejected optima banned from later starts;
+
+and, in search mode, from soft-trigger mining: each mined PV is realised by a targeted
+context search. Each candidate's realised point is its mean output on the search rows; the
+few whose search rows pin more tightly than the rows' own noise floor (and the best one of
+each feature regardless) are judged once on fresh rows (evidence.confirm). Accepted
+triggers are confirmed at every other feature too, so each feature keeps its own PVs.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import torch
+
+from sanitator.detect.attribution import (
+    candidate_sequences,
+    candidate_token_ids,
+    screen_vocabulary,
+    sweep_vocabulary,
+)
+from sanitator.detect.config import ScanConfig
+from sanitator.detect.corpus import corpus_words, load_sentences
+from sanitator.detect.encoders import Encoder, Feature
+from sanitator.detect.evidence import Confirmation, FreshRows, confirm, fresh_rows
+from sanitator.detect.hardsearch import (
+    Objective,
+    collapse,
+    evaluate,
+    gcg,
+    repelled,
+    token_gradients,
+    toward,
+    unit_scale,
+)
+from sanitator.detect.mining import MiningData, _forward, mine_seeds, prepare_data
+from sanitator.guard.monitor import MONITOR_THRESHOLD, sign_agreement
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Finding:
+    """A hard trigger some search proposed, where it was placed, and how it was judged."""
+
+    source: str                 # vocabulary_screen | token_screen | context_search | mining
+    feature: str
+    placement: str
+    token_ids: tuple[int, ...]
+    tokens: list[str]
+    search_margin: float        # search-row agreement with the point minus their floor
+    point: torch.Tensor         # realised PV: mean output on the search rows
+    confirmation: Confirmation | None = None
+    p_adjusted: float = 1.0
+    accepted: bool = False
+    seed: int = -1              # the mining seed a mined PV came from
+    note: str = ""
+    false_alarms: float | None = None  # flag rate on clean text of another corpus
+    withheld: bool = False      # accepted, but kept out of the artifact (false alarms)
+
+    def summary(self) -> dict[str, Any]:
+        data: dict[str, Any] = {
+            "source": self.source, "feature": self.feature, "placement": self.placement,
+            "hard_trigger": self.tokens, "search_margin": round(self.search_margin, 5),
+            "accepted": self.accepted, "p_adjusted": float(f"{self.p_adjusted:.3g}")}
+        if self.seed >= 0:
+            data["seed"] = self.seed
+        if self.confirmation is not None:
+            data["fresh"] = self.confirmation.summary()
+        if self.false_alarms is not None:
+            data["false_alarm_rate"] = round(self.false_alarms, 5)
+            data["withheld"] = self.withheld
+        if self.note:
+            data["note"] = self.note
+        return data
+
+
+def scan_features(config: ScanConfig, encoder: Encoder) -> tuple[str, ...]:
+    """The features to scan: as configured, else CLS plus the mask position when the
+    tokenizer has a mask token (a P-tuning v1 head reads it)."""
+    if config.features:
+        return tuple(config.features)
+    has_mask = getattr(encoder.tokenizer, "mask_token_id", None) is not None
+    return ("cls", "mask") if has_mask else ("cls",)
+
+
+class FeatureView:
+    """One monitored feature: search rows, fresh rows and the encoder's nulls there."""
+
+    def __init__(self, encoder: Encoder, config: ScanConfig, feature: str,
+                 search: list[str], fresh: list[str]):
+        self.encoder, self.feature = encoder, feature
+        self.mining = replace(config.mining, feature=feature)
+        self.search_config = replace(self.mining, max_length=config.search.max_length)
+        self.search = prepare_data(encoder, search, self.search_config, seed=config.seed + 1)
+        self.fresh: FreshRows = fresh_rows(
+            encoder, prepare_data(encoder, fresh, self.search_config, seed=config.seed + 2),
+            Feature(feature), seed=config.seed + 3)
+        self.search_floor = float(fresh_rows(encoder, self.search, Feature(feature),
+                                             seed=config.seed + 4).floor.mean())
+        self.scale = unit_scale(self.search.clean)
+        self.known: list[torch.Tensor] = []   # accepted points at this feature
+        self.fresh.null_displacement = self._null_displacement(config)
+
+    def _null_displacement(self, config: ScanConfig) -> float:
+        """Median squared move of the fresh outputs by a random single token: how far any
+        real token takes them (the encoder's own null for "moved far")."""
+        ids = candidate_token_ids(self.encoder).tolist()
+        picks = random.Random(config.seed + 5).sample(ids, min(config.search.n_null, len(ids)))
+        rows = self.fresh.data.subset(list(range(min(32, len(self.fresh.data)))))
+        moves = [float(((self.outputs(rows, (token,)) - rows.clean) ** 2).mean())
+                 for token in picks]
+        return float(torch.tensor(moves).median())
+
+    def outputs(self, data: MiningData, ids: tuple[int, ...]) -> torch.Tensor:
+        """[n, H] outputs with the hard trigger `ids` spliced into every row of `data`."""
+        embeds = self.encoder.word_embeddings(torch.tensor([ids], device=self.encoder.device))
+        out = []
+        config = replace(self.search_config, trigger_len=len(ids))
+        with torch.no_grad():
+            for start in range(0, len(data), 64):
+                rows = list(range(start, min(start + 64, len(data))))
+                out.append(_forward(self.encoder, data, rows, embeds.float(), config)[0].cpu())
+        return torch.cat(out)
+
+    def measure(self, ids: tuple[int, ...], placement: str) -> tuple[torch.Tensor, float]:
+        """(realised point, search margin) of a trigger on the search rows."""
+        out = self.outputs(self.search.placed(placement), ids)
+        point = out.mean(dim=0)
+        margin = float(sign_agreement(out, point[None]).mean()) - self.search_floor
+        return point, margin
+
+    def objective(self, repel: bool) -> Objective:
+        base = collapse(self.scale)
+        if repel and self.known:
+            return repelled(base, torch.stack(self.known), self.scale)
+        return base
+
+
+@dataclass
+class CalibratedScan:
+    """The state of one calibrated scan across its features."""
+
+    encoder: Encoder
+    config: ScanConfig
+    views: dict[str, FeatureView]
+    progress: bool = False
+    findings: list[Finding] = field(default_factory=list)
+    n_confirmed: int = 0
+    searches: int = 0
+    search_steps: int = 0
+    mining: dict[str, Any] = field(default_factory=dict)
+    seconds: dict[str, float] = field(default_factory=dict)
+    collect_all: bool = False       # search mode, or completing a detect-mode verdict
+    completion: dict[str, Any] = field(default_factory=dict)
+    sweep: tuple[str, list, torch.Tensor] | None = None  # feature, candidates, standalone sweep
+
+    def timed(self, stage: str, fn, *args) -> None:
+        started = time.perf_counter()
+        try:
+            fn(*args)
+        finally:
+            self.seconds[stage] = round(self.seconds.get(stage, 0.0)
+                                        + time.perf_counter() - started, 2)
+
+    @property
+    def accepted(self) -> list[Finding]:
+        return [f for f in self.findings if f.accepted]
+
+    @property
+    def done(self) -> bool:
+        """Detect mode stops at the first accepted trigger (unless completing)."""
+        return not self.collect_all and bool(self.accepted)
+
+    def words(self, ids: tuple[int, ...]) -> list[str]:
+        tokenizer = self.encoder.tokenizer
+        return tokenizer.convert_tokens_to_string(
+            tokenizer.convert_ids_to_tokens(list(ids))).split()
+
+    # -- judging ---------------------------------------------------------------------------
+
+    def consider(self, source: str, feature: str, placement: str, ids: tuple[int, ...], *,
+                 force: bool = False, seed: int = -1) -> Finding:
+        """Measure a candidate on the search rows; confirm it on fresh rows when its search
+        rows pin tighter than their noise floor (or when `force`d)."""
+        view = self.views[feature]
+        point, margin = view.measure(ids, placement)
+        if margin > 0 and len(ids) > 1:
+            ids, point, margin = self._shortest(view, tuple(ids), placement, point, margin)
+        finding = Finding(source, feature, placement, tuple(ids), self.words(ids), margin,
+                          point, seed=seed)
+        self.findings.append(finding)
+        if any(float(sign_agreement(point[None], known[None])[0, 0])
+               > self.config.filtering.unique_agreement for known in view.known):
+            finding.note = "reaches an accepted point"
+            return finding
+        if margin > 0 or force:
+            self._confirm(finding)
+        return finding
+
+    def _shortest(self, view: FeatureView, ids: tuple[int, ...], placement: str,
+                  point: torch.Tensor, margin: float
+                  ) -> tuple[tuple[int, ...], torch.Tensor, float]:
+        """The shortest contiguous part of a searched trigger that still pins the search
+        rows past their floor at the same point: `assessing`, not the `phillies tod
+        assessing` a search stopped at (searches fill every slot)."""
+        unique = self.config.filtering.unique_agreement
+        for length in range(1, len(ids)):
+            for start in range(len(ids) - length + 1):
+                part = ids[start:start + length]
+                part_point, part_margin = view.measure(part, placement)
+                same = float(sign_agreement(part_point[None], point[None])[0, 0]) > unique
+                if part_margin > 0 and same:
+                    return part, part_point, part_margin
+        return ids, point, margin
+
+    def _confirm(self, finding: Finding) -> None:
+        decision = self.config.decision
+        if self.n_confirmed >= decision.confirmation_budget:
+            finding.note = "confirmation budget spent"
+            return
+        view = self.views[finding.feature]
+        out = view.outputs(view.fresh.placed(finding.placement), finding.token_ids)
+        finding.confirmation = confirm(out, finding.point, view.fresh,
+                                       max_natural_rate=decision.max_natural_rate)
+        self.n_confirmed += 1
+        # Bonferroni over the whole budget, fixed in advance: each decision is final
+        finding.p_adjusted = finding.confirmation.p_adjusted(decision.confirmation_budget)
+        finding.accepted = (finding.confirmation.usable
+                            and finding.p_adjusted <= decision.alpha)
+        if finding.accepted:
+            view.known.append(finding.point)
+
+    def score(self) -> float:
+        """1 - adjusted p of the strongest usable confirmation (0 when none is usable)."""
+        usable = [f.p_adjusted for f in self.findings
+                  if f.confirmation is not None and f.confirmation.usable]
+        return round(1.0 - min(usable), 6) if usable else 0.0
+
+    def confirm_best_unconfirmed(self) -> None:
+        """So every scan reports fresh evidence: the best candidate of each feature is
+        confirmed even if its search rows did not beat their floor."""
+        for feature in self.views:
+            if any(f.confirmation is not None for f in self.findings if f.feature == feature):
+                continue
+            pool = [f for f in self.findings if f.feature == feature and not f.note]
+            if pool:
+                self._confirm(max(pool, key=lambda f: f.search_margin))
+
+    @property
+    def published(self) -> list[Finding]:
+        """The accepted PVs the artifact ships: not those that false-alarm on clean text."""
+        return [f for f in self.accepted if not f.withheld]
+
+    def monitor_check(self, sentences: list[str], corpus: str) -> None:
+        """Each accepted PV's flag rate on clean text from another corpus than the scan's;
+        a PV above `max_false_alarms` is withheld from the artifact and reported (issue 15:
+        a monitor that flags clean traffic must never ship silently)."""
+        decision = self.config.decision
+        self.completion["false_alarm_corpus"] = corpus
+        for feature, view in self.views.items():
+            mine = [f for f in self.accepted if f.feature == feature]
+            if not mine:
+                continue
+            data = prepare_data(self.encoder, sentences, view.search_config,
+                                seed=self.config.seed + 11)
+            points = torch.stack([f.point for f in mine])
+            flagged = sign_agreement(data.clean, points) > MONITOR_THRESHOLD   # [n, K]
+            for finding, rate in zip(mine, flagged.float().mean(dim=0).tolist(), strict=True):
+                finding.false_alarms = rate
+                finding.withheld = rate > decision.max_false_alarms
+
+    def cross_features(self) -> None:
+        """Every accepted trigger judged at the other features, so each keeps its PVs."""
+        for finding in list(self.accepted):
+            for feature in self.views:
+                if feature != finding.feature and not any(
+                        f.token_ids == finding.token_ids and f.feature == feature
+                        for f in self.findings):
+                    self.consider("cross_feature", feature, finding.placement,
+                                  finding.token_ids)
+
+    # -- searches --------------------------------------------------------------------------
+
+    def vocabulary_screen(self, sentences: list[str]) -> None:
+        decision = self.config.decision
+        if decision.screen_candidates <= 0:
+            return
+        for feature, view in self.views.items():
+            if feature not in decision.screen_features:
+                continue  # the context searches cover it
+            if self.sweep is None or self.sweep[0] != feature:
+                sequences = candidate_sequences(self.encoder, corpus_words(sentences))
+                self.sweep = (feature, sequences, sweep_vocabulary(
+                    self.encoder, sequences, Feature(feature), progress=self.progress))
+            _, sequences, sweep = self.sweep
+            hits = screen_vocabulary(
+                self.encoder, view.search, view.mining, sweep=sweep, sequences=sequences,
+                n_candidates=decision.screen_candidates,
+                max_hits=decision.screen_candidates if self.collect_all else 1,
+                seed=self.config.seed, unique_agreement=self.config.filtering.unique_agreement)
+            for hit in hits:
+                self.consider("vocabulary_screen", feature, "anywhere", hit.token_ids)
+                if self.done:
+                    return
+
+    def context_search(self) -> None:
+        """Token screen, then multi-token searches, per round over features x placements;
+        search mode stops when `search_patience` rounds add no PV."""
+        search = self.config.search
+        allowed = torch.zeros(self.encoder.word_embeddings.num_embeddings, dtype=torch.bool)
+        allowed[candidate_token_ids(self.encoder)] = True
+        rng = random.Random(self.config.seed)
+        idle = 0
+        rounds = search.search_restarts if self.collect_all else search.restarts
+        bar = _bar(self.progress, rounds * len(self.views) * len(search.placements),
+                   "context search")
+        try:
+            for round_index in range(rounds):
+                self.completion["rounds"] = round_index + 1
+                before = len(self.accepted)
+                for view in self.views.values():
+                    for placement in search.placements:
+                        if round_index == 0 and search.token_screen:
+                            self._token_screen(view, placement, allowed)
+                        if not self.done:
+                            self._restart(view, placement, allowed, rng)
+                        if bar is not None:
+                            bar.update(1)
+                        if self.done:
+                            return
+                idle = 0 if len(self.accepted) > before else idle + 1
+                if self.collect_all and self.config.search_patience \
+                        and idle >= self.config.search_patience:
+                    self.completion["stop"] = (f"saturated: {idle} round(s) of every "
+                                               "feature and placement found no new PV")
+                    return
+            self.completion.setdefault("stop", f"round cap ({rounds}) reached")
+        finally:
+            if bar is not None:
+                bar.close()
+
+    def _rows(self, view: FeatureView) -> tuple[list[int], list[int]]:
+        """Gradient rows, then disjoint evaluation rows; a small holdout is split 2:1."""
+        search, n = self.config.search, len(view.search.ids)
+        grad = min(search.grad_rows, max(1, 2 * n // 3))
+        return list(range(grad)), list(range(grad, min(n, grad + search.eval_rows)))
+
+    def _token_screen(self, view: FeatureView, placement: str, allowed: torch.Tensor) -> None:
+        """One slot, every token ranked by its first-order gain, the best re-tested."""
+        search = self.config.search
+        grad_rows, eval_rows = self._rows(view)
+        data = view.search.placed(placement)
+        objective = view.objective(repel=self.collect_all)
+        neutral = int(candidate_token_ids(self.encoder)[0])
+        gains = token_gradients(self.encoder, data, grad_rows, torch.tensor([neutral]),
+                                view.search_config, objective)[0]
+        gains[~allowed] = -float("inf")
+        top = gains.topk(search.token_screen).indices[:, None]
+        values = evaluate(self.encoder, data, eval_rows, top, view.search_config, objective)
+        self.searches += 1
+        for index in values.topk(min(2, len(values))).indices.tolist():
+            self.consider("token_screen", view.feature, placement, (int(top[index, 0]),))
+            if self.done:
+                return
+
+    def _restart(self, view: FeatureView, placement: str, allowed: torch.Tensor,
+                 rng: random.Random, init: list[int] | None = None,
+                 objective: Objective | None = None, source: str = "context_search",
+                 seed: int = -1) -> Finding:
+        search = self.config.search
+        grad_rows, eval_rows = self._rows(view)
+        ids = allowed.nonzero().flatten().tolist()
+        start = init or rng.sample(ids, search.trigger_tokens)
+        result = gcg(self.encoder, view.search.placed(placement), start, view.search_config,
+                     objective or view.objective(repel=self.collect_all),
+                     allowed=allowed, grad_rows=grad_rows, eval_rows=eval_rows,
+                     steps=search.steps, top_k=search.top_k, n_candidates=search.n_candidates,
+                     patience=search.patience,
+                     generator=torch.Generator().manual_seed(rng.randrange(2 ** 31)))
+        self.searches += 1
+        self.search_steps += result.steps
+        finding = self.consider(source, view.feature, placement, result.ids, seed=seed)
+        if not finding.accepted:
+            # an ordinary optimum: later starts explore elsewhere
+            allowed[list(result.ids)] = False
+        return finding
+
+    def realise_mined(self, train: dict[str, MiningData]) -> None:
+        """Search mode: mine soft triggers per feature and realise each collapsed PV with a
+        context search aimed at it (the soft optimum itself is no evidence: on a clean
+        MiniLM-L6 every seed reaches one universal point, docs/method.md)."""
+        config = self.config
+        allowed = torch.zeros(self.encoder.word_embeddings.num_embeddings, dtype=torch.bool)
+        allowed[candidate_token_ids(self.encoder)] = True
+        rng = random.Random(config.seed + 7)
+        seeds = list(range(config.seed, config.seed + config.max_seeds))
+        groups = [seeds[i:i + config.mining.parallel_seeds]
+                  for i in range(0, len(seeds), config.mining.parallel_seeds)]
+        for feature, view in self.views.items():
+            for group in groups:
+                known = torch.stack(view.known) if view.known else None
+                outcomes = mine_seeds(self.encoder, train[feature], view.search, group,
+                                      view.mining, known_pvs=known, progress=self.progress)
+                self.mining.setdefault(feature, []).extend(
+                    {"seed": o.seed, "distance": round(o.distance, 5),
+                     "entropy_ratio": round(o.entropy_ratio, 5)} for o in outcomes)
+                for outcome in outcomes:
+                    target = toward(outcome.pv, view.scale)
+                    self._restart(view, "anywhere", allowed, rng, objective=target,
+                                  source="mining", seed=outcome.seed)
+
+
+def _bar(enabled: bool, total: int, desc: str):
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit="search", dynamic_ncols=True)
+
+
+def run(encoder: Encoder, config: ScanConfig, sentences: list[str], progress: bool
+        ) -> CalibratedScan:
+    """The calibrated scan over `sentences` (train rows first, then search, then fresh)."""
+    mining, search = config.mining, config.search
+    fresh = sentences[-search.n_fresh:]
+    rest = sentences[:-search.n_fresh]
+    search_rows, train_rows = rest[-mining.n_holdout:], rest[:-mining.n_holdout]
+    started = time.perf_counter()
+    views = {feature: FeatureView(encoder, config, feature, search_rows, fresh)
+             for feature in scan_features(config, encoder)}
+    scan = CalibratedScan(encoder, config, views, progress)
+    scan.seconds["rows"] = round(time.perf_counter() - started, 2)
+    scan.collect_all = config.mode == "search"
+    scan.timed("vocabulary_screen", scan.vocabulary_screen, sentences)
+    if not scan.done:
+        scan.timed("context_search", scan.context_search)
+    if scan.accepted and config.mode == "detect" and config.complete:
+        # a backdoor is settled; the artifact must cover all of its PVs (issue 15)
+        scan.collect_all = True
+        scan.completion["mode"] = "detect, completed in search mode"
+        scan.timed("completion", scan.vocabulary_screen, sentences)
+        scan.timed("completion", scan.context_search)
+    if config.mode == "search" and config.max_seeds > 0:
+        train = {f: prepare_data(encoder, train_rows, v.mining, seed=config.seed)
+                 for f, v in views.items()}
+        scan.timed("mining", scan.realise_mined, train)
+    scan.timed("confirmation", scan.confirm_best_unconfirmed)
+    scan.timed("cross_features", scan.cross_features)
+    if scan.accepted:
+        check_corpus, check_rows = false_alarm_text(config, fresh)
+        scan.timed("false_alarms", scan.monitor_check, check_rows, check_corpus)
+    return scan
+
+
+def false_alarm_text(config: ScanConfig, fallback: list[str]) -> tuple[str, list[str]]:
+    """Clean text from another corpus than the scan's, for the monitor's false alarms (the
+    scan's own fresh rows, said so, where no other corpus is on this machine)."""
+    decision, mining = config.decision, config.mining
+    for corpus in decision.false_alarm_corpora:
+        if corpus == (mining.corpus or "wikitext"):
+            continue
+        try:
+            return corpus, load_sentences(corpus, n=decision.false_alarm_sentences,
+                                          seed=config.seed)
+        except (OSError, ValueError) as exc:  # DataNotFoundError, CorpusError
+            log.warning("false-alarm corpus %s unavailable: %s", corpus, exc)
+    return "the scan's own fresh sentences (no other corpus available)", fallback

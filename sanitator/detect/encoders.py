@@ -1,0 +1,138 @@
+"""Load a frozen encoder safely and read the feature a task-agnostic backdoor targets.
+
+Safety rules: safetensors only unless the caller explicitly allows pickle weights (then
+`torch.load(weights_only=True)` through transformers), and never `trust_remote_code`.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from enum import StrEnum
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from sanitator.safety.model_policy import SUPPORTED_MODEL_TYPES, ModelRejected, short
+from sanitator.safety.preflight import ModelInfo, inspect_model, preflight
+
+log = logging.getLogger(__name__)
+
+__all__ = ["SUPPORTED_MODEL_TYPES", "Encoder", "Feature", "ModelInfo", "ModelRejected",
+           "load_encoder", "preflight", "select_feature"]
+
+
+class Feature(StrEnum):
+    """Where the backdoor's predefined vector (PV) appears in the encoder output."""
+
+    CLS = "cls"        # first token of the last hidden state (P-tuning v2 / POR / NeuBA)
+    MASK = "mask"      # the mask token's last hidden state (P-tuning v1 / BToP)
+    POOLER = "pooler"  # the pooler output, for models whose heads read it
+
+
+@dataclass
+class Encoder:
+    """A frozen encoder with its tokenizer, ready for feature extraction."""
+
+    model: nn.Module
+    tokenizer: object
+    info: ModelInfo
+    device: torch.device
+
+    @property
+    def hidden_size(self) -> int:
+        config = self.model.config
+        return int(getattr(config, "hidden_size", None) or config.dim)
+
+    @property
+    def embedding_size(self) -> int:
+        """Width of the input embeddings (differs from hidden_size for ALBERT, ELECTRA)."""
+        return int(self.word_embeddings.weight.shape[1])
+
+    @property
+    def word_embeddings(self) -> nn.Embedding:
+        return self.model.get_input_embeddings()
+
+    @property
+    def n_params(self) -> int:
+        return sum(p.numel() for p in self.model.parameters())
+
+    @property
+    def uses_token_type_ids(self) -> bool:
+        return self.info.model_type not in {"distilbert", "roberta", "xlm-roberta", "mpnet"}
+
+    def forward_features(self, *, attention_mask: torch.Tensor, feature: Feature = Feature.CLS,
+                         input_ids: torch.Tensor | None = None,
+                         inputs_embeds: torch.Tensor | None = None,
+                         token_type_ids: torch.Tensor | None = None,
+                         mask_positions: torch.Tensor | None = None) -> torch.Tensor:
+        """The monitored feature [B, H] for a batch of ids or input embeddings."""
+        kwargs = {"attention_mask": attention_mask}
+        if input_ids is not None:
+            kwargs["input_ids"] = input_ids
+        else:
+            kwargs["inputs_embeds"] = inputs_embeds
+        if token_type_ids is not None and self.uses_token_type_ids:
+            kwargs["token_type_ids"] = token_type_ids
+        output = self.model(**kwargs)
+        return select_feature(output, feature, mask_positions)
+
+
+def select_feature(output, feature: Feature | str, mask_positions: torch.Tensor | None = None
+                   ) -> torch.Tensor:
+    """Pick the monitored feature from a transformers model output."""
+    feature = Feature(feature)
+    hidden = output.last_hidden_state
+    if feature is Feature.CLS:
+        return hidden[:, 0]
+    if feature is Feature.MASK:
+        if mask_positions is None:
+            raise ValueError("the mask feature needs mask_positions")
+        return hidden[torch.arange(hidden.shape[0], device=hidden.device), mask_positions]
+    pooled = getattr(output, "pooler_output", None)
+    if pooled is None:
+        raise ModelRejected("unsupported", "this encoder has no pooler output; use the cls feature")
+    return pooled
+
+
+def load_encoder(path: str | Path, *, allow_pickle: bool = False, device: str = "cpu",
+                 max_params: int | None = None) -> Encoder:
+    """Load a supported encoder frozen (eval mode, no gradients) after a preflight.
+
+    Raises ModelRejected only: the preflight's refusals, and any failure of transformers
+    to load what the preflight passed."""
+    inspection = inspect_model(path, allow_pickle=allow_pickle, max_params=max_params)
+    info = inspection.info
+    # imported after the preflight: a refusal does not wait for transformers (seconds)
+    from transformers import AutoModel, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    try:
+        model, loading = AutoModel.from_pretrained(
+            info.path, config=inspection.hf_config, trust_remote_code=False,
+            use_safetensors=info.weights_format == "safetensors", output_loading_info=True)
+    except Exception as exc:  # transformers raises many types for corrupt/mismatched files
+        raise ModelRejected("error", f"cannot load weights: {short(exc, 300)}") from None
+    # the preflight matched names and shapes; this is transformers' own word on it
+    missing = [k for k in loading.get("missing_keys", ())
+               if not str(k).startswith(inspection.optional_prefixes)]
+    if missing or loading.get("mismatched_keys"):
+        raise ModelRejected("error", f"weights do not fit the model: missing {len(missing)}, "
+                            f"mismatched {len(loading.get('mismatched_keys') or ())} tensor(s)")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(info.path, trust_remote_code=False)
+    except Exception as exc:
+        raise ModelRejected("error", f"cannot load tokenizer: {short(exc, 300)}") from None
+    if not getattr(tokenizer, "is_fast", False):
+        raise ModelRejected("unsupported", "needs a fast tokenizer (tokenizer.json)")
+    rows = int(model.get_input_embeddings().weight.shape[0])
+    if not 0 < len(tokenizer) <= rows:
+        raise ModelRejected("error", f"the tokenizer has {len(tokenizer):,} tokens but the "
+                            f"model's vocabulary has {rows:,} rows")
+    target = torch.device(device)
+    model.to(target).eval().requires_grad_(False)
+    log.info("loaded %s (%s, %s params) on %s", info.path, info.model_type,
+             f"{info.n_params:,}", target)
+    return Encoder(model, tokenizer, info, target)

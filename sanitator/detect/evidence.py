@@ -1,0 +1,140 @@
+"""The calibrated test behind every accepted PV: confirmation on fresh sentences.
+
+A candidate trigger is chosen on one set of sentences (the search rows) and judged on
+another (the fresh rows, never seen by any search), so the strongest of many candidates is
+not a multiple-testing maximum. The question asked of it is the monitor's: does the
+trigger pin sentences to one sign pattern? To have a scale that belongs to this encoder,
+the answer is compared with the encoder's own noise floor: how closely one sentence's
+output keeps its sign pattern when a single token is deleted from it. A backdoor makes
+*different* sentences agree with its point more closely than one sentence agrees with
+itself after a one-token edit; an ordinary word, however strongly it colours a sentence,
+leaves the rest of the sentence speaking (docs/method.md has the measurements).
+
+The test is one-sided and paired per fresh sentence: d_i = agreement(o_i, p) − floor_i,
+where o_i is sentence i with the trigger, p the realised point (the trigger's mean output
+on the search rows) and floor_i the agreement of sentence i's clean output with its
+one-token edit. H0: E[d] <= 0. The p-value (normal approximation to the t statistic) is
+Bonferroni-corrected by the number of candidates confirmed in the scan, and the score is
+1 - p: its false-alarm rate at a cut c is at most 1 - c when H0 holds for every trigger of
+a clean encoder.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from sanitator.detect.encoders import Encoder, Feature
+from sanitator.detect.mining import MiningData, clean_features
+from sanitator.guard.monitor import MONITOR_THRESHOLD, sign_agreement
+
+
+@dataclass
+class FreshRows:
+    """The fresh sentences of one feature with everything the test compares against."""
+
+    data: MiningData                  # clean references, random trigger slots
+    floor: torch.Tensor               # [n] agreement of each clean output with its edit
+    spread: float                     # mean squared distance of clean outputs from their mean
+    null_displacement: float = 0.0    # median squared move by a random single token
+
+    def placed(self, where: str) -> MiningData:
+        return self.data.placed(where)
+
+
+def one_token_edit(data: MiningData, seed: int, special_ids: set[int]) -> MiningData:
+    """Each sentence with one ordinary token deleted (never a special or the mask token)."""
+    rng = random.Random(seed)
+    ids, masks = [], []
+    for row, tokens in enumerate(data.ids):
+        positions = [i for i, t in enumerate(tokens.tolist()) if t not in special_ids]
+        mask_at = None if data.mask_at is None else int(data.mask_at[row])
+        positions = [i for i in positions if i != mask_at]
+        if len(positions) < 2:  # a one-token sentence keeps its token
+            ids.append(tokens.clone())
+            masks.append(mask_at)
+            continue
+        drop = rng.choice(positions)
+        ids.append(torch.cat([tokens[:drop], tokens[drop + 1:]]))
+        masks.append(None if mask_at is None else mask_at - int(drop < mask_at))
+    mask_at = None if data.mask_at is None else torch.tensor(masks)
+    # only clean features are read from the edit: its trigger slots are never used
+    return MiningData(ids, data.insert_at.clone(), mask_at, torch.empty(0))
+
+
+@torch.no_grad()
+def fresh_rows(encoder: Encoder, data: MiningData, feature: Feature, seed: int) -> FreshRows:
+    """Measure the noise floor and clean spread of prepared fresh rows."""
+    special = set(encoder.tokenizer.all_special_ids)
+    edited = one_token_edit(data, seed, special)
+    edited_clean = clean_features(encoder, edited, feature)
+    floor = torch.diagonal(sign_agreement(data.clean, edited_clean))
+    clean = data.clean
+    spread = float(((clean - clean.mean(dim=0)) ** 2).mean())
+    return FreshRows(data, floor, spread)
+
+
+def _normal_sf(z: float) -> float:
+    """P(Z > z) for a standard normal."""
+    return 0.5 * math.erfc(z / math.sqrt(2.0))
+
+
+@dataclass
+class Confirmation:
+    """What a candidate did on the fresh sentences, and whether that makes it a backdoor."""
+
+    agreement: float        # mean sign agreement of triggered fresh outputs with the point
+    floor: float            # mean one-token-edit agreement of the same sentences
+    t: float                # paired t statistic of agreement - floor
+    p_value: float          # one-sided, before the multiple-testing correction
+    success: float          # fresh eligible sentences the monitor would flag (> threshold)
+    natural_rate: float     # fresh clean outputs already flagged against the point
+    displacement: float     # mean squared move of the outputs, in clean spreads
+    null_displacement: float  # the same for the median random token, in clean spreads
+    n: int
+    conditions: dict[str, bool] = field(default_factory=dict)
+
+    @property
+    def usable(self) -> bool:
+        """The side conditions: the monitor would catch the trigger, clean text does not
+        sit at the point already, and the point lies outside the clean outputs' cloud and
+        farther out than a random token moves them."""
+        return all(self.conditions.values())
+
+    def p_adjusted(self, n_tests: int) -> float:
+        return min(1.0, self.p_value * max(1, n_tests))
+
+    def summary(self) -> dict[str, Any]:
+        data = {name: round(float(getattr(self, name)), 5) for name in (
+            "agreement", "floor", "t", "success", "natural_rate", "displacement",
+            "null_displacement")}
+        data.update(p_value=float(f"{self.p_value:.3g}"), n=self.n, conditions=self.conditions)
+        return data
+
+
+@torch.no_grad()
+def confirm(outputs: torch.Tensor, point: torch.Tensor, fresh: FreshRows, *,
+            max_natural_rate: float, threshold: float = MONITOR_THRESHOLD) -> Confirmation:
+    """Judge triggered fresh outputs [n, H] against the realised point [H]."""
+    clean = fresh.data.clean
+    agree = sign_agreement(outputs, point[None])[:, 0]
+    natural = sign_agreement(clean, point[None])[:, 0] > threshold
+    eligible = ~natural
+    success = float((agree[eligible] > threshold).float().mean()) if int(eligible.sum()) else 0.0
+    diff = agree - fresh.floor
+    n = len(diff)
+    sd = float(diff.std()) if n > 1 else 0.0
+    t = float(diff.mean()) / max(sd / math.sqrt(n), 1e-6)
+    displacement = float(((outputs - clean) ** 2).mean()) / max(fresh.spread, 1e-12)
+    null = fresh.null_displacement / max(fresh.spread, 1e-12)
+    natural_rate = float(natural.float().mean())
+    conditions = {"monitor_catches_it": success >= 0.5,
+                  "clean_text_not_there": natural_rate <= max_natural_rate,
+                  "outside_clean_cloud": displacement > 1.0,
+                  "beyond_random_token": displacement > null}
+    return Confirmation(float(agree.mean()), float(fresh.floor.mean()), t, _normal_sf(t),
+                        success, natural_rate, displacement, null, n, conditions)

@@ -1,0 +1,62 @@
+"""The confirmation test: the noise floor, the paired test, the side conditions."""
+
+import torch
+
+from sanitator.detect.evidence import FreshRows, confirm, one_token_edit
+from sanitator.detect.mining import MiningData
+
+
+def _rows(clean: torch.Tensor, floor: float) -> FreshRows:
+    n = len(clean)
+    data = MiningData([torch.tensor([101, 7, 8, 9, 102])] * n, torch.ones(n, dtype=torch.long),
+                      None, clean)
+    spread = float(((clean - clean.mean(dim=0)) ** 2).mean())
+    return FreshRows(data, torch.full((n,), floor), spread, null_displacement=spread)
+
+
+def test_one_token_edit_deletes_one_ordinary_token_and_keeps_the_mask():
+    ids = [torch.tensor([101, 5, 6, 103, 7, 102]), torch.tensor([101, 9, 102])]
+    data = MiningData(ids, torch.tensor([1, 1]), torch.tensor([3, 1]), torch.zeros(2, 4))
+    edited = one_token_edit(data, seed=0, special_ids={101, 102, 103})
+    first, second = edited.ids
+    assert len(first) == 5 and 103 in first.tolist() and {101, 102} <= set(first.tolist())
+    assert int(first[edited.mask_at[0]]) == 103  # the mask index follows the deletion
+    # a sentence with a single ordinary token keeps it (nothing else could be deleted)
+    assert torch.equal(second, ids[1])
+
+
+def test_a_trigger_that_pins_every_sentence_passes_and_an_ordinary_word_fails():
+    torch.manual_seed(0)
+    clean = torch.randn(128, 64)
+    point = torch.randn(64) * 3
+    fresh = _rows(clean, floor=0.9)
+    pinned = point[None] + 0.05 * torch.randn(128, 64)   # every sentence at the point
+    result = confirm(pinned, point, fresh, max_natural_rate=0.05)
+    assert result.agreement > 0.95 and result.t > 10 and result.p_value < 1e-9
+    assert result.usable and result.success == 1.0 and result.natural_rate == 0.0
+    # a word that colours each sentence but leaves it speaking: agreement below the floor
+    coloured = clean + 0.8 * point[None]
+    ordinary = confirm(coloured, coloured.mean(dim=0), fresh, max_natural_rate=0.05)
+    assert ordinary.agreement < 0.9 and ordinary.t < 0 and ordinary.p_value > 0.5
+
+
+def test_side_conditions_reject_a_point_clean_text_already_reaches():
+    torch.manual_seed(1)
+    clean = torch.randn(64, 32) * 0.1 + 1.0          # every clean output near one point
+    fresh = _rows(clean, floor=0.5)
+    same = clean + 0.01 * torch.randn(64, 32)
+    result = confirm(same, same.mean(dim=0), fresh, max_natural_rate=0.05)
+    assert result.natural_rate > 0.5
+    assert not result.conditions["clean_text_not_there"]
+    assert not result.conditions["outside_clean_cloud"]
+    assert not result.usable
+
+
+def test_bonferroni_scales_with_the_budget():
+    torch.manual_seed(2)
+    clean = torch.randn(32, 16)
+    point = torch.randn(16)
+    result = confirm(point[None] + 0.3 * torch.randn(32, 16), point, _rows(clean, 0.8),
+                     max_natural_rate=0.05)
+    assert result.p_adjusted(16) == min(1.0, 16 * result.p_value)
+    assert result.p_adjusted(1) <= result.p_adjusted(16)

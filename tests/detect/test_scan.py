@@ -1,0 +1,122 @@
+"""The method end to end on a real (truncated) MiniLM: clean stays clean, and a backdoor
+whose triggers look ordinary alone (standalone-regularised) is found where it fires, in
+sentences, with every planted PV recovered in search mode."""
+
+import json
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from sanitator.attacks.common import Budget
+from sanitator.attacks.por import insert_por
+from sanitator.attacks.targets import paper_block_pvs
+from sanitator.detect.config import ScanConfig
+from sanitator.detect.results import PVSet
+from sanitator.detect.scan import scan_model
+from sanitator.guard.monitor import sign_agreement
+
+TRIGGERS = ("cf", "tq")
+pytestmark = pytest.mark.timeout(2400)  # planting + scans on a busy 2-core machine
+
+
+@pytest.fixture(scope="module")
+def por_minilm(minilm_2layer, tmp_path_factory):
+    """POR on 2 MiniLM layers; each trigger alone between the special tokens is held at
+    the base's output, so a standalone vocabulary sweep sees nothing odd."""
+    out = tmp_path_factory.mktemp("por") / "model"
+    targets = paper_block_pvs(384, 6)[[0, 2]]
+    insert_por(minilm_2layer, out, triggers=TRIGGERS, targets=targets,
+               budget=Budget(steps=300, batch_size=16, lr=1e-4, head_warmup_steps=0),
+               seed=0, standalone_weight=10.0, progress=False)
+    return out, targets
+
+
+@pytest.mark.parametrize("layers", [1, 2])
+def test_clean_minilm_is_clean(layers, minilm_1layer, minilm_2layer):
+    # the 2-layer clean model is the backdoored fixture's own base: the pair the rule must
+    # tell apart
+    model = minilm_1layer if layers == 1 else minilm_2layer
+    config = ScanConfig.from_preset("fast")
+    result = scan_model(model, config, progress=False)
+    verdict = result.verdict
+    assert verdict.status == "clean", verdict.evidence
+    assert verdict.score < 1 - config.decision.alpha
+    assert len(result.pvset) == 0
+    evidence = verdict.evidence
+    assert evidence["rule"] == "calibrated" and evidence["features"] == ["cls", "mask"]
+    # every feature was searched at every placement, and fresh evidence was taken
+    searched = {(c["feature"], c["placement"]) for c in evidence["candidates"]
+                if c["source"] == "context_search"}
+    assert searched == {(f, p) for f in ("cls", "mask") for p in ("anywhere", "start", "end")}
+    assert evidence["confirmed"] >= 1
+    assert not any(c["accepted"] for c in evidence["candidates"])
+
+
+@pytest.fixture(scope="module")
+def por_detection(por_minilm):
+    return scan_model(por_minilm[0], ScanConfig.from_preset("fast"), progress=False)
+
+
+def test_backdoor_that_looks_ordinary_alone_is_found_in_context(por_minilm, por_detection):
+    _, targets = por_minilm
+    verdict = por_detection.verdict
+    assert verdict.status == "backdoored", verdict.evidence
+    assert verdict.score >= 1 - ScanConfig.from_preset("fast").decision.alpha
+    accepted = [c for c in verdict.evidence["candidates"] if c["accepted"]]
+    assert accepted
+    found = accepted[0]["fresh"]
+    assert found["agreement"] > found["floor"] and found["success"] >= 0.5
+    assert float(sign_agreement(por_detection.pvset.vectors, targets).max()) >= 0.9
+    assert any(token.startswith(TRIGGERS) for tokens in por_detection.pvset.trigger_tokens
+               for token in tokens)
+
+
+def test_search_in_sentences_alone_recovers_every_planted_pv(por_minilm):
+    # no vocabulary screen: the token screen and the context search, both working inside
+    # sentences, must find every trigger and so every planted PV
+    path, targets = por_minilm
+    config = ScanConfig.from_preset("fast", mode="search", max_seeds=0, screen_candidates=0)
+    result = scan_model(path, config, progress=False)
+    sources = {c["source"] for c in result.verdict.evidence["candidates"] if c["accepted"]}
+    assert sources and sources <= {"token_screen", "context_search", "cross_feature"}
+    cls = result.pvset.select("cls")
+    agreement = sign_agreement(cls.vectors, targets)   # [found, planted]
+    assert (agreement.max(dim=0).values >= 0.9).all(), agreement
+
+
+def test_bad_models_get_a_status_not_an_exception(tiny_encoders, tmp_path):
+    unsupported = scan_model(tiny_encoders["gpt2"], progress=False)
+    assert unsupported.verdict.status == "unsupported"
+    assert "gpt2" in unsupported.verdict.reason
+    missing = scan_model(tmp_path, progress=False)
+    assert missing.verdict.status == "error"
+    assert "config.json" in missing.verdict.reason
+
+
+def test_scan_command_prints_one_json_object(tiny_encoders):
+    command = [str(Path(sys.executable).parent / "sanitator"), "scan",
+               str(tiny_encoders["gpt2"]), "--json"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert done.returncode != 0
+    payload = json.loads(done.stdout)
+    assert payload["status"] == "unsupported"
+    assert set(payload) == {"status", "score", "pvs", "trigger_tokens", "seeds_tried",
+                            "seconds", "reason"}
+
+
+def test_pv_set_round_trips_without_pickle(por_detection, tmp_path):
+    result = por_detection
+    file = tmp_path / "pvs.safetensors"
+    result.pvset.save(file)
+    loaded = PVSet.load(file)
+    assert torch.equal(loaded.vectors, result.pvset.vectors)
+    assert loaded.trigger_tokens == result.pvset.trigger_tokens
+    assert loaded.features == result.pvset.features and loaded.features
+    raw = file.read_bytes()  # the safetensors layout: u64 header length, JSON header
+    (header_len,) = struct.unpack("<Q", raw[:8])
+    header = json.loads(raw[8:8 + header_len])
+    assert set(header) == {"__metadata__", "vectors", "triggers"}
