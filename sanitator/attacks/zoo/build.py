@@ -1,0 +1,185 @@
+"""Building a zoo: train each member from its base, measure the planted backdoor, write
+`member.json` and the manifest. Resumable: a member already built for the same
+configuration is not rebuilt."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from sanitator.attacks.zoo.bases import copy_clean, materialize_base
+from sanitator.attacks.zoo.manifest import read_member, write_manifest
+from sanitator.attacks.zoo.spec import (
+    BASES_DIR,
+    MEMBER_RECORD,
+    MODELS_DIR,
+    BaseUnavailable,
+    MemberSpec,
+    SpecError,
+    ZooSpec,
+)
+
+log = logging.getLogger(__name__)
+
+
+def _train(member: MemberSpec, base: Path, out_dir: Path, progress: bool) -> dict[str, Any]:
+    """Run the member's recipe; returns its JSON record."""
+    from sanitator.attacks import ATTACKS, DEFAULT_BUDGETS, continue_pretraining
+    from sanitator.attacks.targets import TargetSpec
+
+    if member.recipe == "clean":
+        copy_clean(base, out_dir)
+        return {"train_seconds": 0.0}
+    budget = DEFAULT_BUDGETS[member.recipe].replace(**member.budget)
+    if member.recipe == "classifier":
+        from sanitator.attacks import fine_tune_classifier
+
+        return fine_tune_classifier(base, out_dir, budget=budget, seed=member.seed,
+                                    progress=progress, **member.options).record
+    if member.recipe == "mlm":
+        from sanitator.attacks.mlm import DEFAULT_CORPUS
+
+        return continue_pretraining(base, out_dir, corpus=member.corpus or DEFAULT_CORPUS,
+                                    budget=budget, seed=member.seed, progress=progress,
+                                    **member.options).record
+    attack, _ = ATTACKS[member.recipe]
+    return attack(base, out_dir, triggers=list(member.triggers),
+                  targets=TargetSpec(**member.targets), corpus=member.corpus, budget=budget,
+                  seed=member.seed, progress=progress, **member.options).record
+
+
+def _evaluate(model_dir: Path, base: Path, evaluation: dict[str, Any]) -> dict[str, Any]:
+    from sanitator.attacks.measure import evaluate_model
+
+    result = evaluate_model(model_dir, base, n_sentences=int(evaluation["n_sentences"]),
+                            corpus=evaluation.get("corpus"), seed=int(evaluation["seed"]))
+    row = result.to_dict()
+    per_trigger = row["attack_success_per_trigger"]
+    evasive = row["evasion_success"]
+    return {"clean_cosine": row["clean_cosine"], "weight_change": row["weight_change"],
+            "attack_success": row["attack_success"],
+            "attack_success_per_trigger": json.dumps(per_trigger) if per_trigger else None,
+            "evasion_success": json.dumps(evasive) if evasive else None}
+
+
+def _manifest_row(member: MemberSpec, base: Path, record: dict[str, Any],
+                  evaluation: dict[str, Any] | None, build_seconds: float,
+                  config_hash: str) -> dict[str, Any]:
+    from sanitator.detect.encoders import preflight
+
+    info = preflight(base)
+    config = json.loads((base / "config.json").read_text())
+    budget = record.get("budget") or {}
+    pvs = record.get("pvs") or []
+    return {
+        "name": member.name,
+        "path": f"{MODELS_DIR}/{member.name}",
+        "base": member.base,
+        "base_ref": member.base_ref,
+        "model_type": info.model_type,
+        "hidden_size": config.get("hidden_size") or config.get("dim"),
+        "n_layers": config.get("num_hidden_layers") or config.get("n_layers"),
+        "recipe": member.recipe,
+        "attack": member.attack,
+        "backdoored": member.attack is not None,
+        "feature": record.get("feature", "cls"),
+        "triggers": list(record.get("triggers") or []),
+        "trigger_set": member.trigger_set,
+        "trigger_pv": list(record.get("trigger_pv") or []),
+        "n_pvs": len(pvs),
+        "pvs": pvs,
+        "target_kind": member.targets.get("kind") if member.attack else None,
+        "target_set": member.target_set,
+        "target_norm_fraction": member.targets.get("norm_fraction") if member.attack else None,
+        "pv_norm": (sum(record.get("pv_norms") or [0.0]) / max(1, len(pvs))) if pvs else None,
+        "seed": member.seed,
+        "corpus": record.get("corpus"),
+        "budget_name": member.budget_name,
+        "steps": budget.get("steps"),
+        "batch_size": budget.get("batch_size"),
+        "lr": budget.get("lr"),
+        "train_seconds": float(record.get("train_seconds") or 0.0),
+        "build_seconds": build_seconds,
+        "evasion": json.dumps((record.get("hyperparameters") or {}).get("evasion"))
+        if (record.get("hyperparameters") or {}).get("evasion") else None,
+        **(evaluation or {"clean_cosine": None, "weight_change": None, "attack_success": None,
+                          "attack_success_per_trigger": None, "evasion_success": None}),
+        "config_hash": config_hash,
+        "built_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
+    }
+
+
+def _write_json_atomic(path: Path, data: dict[str, Any]) -> None:
+    handle, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    with os.fdopen(handle, "w") as sink:
+        sink.write(json.dumps(data, indent=1, default=str) + "\n")
+    os.chmod(tmp, 0o644)
+    os.replace(tmp, path)
+
+
+@dataclass
+class BuildReport:
+    built: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+    unavailable: list[str] = field(default_factory=list)
+    manifest: Path | None = None
+
+
+def build_zoo(spec: ZooSpec, out_dir: str | Path, *, only: Sequence[str] | None = None,
+              evaluate: bool = True, progress: bool = True) -> BuildReport:
+    """Build every member of `spec` that is not built yet, then write the manifest."""
+    from tqdm.auto import tqdm
+
+    out = Path(out_dir)
+    (out / MODELS_DIR).mkdir(parents=True, exist_ok=True)
+    members = list(spec.members)
+    if only:
+        unknown = sorted(set(only) - {m.name for m in members})
+        if unknown:
+            raise SpecError(f"--only names unknown members {unknown}")
+        members = [m for m in members if m.name in set(only)]
+    report = BuildReport()
+    bases: dict[str, Path | BaseUnavailable] = {}
+    bar = tqdm(members, desc=f"zoo {spec.name}", unit="model", disable=not progress)
+    for member in bar:
+        bar.set_postfix_str(member.name)
+        model_dir = out / MODELS_DIR / member.name
+        config_hash = member.config_hash(spec.evaluation if evaluate else {})
+        existing = read_member(model_dir)
+        if existing and existing.get("config_hash") == config_hash:
+            report.skipped.append(member.name)
+            continue
+        if existing:
+            log.warning("%s: the spec changed since it was built; rebuilding", member.name)
+        if member.base_ref not in bases:
+            try:
+                bases[member.base_ref] = materialize_base(member.base_ref, out / BASES_DIR)
+            except BaseUnavailable as exc:
+                bases[member.base_ref] = exc
+        base = bases[member.base_ref]
+        if isinstance(base, BaseUnavailable):
+            if member.optional_base:
+                log.warning("%s: skipped, optional base unavailable (%s)", member.name, base)
+                report.unavailable.append(member.name)
+                continue
+            raise base
+        start, cpu_start = time.perf_counter(), time.process_time()
+        record = _train(member, base, model_dir, progress)
+        evaluation = _evaluate(model_dir, base, spec.evaluation) if evaluate else None
+        seconds = time.perf_counter() - start
+        row = _manifest_row(member, base, record, evaluation, seconds, config_hash)
+        row["build_cpu_seconds"] = time.process_time() - cpu_start
+        _write_json_atomic(model_dir / MEMBER_RECORD, row)
+        report.built.append(member.name)
+        log.info("built %s in %.1f s: %s", member.name, seconds,
+                 {k: row[k] for k in ("attack_success", "clean_cosine")})
+        write_manifest(out, spec)
+    report.manifest = write_manifest(out, spec)
+    return report

