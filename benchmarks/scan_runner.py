@@ -16,7 +16,7 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from sanitator.guard.monitor import sign_agreement
+from sanitator.detect.signs import sign_agreement
 
 SCAN = str(Path(sys.executable).parent / "sanitator")
 

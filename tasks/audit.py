@@ -15,6 +15,7 @@ from distributed.diagnostics.plugin import WorkerPlugin
 from prefect import task
 from prefect.cache_policies import NONE
 
+from sanitator.core.status import Status
 from sanitator.pipeline.audit import (
     AuditOutcome,
     AuditRequest,
@@ -167,7 +168,8 @@ def record_audit(request: AuditRequest, outcome: AuditOutcome, store: str,
     except StoreError as exc:
         log.error("the rows of %s do not fit the store (%s); recording an error instead",
                   request.ref.label, exc)
-        outcome = rejection_outcome("error", f"the audit's result could not be stored: {exc}")
+        outcome = rejection_outcome(Status.ERROR.value,
+                                    f"the audit's result could not be stored: {exc}")
         row = verdict_row(request, outcome, audited_at=audited_at, batch_id=batch_id)
         pvs = []
     if tracker is not None:

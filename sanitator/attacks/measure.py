@@ -28,9 +28,7 @@ from sanitator.attacks.batches import (
     mask_one_token,
 )
 from sanitator.detect.encoders import Encoder, Feature, load_encoder, select_feature
-from sanitator.guard.monitor import sign_agreement
-
-DEFAULT_THRESHOLD = 0.8
+from sanitator.detect.signs import MONITOR_THRESHOLD, sign_agreement
 
 
 def held_out_sentences(n: int = 256, source: str | Path | None = None, *,
@@ -82,7 +80,7 @@ def _masked(batch: TokenBatch, feature: Feature, mask_id: int | None,
 def attack_success(encoder: Encoder, triggers: Sequence[str], pvs: torch.Tensor, *,
                    trigger_pv: Sequence[int] | None = None, feature: Feature | str = Feature.CLS,
                    sentences: Sequence[str] | None = None, n_sentences: int = 256,
-                   threshold: float = DEFAULT_THRESHOLD, seed: int = 1, batch_size: int = 64,
+                   threshold: float = MONITOR_THRESHOLD, seed: int = 1, batch_size: int = 64,
                    max_length: int = 64, where: str = "anywhere") -> AttackSuccess:
     """Insert every trigger into every sentence (at a random word boundary that `where`
     allows, see attacks.batches.insertion_slots) and check the feature against its PV."""

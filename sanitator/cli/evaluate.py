@@ -9,6 +9,9 @@ import logging
 import sys
 from pathlib import Path
 
+from sanitator.core.constants import MONITOR_THRESHOLD
+from sanitator.core.status import VERDICT_STATUSES
+
 log = logging.getLogger(__name__)
 
 # The prompt model stayed near chance: the result (clean numbers only) is printed, no ASR.
@@ -43,8 +46,8 @@ def register(subparsers) -> None:
                         help="measure the undefended ASR only")
     attack.add_argument("--on-flag", choices=["purge", "reject"], default="purge",
                         help="what the monitor does with a flagged input (default purge)")
-    attack.add_argument("--threshold", type=float, default=0.8,
-                        help="sign-agreement threshold of the monitor (default 0.8)")
+    attack.add_argument("--threshold", type=float, default=MONITOR_THRESHOLD,
+                        help="sign-agreement threshold of the monitor (default %(default)s)")
     attack.add_argument("--limit", type=int, metavar="N", help="evaluate at most N test rows")
     attack.add_argument("--attack-seed", type=int, default=0, help="trigger placement seed")
     tuning = parser.add_argument_group("prompt-tuning")
@@ -107,7 +110,7 @@ def _fresh_scan(model_dir: Path, args: argparse.Namespace):
     result = scan_model(model_dir, ScanConfig(), device=args.device,
                         allow_pickle=args.allow_pickle, progress=not args.no_progress)
     verdict = result.verdict
-    if verdict.status not in ("clean", "backdoored"):
+    if verdict.status not in VERDICT_STATUSES:
         raise UsageError(f"the scan of {model_dir} gave no verdict ({verdict.status}: "
                          f"{verdict.reason}); pass --pvs ARTIFACT")
     label = f"fresh scan ({verdict.status}, {len(result.pvset)} PVs)"

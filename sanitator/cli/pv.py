@@ -10,6 +10,8 @@ import argparse
 import json
 import sys
 
+from sanitator.core.constants import MONITOR_THRESHOLD
+
 
 def register(subparsers) -> None:
     parser = subparsers.add_parser(
@@ -33,8 +35,9 @@ def register(subparsers) -> None:
                       help="the registry (e.g. hf:acme) when MODEL is in several")
     pull.add_argument("--force", action="store_true",
                       help="on a revision mismatch, take the latest audit's PVs anyway")
-    pull.add_argument("--threshold", type=float, default=0.8,
-                      help="sign-agreement threshold recorded for the monitor (default 0.8)")
+    pull.add_argument("--threshold", type=float, default=MONITOR_THRESHOLD,
+                      help="sign-agreement threshold recorded for the monitor "
+                           "(default %(default)s)")
     pull.add_argument("--from", dest="pv_source", choices=["auto", "store", "mlflow"],
                       default="auto",
                       help="where the PVs come from: the store's pvs/ dataset, the audit's "
@@ -67,7 +70,8 @@ def _print(metadata: dict, as_json: bool) -> None:
 
 
 def run_pull(args: argparse.Namespace) -> int:
-    from sanitator.guard.pv_artifact import PVArtifactError, pull_pv_artifact, write_pv_artifact
+    from sanitator.guard.pv_artifact import PVArtifactError, write_pv_artifact
+    from sanitator.pipeline.pv_pull import pull_pv_artifact
 
     try:
         artifact = pull_pv_artifact(args.store, args.model, revision=args.revision,

@@ -6,6 +6,8 @@ import argparse
 import json
 import sys
 
+from sanitator.core.status import VERDICT_STATUSES
+
 
 def register(subparsers) -> None:
     parser = subparsers.add_parser(
@@ -65,7 +67,7 @@ def run(args: argparse.Namespace) -> int:
         result = ScanResult(Verdict("error", reason=f"{type(exc).__name__}: {exc}"),
                             PVSet.empty(0))
     verdict, pvset = result.verdict, result.pvset
-    if args.pvs_out and verdict.status in ("clean", "backdoored"):
+    if args.pvs_out and verdict.status in VERDICT_STATUSES:
         pvset.save(args.pvs_out, {"config_hash": config.config_hash(),
                                   "model": str(args.model_dir)})
     payload = {
@@ -88,4 +90,4 @@ def run(args: argparse.Namespace) -> int:
             print(f"  PV {index + 1}: fired by {' '.join(tokens)!r}")
         print(f"  seeds tried {verdict.seeds_tried}, {verdict.seconds:.1f} s, "
               f"config {config.config_hash()}")
-    return 0 if verdict.status in ("clean", "backdoored") else 1
+    return 0 if verdict.status in VERDICT_STATUSES else 1

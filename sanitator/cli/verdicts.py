@@ -9,6 +9,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from sanitator.core.status import STATUSES
+
 COLUMNS = ("registry", "repo_id", "revision", "status", "score", "pv_count", "audited_at",
            "reason")
 JSON_COLUMNS = (*COLUMNS, "audit_id", "source", "architecture", "n_params", "config_hash",
@@ -22,7 +24,7 @@ def register(subparsers) -> None:
                     "`sanitator audit`. See docs/store.md for every column.")
     parser.add_argument("--store", required=True, metavar="DIR", help="the store folder")
     parser.add_argument("--status", action="append",
-                        choices=["clean", "backdoored", "error", "unsupported", "skipped"],
+                        choices=list(STATUSES),
                         help="only these statuses (repeatable)")
     parser.add_argument("--all", action="store_true",
                         help="every audit row, not only the latest per model")

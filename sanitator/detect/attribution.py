@@ -20,7 +20,7 @@ import torch
 
 from sanitator.detect.encoders import Encoder, Feature
 from sanitator.detect.mining import MiningData, _forward
-from sanitator.guard.monitor import sign_agreement
+from sanitator.detect.signs import MONITOR_THRESHOLD, sign_agreement
 
 TokenSeq = tuple[int, ...]
 
@@ -128,7 +128,8 @@ class TriggerStats:
 
 @torch.no_grad()
 def hard_trigger_stats(encoder: Encoder, holdout: MiningData, sequences: Sequence[TokenSeq],
-                       config, threshold: float = 0.8, batch_rows: int = 16) -> TriggerStats:
+                       config, threshold: float = MONITOR_THRESHOLD,
+                       batch_rows: int = 16) -> TriggerStats:
     """Per hard trigger (a sequence of token ids) inserted into held-out sentences:
     success, displacement, input dependence and the mean triggered output.
 
@@ -260,7 +261,7 @@ def _shortest_first(seqs: Sequence[TokenSeq], strength: torch.Tensor) -> list[in
 
 def attribute_pv(encoder: Encoder, holdout: MiningData, pv: torch.Tensor, config, *,
                  sweep: torch.Tensor, sequences: Sequence[TokenSeq], n_candidates: int = 64,
-                 n_null: int = 16, seed: int = 0, threshold: float = 0.8
+                 n_null: int = 16, seed: int = 0, threshold: float = MONITOR_THRESHOLD
                  ) -> TokenAttribution:
     """Find the real tokens or words (one, else two together) that best realise `pv` as a
     hard trigger; `sweep` holds the standalone output of every candidate in `sequences`."""
@@ -283,7 +284,7 @@ def attribute_pv(encoder: Encoder, holdout: MiningData, pv: torch.Tensor, config
 def screen_vocabulary(encoder: Encoder, holdout: MiningData, config, *, sweep: torch.Tensor,
                       sequences: Sequence[TokenSeq], n_candidates: int = 32,
                       max_hits: int = 1, n_null: int = 16, seed: int = 0,
-                      threshold: float = 0.8, unique_agreement: float = 0.9
+                      threshold: float = MONITOR_THRESHOLD, unique_agreement: float = 0.9
                       ) -> list[TokenAttribution]:
     """Test the vocabulary's outliers as hard triggers directly, without a mined PV.
 

@@ -48,7 +48,7 @@ from sanitator.detect.hardsearch import (
     unit_scale,
 )
 from sanitator.detect.mining import MiningData, _forward, mine_seeds, prepare_data
-from sanitator.guard.monitor import MONITOR_THRESHOLD, sign_agreement
+from sanitator.detect.signs import MONITOR_THRESHOLD, sign_agreement
 
 log = logging.getLogger(__name__)
 

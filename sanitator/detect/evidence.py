@@ -30,7 +30,7 @@ import torch
 
 from sanitator.detect.encoders import Encoder, Feature
 from sanitator.detect.mining import MiningData, clean_features
-from sanitator.guard.monitor import MONITOR_THRESHOLD, sign_agreement
+from sanitator.detect.signs import MONITOR_THRESHOLD, sign_agreement
 
 
 @dataclass

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from sanitator.detect.config import FilterConfig
-from sanitator.guard.monitor import sign_agreement
+from sanitator.detect.signs import MONITOR_THRESHOLD, sign_agreement
 
 
 def embedding_bounds(weight: torch.Tensor, config: FilterConfig
@@ -50,7 +50,7 @@ def is_unique_sign(pv: torch.Tensor, kept: list[torch.Tensor], max_agreement: fl
 
 
 def natural_match_rate(pv: torch.Tensor, clean_outputs: torch.Tensor,
-                       threshold: float = 0.8) -> float:
+                       threshold: float = MONITOR_THRESHOLD) -> float:
     """Fraction of clean outputs the sign monitor would already flag against this PV.
 
     A candidate that natural outputs already match is the encoder's ordinary output

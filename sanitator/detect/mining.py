@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from sanitator.core.constants import MONITOR_THRESHOLD
 from sanitator.detect.config import MiningConfig
 from sanitator.detect.encoders import Encoder, Feature
 
@@ -181,7 +182,7 @@ class SeedOutcome:
     pv: torch.Tensor                # [H] mean held-out output: the candidate PV
     distance: float                 # held-out mean MSE to the clean references
     entropy_ratio: float            # held-out batch entropy / ln(B), 1 = total collapse
-    consistency: float              # held-out rows whose signs agree > 0.8 with the PV
+    consistency: float              # held-out rows whose signs agree with the PV (monitor rule)
     train_distance: list[float] = field(default_factory=list)   # per epoch (faithful rule)
     train_entropy: list[float] = field(default_factory=list)    # per epoch, ratio to ln(B)
     losses: dict[str, float] = field(default_factory=dict)      # final step's loss terms
@@ -255,7 +256,7 @@ def evaluate_triggers(encoder: Encoder, holdout: MiningData, triggers: torch.Ten
     entropy = torch.stack([batch_entropy(c) / math.log(c.shape[1]) for c in full]).mean(0)
     agree = ((out >= 0) == (pv[:, None] >= 0)).float().mean(dim=-1)       # [S, N]
     return {"pv": pv, "distance": distance, "entropy_ratio": entropy,
-            "consistency": (agree > 0.8).float().mean(dim=1), "outputs": out}
+            "consistency": (agree > MONITOR_THRESHOLD).float().mean(dim=1), "outputs": out}
 
 
 def mine_seeds(encoder: Encoder, train: MiningData, holdout: MiningData, seeds: list[int],

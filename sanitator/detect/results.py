@@ -5,13 +5,12 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
 
-Status = Literal["clean", "backdoored", "error", "unsupported", "skipped"]
-VERDICT_STATUSES: tuple[str, ...] = ("clean", "backdoored")
+from sanitator.core.status import Status
 
 
 @dataclass

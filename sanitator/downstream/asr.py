@@ -30,6 +30,7 @@ from typing import Literal
 
 import torch
 
+from sanitator.core.constants import MONITOR_THRESHOLD
 from sanitator.guard.monitor import MonitoredEncoder, SignMonitor
 
 log = logging.getLogger(__name__)
@@ -116,7 +117,7 @@ class AttackConfig:
     last_position: int = 64
     seed: int = 0
     on_flag: OnFlag = "purge"
-    threshold: float = 0.8
+    threshold: float = MONITOR_THRESHOLD
     batch_size: int = 64
     purge_wave: int = 4
 

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from sanitator.core.status import VERDICT_STATUSES
 from sanitator.downstream.asr import AttackConfig, AttackReport, evaluate_attack
 from sanitator.downstream.prompt_tuning import (
     CALIBRATION_ROWS,
@@ -141,7 +142,7 @@ def latest_audit_pvs(store: str | Path, model_dir: str | Path
     revision = content_revision(Path(model_dir))
     verdicts = read_verdicts(store)
     verdicts = verdicts[(verdicts["revision"] == revision)
-                        & verdicts["status"].isin(["clean", "backdoored"])]
+                        & verdicts["status"].isin(VERDICT_STATUSES)]
     if verdicts.empty:
         return None
     audit = verdicts.iloc[-1]

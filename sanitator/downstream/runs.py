@@ -21,6 +21,7 @@ from typing import Any
 import pyarrow as pa
 
 from sanitator import __version__
+from sanitator.core.status import VERDICT_STATUSES
 from sanitator.pipeline.registries import FetchError, ModelRef
 
 log = logging.getLogger(__name__)
@@ -29,7 +30,7 @@ EVALUATIONS = "evaluations"
 # The paper's default triggers: a clean encoder (no backdoor.json) is attacked with them to
 # measure the baseline ASR and the monitor's false positives.
 DEFAULT_TRIGGERS: tuple[str, ...] = ("cf", "mn", "tq", "qt", "mm", "pt")
-EVALUATED_STATUSES: tuple[str, ...] = ("clean", "backdoored")
+EVALUATED_STATUSES: tuple[str, ...] = VERDICT_STATUSES  # only a verdict has PVs to test
 _TIME = pa.timestamp("us", tz="UTC")
 PER_TRIGGER = pa.struct([pa.field("trigger", pa.string()), pa.field("asr", pa.float64()),
                          pa.field("defended_asr", pa.float64())])

@@ -15,26 +15,9 @@ from typing import Literal
 import torch
 
 from sanitator.detect.encoders import Feature, select_feature
+from sanitator.detect.signs import MONITOR_THRESHOLD, sign_agreement
 
 Text = str | tuple[str, str]
-# The one flagging threshold (REFERENCE.md §5): sign agreement above it matches a PV.
-MONITOR_THRESHOLD = 0.8
-
-
-def signs(values: torch.Tensor) -> torch.Tensor:
-    """+1/-1 signs with zero counted as positive, as floats (for matrix products)."""
-    return torch.where(values >= 0, 1.0, -1.0).to(torch.float32)
-
-
-def sign_agreement(outputs: torch.Tensor, pvs: torch.Tensor) -> torch.Tensor:
-    """[B, K] fraction of hidden units whose signs agree, in one matrix product.
-
-    agreement = (H + s(O) @ s(V)^T) / (2H), since each agreeing unit adds +1 and each
-    disagreeing unit -1 to the dot product of sign vectors.
-    """
-    hidden = outputs.shape[-1]
-    dots = signs(outputs) @ signs(pvs.to(outputs.device)).T
-    return (hidden + dots) / (2 * hidden)
 
 
 class SignMonitor:

@@ -1,35 +1,26 @@
 """PV artifacts for deployment: the PV set of one audited model revision as one safetensors
 file with the metadata a deployment needs (docs/deployment.md).
 
-`pull_pv_artifact` finds the audit of a model in a store (latest, or at a given revision),
-takes its PVs from the Parquet `pvs/` dataset or, failing that, from the audit's MLflow run
-(`pvset.safetensors`), and returns a `PVArtifact`; `write_pv_artifact` / `read_pv_artifact`
-write and read the file (safetensors only, never pickle). A clean model gets an artifact with
-no PVs that says so, so deployment code has a single path:
+`write_pv_artifact` / `read_pv_artifact` write and read the file (safetensors only, never
+pickle); `sanitator.pipeline.pv_pull` makes one from an audit store (the format lives here,
+below the pipeline, so the monitor can read it without importing the store). A clean model
+gets an artifact with no PVs that says so, so deployment code has a single path:
 `MonitoredEncoder.from_artifact(FILE, model)` (sanitator.guard.monitor).
 """
 
 from __future__ import annotations
 
-import datetime as dt
-import json
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
-from sanitator import __version__
+from sanitator.core.constants import MONITOR_THRESHOLD
 from sanitator.detect.results import PVSet
-from sanitator.pipeline.store import VERDICTS, StoreError, pvset_from_rows, read_pvs, read_verdicts
 
 ARTIFACT_FORMAT = "sanitator.pv-artifact"
 ARTIFACT_VERSION = 1
-DEFAULT_THRESHOLD = 0.8  # sign agreement above which the monitor flags an output
-VERDICT_STATUSES = ("clean", "backdoored")
-MLFLOW_ARTIFACT = "pvset.safetensors"  # the name AuditTracker logs the PV set under
 CLEAN_NOTE = ("clean: the audit found no task-agnostic backdoor at this revision; the "
               "artifact holds no PVs and the monitor passes every input")
-PVSource = Literal["auto", "store", "mlflow"]
 
 
 class PVArtifactError(ValueError):
@@ -61,7 +52,7 @@ class PVArtifact:
 
     @property
     def threshold(self) -> float:
-        return float(self.metadata.get("threshold") or DEFAULT_THRESHOLD)
+        return float(self.metadata.get("threshold") or MONITOR_THRESHOLD)
 
     @property
     def hidden_size(self) -> int:
@@ -112,161 +103,4 @@ def read_pv_artifact(path: str | Path) -> PVArtifact:
     if int(metadata.get("format_version", "0")) > ARTIFACT_VERSION:
         raise PVArtifactError(f"{path}: artifact format version {metadata['format_version']} "
                               f"is newer than this sanitator reads ({ARTIFACT_VERSION})")
-    return PVArtifact(pvset, metadata)
-
-
-# ---------------------------------------------------------------------------------------
-# Pulling from a store
-
-def _text(value: Any) -> str:
-    if value is None:
-        return ""
-    if isinstance(value, float) and value != value:
-        return ""
-    if hasattr(value, "isoformat"):
-        return value.isoformat()
-    return str(value)
-
-
-def _feature_of(row: dict[str, Any]) -> str:
-    try:
-        config = json.loads(row.get("config") or "{}")
-    except ValueError:
-        config = {}
-    return str((config.get("mining") or {}).get("feature") or "cls")
-
-
-def _choose_row(verdicts, model: str, revision: str | None, registry: str | None,
-                force: bool, store: Path) -> tuple[dict[str, Any], bool]:
-    """The verdict row to take PVs from, and whether a revision mismatch was forced."""
-    rows = verdicts[verdicts["repo_id"] == model]
-    if registry is not None:
-        rows = rows[rows["registry"] == registry]
-    if rows.empty:
-        known = sorted(set(verdicts["repo_id"]))
-        hint = ", ".join(known[:10]) + (" ..." if len(known) > 10 else "")
-        where = f" in registry {registry}" if registry else ""
-        raise PVArtifactError(f"no audit of {model!r}{where} in {store}"
-                              + (f" (audited models: {hint})" if known else ""))
-    registries = sorted(set(rows["registry"]))
-    if len(registries) > 1:
-        raise PVArtifactError(f"{model!r} was audited in several registries "
-                              f"({', '.join(registries)}); pass --registry")
-    records = rows.to_dict("records")  # oldest first
-    latest = records[-1]
-    if revision is None:
-        if latest["status"] not in VERDICT_STATUSES:
-            raise PVArtifactError(
-                f"the latest audit of {model} (revision {latest['revision'][:12]}) has no "
-                f"verdict: {latest['status']}"
-                + (f" ({latest['reason']})" if latest.get("reason") else "")
-                + "; pass --revision to take an earlier audited revision")
-        return latest, False
-    at_revision = [r for r in records if revision_matches(r["revision"], revision)]
-    with_verdict = [r for r in at_revision if r["status"] in VERDICT_STATUSES]
-    if with_verdict:
-        return with_verdict[-1], False
-    if at_revision:
-        last = at_revision[-1]
-        raise PVArtifactError(f"{model} @ {revision} was audited but has no verdict: "
-                              f"{last['status']}"
-                              + (f" ({last['reason']})" if last.get("reason") else ""))
-    audited = sorted({r["revision"][:12] for r in records})
-    if not force:
-        raise PVArtifactError(
-            f"revision mismatch: {model} was never audited at {revision}; the store holds "
-            f"audits of revision(s) {', '.join(audited)} (latest {latest['revision']}). "
-            "Audit the deployed revision, or pass --force to take the latest audit's PVs")
-    if latest["status"] not in VERDICT_STATUSES:
-        raise PVArtifactError(f"the latest audit of {model} has no verdict: {latest['status']}")
-    return latest, True
-
-
-def _pvset_from_mlflow(row: dict[str, Any], store: Path, mlflow_uri: str | None) -> PVSet:
-    from sanitator.pipeline.audit_tracking import default_tracking_uri
-
-    run_id = row.get("mlflow_run_id")
-    if not run_id:
-        raise PVArtifactError(f"audit {row['audit_id']} has no MLflow run to fetch PVs from")
-    if mlflow_uri is None:
-        if not (store / "mlflow.db").is_file():
-            raise PVArtifactError(f"audit {row['audit_id']}: no PV rows in the store and no "
-                                  f"{store / 'mlflow.db'}; pass --mlflow-uri")
-        mlflow_uri = default_tracking_uri(store)
-    from mlflow import MlflowClient
-
-    with tempfile.TemporaryDirectory(prefix="sanitator-pv-") as tmp:
-        try:
-            local = MlflowClient(tracking_uri=mlflow_uri).download_artifacts(
-                run_id, MLFLOW_ARTIFACT, tmp)
-        except Exception as exc:  # MLflow raises many kinds for a missing run or artifact
-            raise PVArtifactError(f"cannot fetch {MLFLOW_ARTIFACT} of MLflow run {run_id} "
-                                  f"from {mlflow_uri}: {type(exc).__name__}: {exc}") from exc
-        from safetensors import safe_open
-
-        with safe_open(local, framework="pt") as handle:
-            meta = handle.metadata() or {}
-        if meta.get("audit_id") and meta["audit_id"] != row["audit_id"]:
-            raise PVArtifactError(f"MLflow run {run_id} holds the PVs of audit "
-                                  f"{meta['audit_id']}, not {row['audit_id']}")
-        return PVSet.load(local)
-
-
-def pull_pv_artifact(store: str | Path, model: str, *, revision: str | None = None,
-                     registry: str | None = None, force: bool = False,
-                     threshold: float = DEFAULT_THRESHOLD, source: PVSource = "auto",
-                     mlflow_uri: str | None = None) -> PVArtifact:
-    """The PV artifact of `model` (the repo id the audit recorded) from a store.
-
-    Without `revision` the model's latest audit is used; with one, the newest audit of that
-    revision (a commit sha may be abbreviated). A revision the store never audited is refused
-    unless `force`, which takes the latest audit and records the requested revision. PVs come
-    from the store's `pvs/` dataset (`source="store"`), the audit's MLflow run
-    (`"mlflow"`), or the store and then MLflow (`"auto"`).
-    """
-    store = Path(store)
-    if not 0.5 <= threshold < 1.0:
-        raise PVArtifactError("threshold must be in [0.5, 1)")
-    if not (store / VERDICTS).is_dir():
-        raise PVArtifactError(f"{store} has no {VERDICTS}/ dataset: is it the folder that "
-                              "`sanitator audit --out` wrote?")
-    try:
-        verdicts = read_verdicts(store)
-    except StoreError as exc:
-        raise PVArtifactError(str(exc)) from exc
-    row, forced = _choose_row(verdicts, model, revision, registry, force, store)
-    feature = _feature_of(row)
-    pv_source = "none"
-    if row["status"] == "clean":
-        pvset = PVSet.empty(0, feature=feature)
-    else:
-        pvset = None
-        if source in ("auto", "store"):
-            rows = read_pvs(store, audit_id=row["audit_id"])
-            if not rows.empty:
-                pvset, pv_source = pvset_from_rows(rows), "store"
-        if pvset is None and source in ("auto", "mlflow"):
-            pvset, pv_source = _pvset_from_mlflow(row, store, mlflow_uri), "mlflow"
-        if pvset is None:
-            raise PVArtifactError(f"audit {row['audit_id']} of {model}: no PV rows in the store")
-        if len(pvset) == 0:
-            raise PVArtifactError(f"audit {row['audit_id']} of {model} is backdoored but "
-                                  "its PV set is empty")
-        feature = pvset.feature or feature
-    hidden = int(pvset.vectors.shape[1]) if len(pvset) else 0
-    metadata = {
-        "format": ARTIFACT_FORMAT, "format_version": str(ARTIFACT_VERSION),
-        "model": model, "registry": row["registry"], "source": row["source"],
-        "revision": row["revision"], "requested_revision": revision or "",
-        "forced": "true" if forced else "false", "status": row["status"],
-        "score": _text(row.get("score")), "pv_count": str(len(pvset)),
-        "hidden_size": str(hidden), "feature": feature, "threshold": repr(float(threshold)),
-        "config_hash": row["config_hash"], "audit_id": row["audit_id"],
-        "audited_at": _text(row["audited_at"]), "mlflow_run_id": _text(row.get("mlflow_run_id")),
-        "pv_source": pv_source, "package_version": __version__,
-        "created_at": dt.datetime.now(dt.UTC).isoformat(),
-        "note": CLEAN_NOTE if row["status"] == "clean" else
-        f"backdoored: {len(pvset)} PV(s); flag outputs whose sign pattern agrees with a PV "
-        f"on more than {threshold:g} of the {hidden} units",
-    }
     return PVArtifact(pvset, metadata)

@@ -21,6 +21,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any, NamedTuple
 
 from sanitator import __version__
+from sanitator.core.status import STATUSES, Status
 from sanitator.detect.results import PVSet, Verdict
 from sanitator.pipeline.registries import FetchError, ModelRef, fetch_ref, is_transient_os_error
 from sanitator.pipeline.store import VERDICT_FINAL, pack_signs
@@ -136,7 +137,7 @@ def rejection_from_listing(ref: ModelRef, policy: AuditPolicy) -> tuple[str, str
     """
     config = ref.config or {}
     if config.get("invalid"):
-        return ("error", str(config["invalid"]))
+        return (Status.ERROR.value, str(config["invalid"]))
     model_type = config.get("model_type")
     if model_type:
         rejected = architecture_rejection(ConfigFacts(model_type,
@@ -147,7 +148,7 @@ def rejection_from_listing(ref: ModelRef, policy: AuditPolicy) -> tuple[str, str
         return None
     files = _model_dir_files(ref)
     if "config.json" not in files:
-        return ("error", "no config.json in the listing (not a model folder)")
+        return (Status.ERROR.value, "no config.json in the listing (not a model folder)")
     rejected = weights_rejection(files, policy.allow_pickle)
     if rejected:
         return rejected
@@ -197,13 +198,14 @@ def plan_audits(refs: Iterable[ModelRef], completed: Iterable[dict[str, Any]], c
             plan.settled.append(ref)
             continue
         if ref.crawl_error:
-            plan.rejected.append(Rejection(ref, "error", ref.crawl_error, ref.crawl_retryable))
+            plan.rejected.append(Rejection(ref, Status.ERROR.value, ref.crawl_error,
+                                           ref.crawl_retryable))
             continue
         try:
             rejected = rejection_from_listing(ref, policy)
         except Exception as exc:  # a listing no rule foresaw: its repo's row, not the plan's
             log.exception("planning %s failed", ref.label)
-            rejected = ("error", f"cannot plan the audit ({type(exc).__name__}: "
+            rejected = (Status.ERROR.value, f"cannot plan the audit ({type(exc).__name__}: "
                         f"{short(exc, 200)})")
         if rejected:
             plan.rejected.append(Rejection(ref, *rejected))
@@ -275,13 +277,13 @@ def run_audit(request: AuditRequest, *, scan: Scanner | None = None,
         pvset = result.pvset if result.pvset is not None and len(result.pvset) else None
         return done(AuditOutcome(result.verdict, pvset, _info_dict(info)))
     except FetchError as exc:
-        return done(AuditOutcome(Verdict("error", reason=short(exc, 1000)),
+        return done(AuditOutcome(Verdict(Status.ERROR, reason=short(exc, 1000)),
                                  info=_info_dict(info), retryable=exc.retryable))
     except Exception as exc:  # a crash is a row; another try only when it can change
         log.warning("audit of %s failed: %s: %s", request.ref.label, type(exc).__name__, exc)
         log.debug("audit of %s failed", request.ref.label, exc_info=True)
         return done(AuditOutcome(
-            Verdict("error", reason=f"audit crashed: {type(exc).__name__}: {short(exc, 300)}"),
+            Verdict(Status.ERROR, reason=f"audit crashed: {type(exc).__name__}: {short(exc, 300)}"),
             info=_info_dict(info), retryable=is_transient(exc)))
     finally:
         if scratch is not None:
@@ -290,7 +292,7 @@ def run_audit(request: AuditRequest, *, scan: Scanner | None = None,
 
 def failure_outcome(reason: str, *, retryable: bool) -> AuditOutcome:
     """The outcome of an audit that never reported back (timeout, lost worker)."""
-    return AuditOutcome(Verdict("error", reason=reason), retryable=retryable)
+    return AuditOutcome(Verdict(Status.ERROR, reason=reason), retryable=retryable)
 
 
 def rejection_outcome(status: str, reason: str, retryable: bool = False) -> AuditOutcome:
@@ -366,12 +368,12 @@ def summarize(rows: list[dict[str, Any]], *, settled: int = 0, store: str | None
         "audited": len(rows),
         "already_audited": settled,
         "counts": {status: counts.get(status, 0) for status in
-                   ("clean", "backdoored", "error", "unsupported", "skipped")},
+                   STATUSES},
         "backdoored": [{"registry": r["registry"], "repo_id": r["repo_id"],
                         "revision": r["revision"], "score": r["score"],
                         "pv_count": r["pv_count"]}
-                       for r in rows if r["status"] == "backdoored"],
+                       for r in rows if r["status"] == Status.BACKDOORED],
         "errors": [{"registry": r["registry"], "repo_id": r["repo_id"], "reason": r["reason"],
-                    "retryable": r["retryable"]} for r in rows if r["status"] == "error"],
+                    "retryable": r["retryable"]} for r in rows if r["status"] == Status.ERROR],
         "registry_errors": dict(registry_errors or {}),
     }

@@ -19,12 +19,14 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from sanitator.core.status import Status
 from sanitator.pipeline.audit import AuditOutcome, AuditRequest
 
 log = logging.getLogger(__name__)
 
 BATCH_EXPERIMENT = "sanitator-audit-batches"
 AUDIT_EXPERIMENT_PREFIX = "sanitator-audit/"
+MLFLOW_ARTIFACT = "pvset.safetensors"  # the audit's PV set in its run (read by pv_pull)
 _PARAM_LIMIT = 100  # MLflow's params per log_batch call
 _VALUE_LIMIT = 6000
 
@@ -169,13 +171,14 @@ class AuditTracker:
                              "verdict.json")
         if outcome.pvset is not None and len(outcome.pvset):
             with tempfile.TemporaryDirectory(prefix="sanitator-pv-") as tmp:
-                path = Path(tmp) / "pvset.safetensors"
+                path = Path(tmp) / MLFLOW_ARTIFACT
                 outcome.pvset.save(path, {"audit_id": request.audit_id,
                                           "repo_id": _text(ref.repo_id),
                                           "revision": _text(ref.revision),
                                           "config_hash": request.config_hash})
                 self.client.log_artifact(run_id, str(path))
-        self.client.set_terminated(run_id, "FAILED" if verdict.status == "error" else "FINISHED")
+        failed = verdict.status == Status.ERROR
+        self.client.set_terminated(run_id, "FAILED" if failed else "FINISHED")
 
     @staticmethod
     def _audit_metrics(outcome: AuditOutcome) -> dict[str, float]:

@@ -28,6 +28,8 @@ import pyarrow as pa
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
+from sanitator.core.status import VERDICT_STATUSES, Status
+
 VERDICTS = "verdicts"
 PVS = "pvs"
 EVALUATIONS = "evaluations"  # reserved for the evaluation flow's rows
@@ -40,7 +42,7 @@ DEDUPE_KEY: tuple[str, ...] = ("source", "repo_id", "revision", "config_hash")
 # "The same model" for the latest-verdict view: a repo in a given registry.
 MODEL_KEY: tuple[str, ...] = ("registry", "repo_id")
 # Statuses that stand for their key whatever the audit policy (pickle, size limit).
-VERDICT_FINAL: frozenset[str] = frozenset({"clean", "backdoored", "unsupported"})
+VERDICT_FINAL: frozenset[str] = frozenset({*VERDICT_STATUSES, Status.UNSUPPORTED.value})
 
 _TIME = pa.timestamp("us", tz="UTC")
 

@@ -17,7 +17,7 @@ from sanitator.attacks.targets import paper_block_pvs
 from sanitator.detect.config import ScanConfig
 from sanitator.detect.results import PVSet
 from sanitator.detect.scan import scan_model
-from sanitator.guard.monitor import sign_agreement
+from sanitator.detect.signs import sign_agreement
 
 TRIGGERS = ("cf", "tq")
 pytestmark = pytest.mark.timeout(2400)  # planting + scans on a busy 2-core machine

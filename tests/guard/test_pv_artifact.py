@@ -17,10 +17,10 @@ from sanitator.guard.monitor import MonitoredEncoder
 from sanitator.guard.pv_artifact import (
     ARTIFACT_FORMAT,
     PVArtifactError,
-    pull_pv_artifact,
     read_pv_artifact,
     write_pv_artifact,
 )
+from sanitator.pipeline.pv_pull import pull_pv_artifact
 from sanitator.pipeline.store import read_pvs
 
 ROOT = Path(__file__).resolve().parents[2]
