@@ -1,1 +1,16 @@
-"""guard"""
+"""Deployment-side defence: the sign monitor, input purging, `MonitoredEncoder`, and the PV
+artifact format it reads (docs/deployment.md).
+"""
+
+from sanitator.core.lazy import lazy_exports
+
+_EXPORTS = {
+    "MonitoredEncoder": "monitor",
+    "PVArtifact": "pv_artifact",
+    "PVArtifactError": "pv_artifact",
+    "SignMonitor": "monitor",
+    "read_pv_artifact": "pv_artifact",
+    "write_pv_artifact": "pv_artifact",
+}
+__all__ = sorted(_EXPORTS)
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
