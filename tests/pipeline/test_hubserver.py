@@ -7,8 +7,9 @@ import urllib.request
 
 import pytest
 
+from sanitator.cli import main
 from sanitator.pipeline.registries.hf_hub import hub_online
-from sanitator.pipeline.registries.hubserver import HubServer, main
+from sanitator.pipeline.registries.hubserver import HubServer
 
 
 @pytest.fixture(scope="module")
@@ -174,8 +175,7 @@ def test_list_endpoint_is_plain_json(hub):
 
 
 def test_command_line_refuses_a_missing_folder(tmp_path, capsys):
-    with pytest.raises(SystemExit):
-        main([str(tmp_path / "nope")])
+    assert main(["hub", "serve", str(tmp_path / "nope")]) == 2
     assert "not a folder" in capsys.readouterr().err
 
 
