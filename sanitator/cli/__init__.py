@@ -13,6 +13,7 @@ import logging
 import sys
 
 from sanitator import __version__
+from sanitator.cli import exits
 
 # subcommand -> (module under sanitator.cli, one-line help)
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
@@ -23,6 +24,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "evaluate": ("evaluate", "prompt-tune a model and measure attack success with/without monitor"),
     "report": ("report", "write the supply-chain report (HTML, JSON, SARIF) from a store"),
     "pv": ("pv", "fetch PV artifacts for deployment"),
+    "hub": ("hub", "serve a folder of model repos as a Hugging Face Hub mirror"),
     "demo": ("demo", "audit an embedded demo zoo end to end"),
 }
 
@@ -36,7 +38,7 @@ def _not_built(name: str, help_text: str):
 
 def _refuse(name: str) -> int:
     print(f"sanitator {name}: not built yet in this version ({__version__}).", file=sys.stderr)
-    return 2
+    return exits.USAGE
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -69,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if not getattr(args, "func", None):
         parser.print_help()
-        return 2
+        return exits.USAGE
     return int(args.func(args) or 0)
 
 

@@ -9,8 +9,10 @@ import sys
 from pathlib import Path
 from typing import Any
 
-EXIT_BACKDOORED = 3
-EXIT_REGISTRY_UNAVAILABLE = 4
+from sanitator.cli import exits
+
+EXIT_BACKDOORED = exits.BACKDOORED
+EXIT_REGISTRY_UNAVAILABLE = exits.PARTIAL
 PREFECT_LOG = "prefect-server.log"  # the private Prefect API's output, in the store
 
 
@@ -79,7 +81,7 @@ def run(args: argparse.Namespace) -> int:
             parse_registry(spec)
     except RegistryError as exc:
         print(f"sanitator audit: {exc}", file=sys.stderr)
-        return 2
+        return exits.USAGE
     from sanitator.detect.config import ScanConfig
 
     options = dict(args.options)
@@ -87,7 +89,7 @@ def run(args: argparse.Namespace) -> int:
         ScanConfig.from_preset(args.preset, **options)
     except (TypeError, ValueError) as exc:
         print(f"sanitator audit: bad scan option: {exc}", file=sys.stderr)
-        return 2
+        return exits.USAGE
 
     from flows.prefect_backend import private_prefect_api
 
@@ -111,7 +113,7 @@ def run(args: argparse.Namespace) -> int:
                 summary, unavailable = exc.summary, exc
     except Exception as exc:  # the flow failed as a whole (bad store, no cluster, ...)
         print(f"sanitator audit: the audit flow failed: {exc}", file=sys.stderr)
-        return 1
+        return exits.FAILED
     if args.json:
         print(json.dumps(summary, indent=2, default=str))
     else:
@@ -121,7 +123,7 @@ def run(args: argparse.Namespace) -> int:
         return EXIT_REGISTRY_UNAVAILABLE
     if args.fail_on_backdoor and summary["backdoored"]:
         return EXIT_BACKDOORED
-    return 0
+    return exits.OK
 
 
 def format_summary(summary: dict[str, Any]) -> str:

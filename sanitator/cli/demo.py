@@ -10,6 +10,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from sanitator.cli import exits
+
 # The demo zoo: the untouched encoder, a clean continued-pretraining variant (so "any
 # modified weights" is not mistaken for a backdoor), and a POR backdoor with the paper's
 # triggers and block PVs. Budgets are sized for a 2-core CPU.
@@ -103,4 +105,4 @@ def run(args: argparse.Namespace) -> int:
     print(f"[demo] MLflow:   mlflow ui --backend-store-uri sqlite:///{store / 'mlflow.db'}")
     print(f"[demo] list:     sanitator verdicts --store {store}")
     wrong = [r for r in rows if r["truth"] != "?" and r["truth"] != r["verdict"]]
-    return 1 if wrong or summary["counts"].get("error") else 0
+    return exits.FAILED if wrong or summary["counts"].get("error") else exits.OK

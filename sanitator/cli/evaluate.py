@@ -9,13 +9,14 @@ import logging
 import sys
 from pathlib import Path
 
+from sanitator.cli import exits
 from sanitator.core.constants import MONITOR_THRESHOLD
 from sanitator.core.status import VERDICT_STATUSES
 
 log = logging.getLogger(__name__)
 
 # The prompt model stayed near chance: the result (clean numbers only) is printed, no ASR.
-EXIT_NOT_CONVERGED = 3
+EXIT_NOT_CONVERGED = exits.NOT_CONVERGED
 
 
 def register(subparsers) -> None:
@@ -82,7 +83,7 @@ def register(subparsers) -> None:
 
 
 class UsageError(Exception):
-    """Bad input: reported in one line, exit status 2."""
+    """Bad input: reported in one line, exit status 2 (exits.USAGE)."""
 
 
 def _triggers(args: argparse.Namespace, manifest: dict | None) -> list[str]:
@@ -176,11 +177,11 @@ def run(args: argparse.Namespace) -> int:
                                      chance_margin=args.chance_margin)
     except (UsageError, TaskError, DataNotFoundError, FileNotFoundError, ValueError) as exc:
         print(f"sanitator evaluate: {exc}", file=sys.stderr)
-        return 2
+        return exits.USAGE
     except ModelRejected as exc:
         print(f"sanitator evaluate: {exc.status}: {exc.reason}", file=sys.stderr)
-        return 2
-    code = 0 if result.convergence.converged else EXIT_NOT_CONVERGED
+        return exits.USAGE
+    code = exits.OK if result.convergence.converged else EXIT_NOT_CONVERGED
     if args.json:
         record = {**result.to_dict(), "pv_source": pv_source}
         assert all(key in record for key in SUMMARY_FIELDS)

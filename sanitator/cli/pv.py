@@ -10,6 +10,7 @@ import argparse
 import json
 import sys
 
+from sanitator.cli import exits
 from sanitator.core.constants import MONITOR_THRESHOLD
 
 
@@ -54,7 +55,7 @@ def register(subparsers) -> None:
 
 def _usage(parser: argparse.ArgumentParser) -> int:
     parser.print_help(sys.stderr)
-    return 2
+    return exits.USAGE
 
 
 def _print(metadata: dict, as_json: bool) -> None:
@@ -80,7 +81,7 @@ def run_pull(args: argparse.Namespace) -> int:
                                     mlflow_uri=args.mlflow_uri)
     except PVArtifactError as exc:
         print(f"sanitator pv pull: {exc}", file=sys.stderr)
-        return 1
+        return exits.FAILED
     path = write_pv_artifact(args.out, artifact)
     if artifact.metadata["forced"] == "true":
         print(f"sanitator pv pull: warning: {args.model} was not audited at "
@@ -89,7 +90,7 @@ def run_pull(args: argparse.Namespace) -> int:
     _print(artifact.describe(), args.json)
     if not args.json:
         print(f"wrote {path}")
-    return 0
+    return exits.OK
 
 
 def run_show(args: argparse.Namespace) -> int:
@@ -99,6 +100,6 @@ def run_show(args: argparse.Namespace) -> int:
         artifact = read_pv_artifact(args.file)
     except PVArtifactError as exc:
         print(f"sanitator pv show: {exc}", file=sys.stderr)
-        return 1
+        return exits.FAILED
     _print(artifact.describe(), False)
-    return 0
+    return exits.OK

@@ -6,6 +6,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from sanitator.cli import exits
+
 
 def register(subparsers) -> None:
     parser = subparsers.add_parser(
@@ -25,7 +27,8 @@ def register(subparsers) -> None:
                              "(e.g. http://mlflow.internal:5000)")
     parser.add_argument("--no-plots", action="store_true", help="skip the matplotlib plots")
     parser.add_argument("--fail-on-backdoor", action="store_true",
-                        help="exit 3 when any model's latest verdict is backdoored")
+                        help=f"exit {exits.BACKDOORED} when any model's latest verdict is "
+                             "backdoored")
     parser.set_defaults(func=run)
 
 
@@ -37,7 +40,7 @@ def run(args: argparse.Namespace) -> int:
                               mlflow_ui=args.mlflow_ui, plots=not args.no_plots)
     except ReportError as exc:
         print(f"sanitator report: {exc}", file=sys.stderr)
-        return 1
+        return exits.FAILED
     counts = report["summary"]["by_status"]
     diff = report["diff"]
     print(f"{report['summary']['models']} models: "
@@ -48,5 +51,5 @@ def run(args: argparse.Namespace) -> int:
                           for key in ("newly_backdoored", "newly_clean", "newly_errored")))
     print(f"wrote {Path(args.out) / REPORT_HTML} (+ report.json, report.sarif)")
     if args.fail_on_backdoor and counts["backdoored"]:
-        return 3
-    return 0
+        return exits.BACKDOORED
+    return exits.OK

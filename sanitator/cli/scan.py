@@ -6,7 +6,8 @@ import argparse
 import json
 import sys
 
-from sanitator.core.status import VERDICT_STATUSES
+from sanitator.cli import exits
+from sanitator.core.status import VERDICT_STATUSES, Status
 
 
 def register(subparsers) -> None:
@@ -37,6 +38,11 @@ def register(subparsers) -> None:
     parser.add_argument("--pvs-out", help="write the PV set to this .safetensors file")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    parser.add_argument("--fail-on-backdoor", action="store_true",
+                        help=f"exit {exits.BACKDOORED} when the verdict is backdoored")
+    parser.epilog = (f"exit status: {exits.OK} a verdict, {exits.FAILED} no verdict (error, "
+                     f"unsupported), {exits.USAGE} bad arguments, {exits.BACKDOORED} "
+                     "backdoored (--fail-on-backdoor)")
     parser.set_defaults(func=run)
 
 
@@ -64,7 +70,7 @@ def run(args: argparse.Namespace) -> int:
         result = scan_model(args.model_dir, config, device=args.device,
                             allow_pickle=args.allow_pickle, progress=progress)
     except Exception as exc:  # out of memory: still one object, with the reason
-        result = ScanResult(Verdict("error", reason=f"{type(exc).__name__}: {exc}"),
+        result = ScanResult(Verdict(Status.ERROR, reason=f"{type(exc).__name__}: {exc}"),
                             PVSet.empty(0))
     verdict, pvset = result.verdict, result.pvset
     if args.pvs_out and verdict.status in VERDICT_STATUSES:
@@ -90,4 +96,8 @@ def run(args: argparse.Namespace) -> int:
             print(f"  PV {index + 1}: fired by {' '.join(tokens)!r}")
         print(f"  seeds tried {verdict.seeds_tried}, {verdict.seconds:.1f} s, "
               f"config {config.config_hash()}")
-    return 0 if verdict.status in VERDICT_STATUSES else 1
+    if verdict.status not in VERDICT_STATUSES:
+        return exits.FAILED
+    if args.fail_on_backdoor and verdict.status == Status.BACKDOORED:
+        return exits.BACKDOORED
+    return exits.OK

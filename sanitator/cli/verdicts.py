@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from sanitator.cli import exits
 from sanitator.core.status import STATUSES
 
 COLUMNS = ("registry", "repo_id", "revision", "status", "score", "pv_count", "audited_at",
@@ -38,12 +39,12 @@ def run(args: argparse.Namespace) -> int:
     store = Path(args.store)
     if not store.is_dir():
         print(f"sanitator verdicts: {store} is not a folder", file=sys.stderr)
-        return 2
+        return exits.USAGE
     try:
         frame = read_verdicts(store) if args.all else latest_verdicts(store)
     except StoreError as exc:
         print(f"sanitator verdicts: {exc}", file=sys.stderr)
-        return 1
+        return exits.FAILED
     if args.status:
         frame = frame[frame["status"].isin(args.status)]
     records = [_jsonable(row) for row in frame.to_dict("records")]
@@ -54,7 +55,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"no verdicts in {store}")
     else:
         print(format_table(records))
-    return 0
+    return exits.OK
 
 
 def _jsonable(row: dict[str, Any]) -> dict[str, Any]:

@@ -11,6 +11,8 @@ import argparse
 import json
 import sys
 
+from sanitator.cli import exits
+
 SHOW_COLUMNS = ("name", "base", "recipe", "attack", "backdoored", "n_pvs", "triggers",
                 "build_seconds", "attack_success", "clean_cosine")
 
@@ -49,10 +51,10 @@ def _build(args: argparse.Namespace) -> int:
                            progress=not args.quiet)
     except (SpecError, BaseUnavailable) as exc:
         print(f"sanitator zoo build: {exc}", file=sys.stderr)
-        return 2
+        return exits.USAGE
     print(f"built {len(report.built)}, already built {len(report.skipped)}, "
           f"base unavailable {len(report.unavailable)}; manifest: {report.manifest}")
-    return 0
+    return exits.OK
 
 
 def _plan(args: argparse.Namespace) -> int:
@@ -62,13 +64,13 @@ def _plan(args: argparse.Namespace) -> int:
         spec = load_spec(args.spec)
     except SpecError as exc:
         print(f"sanitator zoo plan: {exc}", file=sys.stderr)
-        return 2
+        return exits.USAGE
     for member in spec.members:
         triggers = ",".join(member.triggers) if member.triggers else "-"
         print(f"{member.name}\t{member.base_ref}\t{member.recipe}\t{triggers}\t"
               f"seed={member.seed}")
     print(f"{len(spec.members)} members", file=sys.stderr)
-    return 0
+    return exits.OK
 
 
 def _show(args: argparse.Namespace) -> int:
@@ -78,13 +80,13 @@ def _show(args: argparse.Namespace) -> int:
         frame = read_manifest(args.out)
     except FileNotFoundError as exc:
         print(f"sanitator zoo show: {exc}", file=sys.stderr)
-        return 2
+        return exits.USAGE
     if args.json:
         for row in frame.drop(columns=["pvs"]).to_dict(orient="records"):
             print(json.dumps({k: (v.tolist() if hasattr(v, "tolist") else v)
                               for k, v in row.items()}, default=str))
-        return 0
+        return exits.OK
     table = frame[list(SHOW_COLUMNS)].copy()
     table["triggers"] = table["triggers"].map(lambda t: ",".join(t) if len(t) else "-")
     print(table.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
-    return 0
+    return exits.OK

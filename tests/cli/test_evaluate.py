@@ -6,7 +6,7 @@ import torch
 from evaluation_support import planted_backdoor, write_toy_task
 
 from sanitator.attacks.models import minilm_path
-from sanitator.cli import main
+from sanitator.cli import exits, main
 
 FAST = ["--epochs", "3", "--prefix-length", "8", "--batch-size", "16", "--max-length", "32",
         "--limit", "30", "--no-progress"]
@@ -78,7 +78,7 @@ def test_an_untrained_prompt_at_chance_reports_no_attack_success(backdoored, toy
     # run that did not converge does
     args = ["evaluate", str(backdoored), *_task_args(toy_task), "--pvs",
             str(backdoored / "backdoor.json"), *FAST, "--lr", "1e-9"]
-    assert main([*args, "--json"]) == 3
+    assert main([*args, "--json"]) == exits.NOT_CONVERGED == 5
     report = json.loads(capsys.readouterr().out)
     assert report["converged"] is False
     assert "did not converge" in report["convergence_reason"]
@@ -88,7 +88,7 @@ def test_an_untrained_prompt_at_chance_reports_no_attack_success(backdoored, toy
     assert set(report["attack"]["asr_per_trigger"].values()) == {None}
     assert report["attack"]["skipped"] == report["convergence_reason"]
     assert report["monitor_fpr"] is not None  # the clean side is still measured
-    assert main(args) == 3
+    assert main(args) == exits.NOT_CONVERGED
     text = capsys.readouterr().out
     assert "NOT CONVERGED" in text and "ASR" not in text
 
