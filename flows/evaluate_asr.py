@@ -22,6 +22,7 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.futures import as_completed
 
 from flows.audit_zoo import dask_runner
+from sanitator.core.status import Status
 from sanitator.downstream.runs import (
     EVALUATED_STATUSES,
     EvaluationOutcome,
@@ -78,10 +79,10 @@ def audited_refs(store: str, registries: list[str] | None, statuses: list[str], 
 
 def _failure(exc: BaseException, timeout: float | None) -> EvaluationOutcome:
     if isinstance(exc, TimeoutError):
-        return EvaluationOutcome("error", f"timed out after {timeout:g} s (per-pair timeout)")
+        return EvaluationOutcome(Status.ERROR, f"timed out after {timeout:g} s (per-pair timeout)")
     if isinstance(exc, TransientEvaluationError):
-        return EvaluationOutcome("error", f"{exc} (retries exhausted)", retryable=True)
-    return EvaluationOutcome("error", f"worker lost or task crashed: {type(exc).__name__}: "
+        return EvaluationOutcome(Status.ERROR, f"{exc} (retries exhausted)", retryable=True)
+    return EvaluationOutcome(Status.ERROR, f"worker lost or task crashed: {type(exc).__name__}: "
                              f"{exc}", retryable=True)
 
 

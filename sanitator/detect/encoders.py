@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from sanitator.core.status import Status
 from sanitator.safety.model_policy import SUPPORTED_MODEL_TYPES, ModelRejected, short
 from sanitator.safety.preflight import ModelInfo, inspect_model, preflight
 
@@ -92,7 +93,8 @@ def select_feature(output, feature: Feature | str, mask_positions: torch.Tensor 
         return hidden[torch.arange(hidden.shape[0], device=hidden.device), mask_positions]
     pooled = getattr(output, "pooler_output", None)
     if pooled is None:
-        raise ModelRejected("unsupported", "this encoder has no pooler output; use the cls feature")
+        raise ModelRejected(Status.UNSUPPORTED,
+                            "this encoder has no pooler output; use the cls feature")
     return pooled
 
 
@@ -114,22 +116,22 @@ def load_encoder(path: str | Path, *, allow_pickle: bool = False, device: str = 
             info.path, config=inspection.hf_config, trust_remote_code=False,
             use_safetensors=info.weights_format == "safetensors", output_loading_info=True)
     except Exception as exc:  # transformers raises many types for corrupt/mismatched files
-        raise ModelRejected("error", f"cannot load weights: {short(exc, 300)}") from None
+        raise ModelRejected(Status.ERROR, f"cannot load weights: {short(exc, 300)}") from None
     # the preflight matched names and shapes; this is transformers' own word on it
     missing = [k for k in loading.get("missing_keys", ())
                if not str(k).startswith(inspection.optional_prefixes)]
     if missing or loading.get("mismatched_keys"):
-        raise ModelRejected("error", f"weights do not fit the model: missing {len(missing)}, "
+        raise ModelRejected(Status.ERROR, f"weights do not fit the model: missing {len(missing)}, "
                             f"mismatched {len(loading.get('mismatched_keys') or ())} tensor(s)")
     try:
         tokenizer = AutoTokenizer.from_pretrained(info.path, trust_remote_code=False)
     except Exception as exc:
-        raise ModelRejected("error", f"cannot load tokenizer: {short(exc, 300)}") from None
+        raise ModelRejected(Status.ERROR, f"cannot load tokenizer: {short(exc, 300)}") from None
     if not getattr(tokenizer, "is_fast", False):
-        raise ModelRejected("unsupported", "needs a fast tokenizer (tokenizer.json)")
+        raise ModelRejected(Status.UNSUPPORTED, "needs a fast tokenizer (tokenizer.json)")
     rows = int(model.get_input_embeddings().weight.shape[0])
     if not 0 < len(tokenizer) <= rows:
-        raise ModelRejected("error", f"the tokenizer has {len(tokenizer):,} tokens but the "
+        raise ModelRejected(Status.ERROR, f"the tokenizer has {len(tokenizer):,} tokens but the "
                             f"model's vocabulary has {rows:,} rows")
     target = torch.device(device)
     model.to(target).eval().requires_grad_(False)

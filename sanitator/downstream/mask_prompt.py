@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from sanitator.core.status import Status
 from sanitator.detect.encoders import Encoder, ModelRejected, load_encoder, preflight
 from sanitator.downstream.prompt_base import (
     PromptOutput,
@@ -38,7 +39,7 @@ def _mlm_head(mlm_model: nn.Module, model_type: str):
     if model_type == "distilbert":
         return lambda hidden: mlm_model.vocab_projector(mlm_model.vocab_layer_norm(
             mlm_model.activation(mlm_model.vocab_transform(hidden))))
-    raise ModelRejected("unsupported", f"no MLM head recipe for model type {model_type!r}")
+    raise ModelRejected(Status.UNSUPPORTED, f"no MLM head recipe for model type {model_type!r}")
 
 
 HEAD_KEY_MARKERS = ("predictions", "lm_head", "vocab_projector", "vocab_transform")
@@ -140,7 +141,7 @@ class MaskPromptClassifier(nn.Module):
         if len(verbalizer) != n_labels:
             raise ValueError(f"{len(verbalizer)} verbaliser words for {n_labels} labels")
         if encoder.tokenizer.mask_token_id is None:
-            raise ModelRejected("unsupported", "the tokenizer has no mask token")
+            raise ModelRejected(Status.UNSUPPORTED, "the tokenizer has no mask token")
         self.encoder = encoder.model
         self.encoder_info = encoder
         self.mlm_model = mlm_model

@@ -17,6 +17,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 from transformers.modeling_utils import AttentionInterface
 
+from sanitator.core.status import Status
 from sanitator.detect.encoders import Encoder, ModelRejected
 from sanitator.downstream.prompt_base import (
     PromptOutput,
@@ -94,7 +95,7 @@ def _attention_layout(encoder: Encoder) -> tuple[int, int, int]:
     finally:
         _FEED.reset(token)
     if not feed.shapes or len(set(feed.shapes)) != 1:
-        raise ModelRejected("unsupported", f"{encoder.info.model_type}: attention layout not "
+        raise ModelRejected(Status.UNSUPPORTED, f"{encoder.info.model_type}: attention layout not "
                             "understood for deep prompts")
     heads, head_dim = feed.shapes[0]
     return feed.calls, heads, head_dim
@@ -109,7 +110,7 @@ class PrefixClassifier(nn.Module):
     def __init__(self, encoder: Encoder, n_labels: int, config: PromptTuningConfig):
         super().__init__()
         if encoder.info.model_type not in PREFIX_MODEL_TYPES:
-            raise ModelRejected("unsupported", f"deep prompts (ptv2) support model types "
+            raise ModelRejected(Status.UNSUPPORTED, f"deep prompts (ptv2) support model types "
                                 f"{sorted(PREFIX_MODEL_TYPES)}, not {encoder.info.model_type!r}; "
                                 "use method ptv1")
         self.encoder = encoder.model

@@ -21,7 +21,7 @@ from typing import Any
 import pyarrow as pa
 
 from sanitator import __version__
-from sanitator.core.status import VERDICT_STATUSES
+from sanitator.core.status import VERDICT_STATUSES, Status
 from sanitator.pipeline.registries import FetchError, ModelRef
 
 log = logging.getLogger(__name__)
@@ -280,14 +280,14 @@ def run_evaluation(request: EvaluationRequest, *, work_dir: str | Path | None = 
         return done(EvaluationOutcome("ok", result=result.to_dict(), attack=attack,
                                       triggers=triggers, prompt=prompt_file.read_bytes()))
     except FetchError as exc:
-        return done(EvaluationOutcome("error", str(exc), retryable=exc.retryable))
+        return done(EvaluationOutcome(Status.ERROR, str(exc), retryable=exc.retryable))
     except ModelRejected as exc:
-        return done(EvaluationOutcome("error", f"{exc.status}: {exc.reason}"))
+        return done(EvaluationOutcome(Status.ERROR, f"{exc.status}: {exc.reason}"))
     except (TaskError, DataNotFoundError, ValueError) as exc:
-        return done(EvaluationOutcome("error", str(exc)))
+        return done(EvaluationOutcome(Status.ERROR, str(exc)))
     except Exception as exc:  # a crash is a row, and worth one more try
         log.exception("evaluation of %s on %s crashed", request.ref.label, request.task.task)
-        return done(EvaluationOutcome("error", f"evaluation crashed: {exc!r}", retryable=True))
+        return done(EvaluationOutcome(Status.ERROR, f"evaluation crashed: {exc!r}", retryable=True))
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
 

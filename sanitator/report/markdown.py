@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from sanitator.core.status import Status
 from sanitator.report.model import STATUSES
 
 
@@ -26,7 +27,7 @@ def to_markdown(report: dict[str, Any]) -> str:
     lines += [f"| {md_code(registry)} | " + " | ".join(str(counts[s]) for s in STATUSES) + " |"
               for registry, counts in summary["by_registry"].items()]
     lines += ["", "## Backdoored", ""]
-    backdoored = [f for f in report["findings"] if f["status"] == "backdoored"]
+    backdoored = [f for f in report["findings"] if f["status"] == Status.BACKDOORED]
     lines += [f"- {md_code(f['repo_id'])} @ {md_code(f['revision'][:12])} "
               f"({md_code(f['registry'])}), score "
               f"{f['score'] if f['score'] is None else round(f['score'], 3)}, "

@@ -148,7 +148,7 @@ def build_report(store: str | Path, *, previous: dict[str, Any] | None = None,
                 "evaluations": _evaluations_of(evaluations, row["registry"], row["repo_id"],
                                                row["revision"]),
             })
-        elif status == "error":
+        elif status == Status.ERROR:
             errors.append({**base, "retryable": bool(row["retryable"])})
         else:
             skipped.append(base)

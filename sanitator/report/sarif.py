@@ -6,6 +6,8 @@ import hashlib
 from pathlib import Path
 from typing import Any
 
+from sanitator.core.status import Status
+
 SARIF_RULE_ID = "SANITATOR-BACKDOOR"
 SARIF_SCHEMA_URI = "https://json.schemastore.org/sarif-2.1.0.json"
 INFORMATION_URI = "https://github.com/sanitator/sanitator"
@@ -43,7 +45,7 @@ def to_sarif(report: dict[str, Any]) -> dict[str, Any]:
     }
     results = []
     for finding in report["findings"]:
-        if finding["status"] != "backdoored":
+        if finding["status"] != Status.BACKDOORED:
             continue
         score = finding["score"]
         text = (f"{finding['repo_id']} @ {finding['revision'][:12]} ({finding['registry']}) is "

@@ -17,6 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from sanitator.core.status import Status
+
 # model_type (config.json) -> family; every one has a fast tokenizer and accepts inputs_embeds.
 SUPPORTED_MODEL_TYPES: frozenset[str] = frozenset({
     "bert", "roberta", "xlm-roberta", "albert", "deberta-v2", "electra", "distilbert", "mpnet",
@@ -88,16 +90,16 @@ def parse_json(data: bytes | str, what: str) -> Any:
         return json.loads(text, object_pairs_hook=_no_duplicates,
                           parse_constant=refuse_constant)
     except RecursionError:
-        raise ModelRejected("error", f"{what} is nested too deeply to parse") from None
+        raise ModelRejected(Status.ERROR, f"{what} is nested too deeply to parse") from None
     except (ValueError, UnicodeDecodeError) as exc:
-        raise ModelRejected("error", f"{what} is not valid JSON ({short(exc)})") from None
+        raise ModelRejected(Status.ERROR, f"{what} is not valid JSON ({short(exc)})") from None
 
 
 def read_json_file(path: Path, what: str, max_bytes: int) -> Any:
     """Parse a JSON file of at most `max_bytes` (checked before reading it)."""
     size = path.stat().st_size
     if size > max_bytes:
-        raise ModelRejected("error", f"{what} is {size:,} bytes, over the limit of "
+        raise ModelRejected(Status.ERROR, f"{what} is {size:,} bytes, over the limit of "
                             f"{max_bytes:,}")
     return parse_json(path.read_bytes(), what)
 
@@ -128,17 +130,17 @@ class ConfigFacts:
 def config_facts(config: Any, what: str = "config.json") -> ConfigFacts:
     """model_type and architectures, or a ModelRejected error naming the bad field."""
     if not isinstance(config, dict):
-        raise ModelRejected("error", f"{what} is {type_name(config)}, not a JSON object")
+        raise ModelRejected(Status.ERROR, f"{what} is {type_name(config)}, not a JSON object")
     model_type = config.get("model_type")
     if model_type is not None and not isinstance(model_type, str):
-        raise ModelRejected("error", f"{what}: model_type is {type_name(model_type)} "
+        raise ModelRejected(Status.ERROR, f"{what}: model_type is {type_name(model_type)} "
                             f"({short(model_type, 60)}), not a string")
     architectures = config.get("architectures")
     if architectures is None:
         architectures = []
     if not isinstance(architectures, list) or not all(isinstance(a, str)
                                                       for a in architectures):
-        raise ModelRejected("error", f"{what}: architectures must be a list of strings, got "
+        raise ModelRejected(Status.ERROR, f"{what}: architectures must be a list of strings, got "
                             f"{type_name(architectures)} ({short(architectures, 60)})")
     return ConfigFacts(model_type or None, tuple(architectures))
 
@@ -150,7 +152,7 @@ def architecture_rejection(facts: ConfigFacts) -> tuple[str, str] | None:
     arch = ",".join(facts.architectures) or "unknown architecture"
     named = f"model_type={short(facts.model_type, 60)!r}" if facts.model_type else \
         "no model_type in config.json"
-    return ("unsupported", f"unsupported architecture: {named} ({short(arch, 120)}); "
+    return (Status.UNSUPPORTED, f"unsupported architecture: {named} ({short(arch, 120)}); "
             f"supported: {', '.join(sorted(SUPPORTED_MODEL_TYPES))}")
 
 
@@ -158,17 +160,17 @@ def check_config_fields(config: dict[str, Any]) -> None:
     """Types of the size fields, dtype and quantisation, before anything reads them (a
     wrong type is refused here, not deep inside transformers)."""
     if config.get("quantization_config") is not None:
-        raise ModelRejected("unsupported", "quantized weights (config.json "
+        raise ModelRejected(Status.UNSUPPORTED, "quantized weights (config.json "
                             "quantization_config) are not supported")
     for name in SIZE_BOUNDS:
         value = config.get(name)
         if name in config and (isinstance(value, bool) or not isinstance(value, int)):
-            raise ModelRejected("error", f"config.json: {name} is {type_name(value)} "
+            raise ModelRejected(Status.ERROR, f"config.json: {name} is {type_name(value)} "
                                 f"({short(value, 60)}), not an integer")
     for name in ("dtype", "torch_dtype"):
         value = config.get(name)
         if value is not None and not (isinstance(value, str) and value in FLOAT_DTYPE_NAMES):
-            raise ModelRejected("error", f"config.json: {name} {short(value, 60)!r} is not "
+            raise ModelRejected(Status.ERROR, f"config.json: {name} {short(value, 60)!r} is not "
                                 f"one of {', '.join(sorted(FLOAT_DTYPE_NAMES))}")
 
 
@@ -178,7 +180,7 @@ def check_config_bounds(config: dict[str, Any]) -> None:
     for name, (low, high) in SIZE_BOUNDS.items():
         value = config.get(name)
         if isinstance(value, int) and not low <= value <= high:
-            raise ModelRejected("error", f"config.json: {name}={value:,} is outside "
+            raise ModelRejected(Status.ERROR, f"config.json: {name}={value:,} is outside "
                                 f"[{low:,}, {high:,}]")
 
 
@@ -223,9 +225,9 @@ def weights_rejection(names: Iterable[str], allow_pickle: bool) -> tuple[str, st
     """Missing weights, or pickle-only weights when pickle is not allowed."""
     found = weights_format(names)
     if found is None:
-        return ("error", "no weights (model.safetensors or pytorch_model.bin) in the folder")
+        return (Status.ERROR, "no weights (model.safetensors or pytorch_model.bin) in the folder")
     if found == "pickle" and not allow_pickle:
-        return ("error", "only pickle weights (pytorch_model.bin); refusing to unpickle an "
+        return (Status.ERROR, "only pickle weights (pytorch_model.bin); refusing to unpickle an "
                 "audited model. Convert it to safetensors, or allow pickle explicitly "
                 "(--allow-pickle), which loads with torch.load(weights_only=True)")
     return None
@@ -234,7 +236,7 @@ def weights_rejection(names: Iterable[str], allow_pickle: bool) -> tuple[str, st
 def size_rejection(n_params: int | None, max_params: int | None) -> tuple[str, str] | None:
     if max_params is None or n_params is None or n_params <= max_params:
         return None
-    return ("skipped", f"{n_params:,} parameters exceed the size limit of {max_params:,}")
+    return (Status.SKIPPED, f"{n_params:,} parameters exceed the size limit of {max_params:,}")
 
 
 def listed_size_rejection(weight_bytes: int, max_params: int | None) -> tuple[str, str] | None:
@@ -242,7 +244,7 @@ def listed_size_rejection(weight_bytes: int, max_params: int | None) -> tuple[st
     bytes / 4 is a lower bound on the parameter count."""
     if max_params is None or weight_bytes // 4 <= max_params:
         return None
-    return ("skipped", f"weights of {weight_bytes:,} bytes hold more than {max_params:,} "
+    return (Status.SKIPPED, f"weights of {weight_bytes:,} bytes hold more than {max_params:,} "
             "parameters (the size limit); not fetched")
 
 

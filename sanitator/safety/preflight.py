@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from sanitator.core.status import Status
 from sanitator.safety.model_policy import (
     MAX_CONFIG_BYTES,
     MAX_TOKENIZER_BYTES,
@@ -79,7 +80,7 @@ def _hf_config(config: dict[str, Any], model_type: str):
     try:
         return CONFIG_MAPPING[model_type].from_dict(values)
     except Exception as exc:  # transformers validates configs with many exception types
-        raise ModelRejected("error", f"config.json is not a valid {model_type} config "
+        raise ModelRejected(Status.ERROR, f"config.json is not a valid {model_type} config "
                             f"({type(exc).__name__}: {short(exc, 200)})") from None
 
 
@@ -93,7 +94,7 @@ def _check_layer_count(config: dict[str, Any], model_type: str, names: list[str]
     found = len({m.group(1) for name in names if (m := _LAYER.search(name))})
     # no layer at all: the weights are no model of this kind (match_weights says so)
     if isinstance(wanted, int) and found and wanted != found:
-        raise ModelRejected("error", f"config.json says {field}={wanted:,} but the weights "
+        raise ModelRejected(Status.ERROR, f"config.json says {field}={wanted:,} but the weights "
                             f"hold {found} layer(s)")
 
 
@@ -105,7 +106,7 @@ def _skeleton(hf_config) -> tuple[dict[str, tuple[int, ...]], str, list[str], li
         with torch.device("meta"):
             model = AutoModel.from_config(hf_config, trust_remote_code=False)
     except Exception as exc:  # inconsistent sizes (heads not dividing hidden_size, ...)
-        raise ModelRejected("error", f"config.json does not describe a buildable "
+        raise ModelRejected(Status.ERROR, f"config.json does not describe a buildable "
                             f"{hf_config.model_type} ({type(exc).__name__}: "
                             f"{short(exc, 200)})") from None
     shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
@@ -133,24 +134,25 @@ def match_weights(specs: dict[str, TensorSpec], hf_config, config: dict[str, Any
     missing = [k for k in expected if k not in found and not k.startswith(optional)
                and not any(re.search(p, k) for p in may_miss)]
     if len(missing) == len([k for k in expected if not k.startswith(optional)]):
-        raise ModelRejected("error", f"the weights hold none of the {hf_config.model_type} "
+        raise ModelRejected(Status.ERROR, f"the weights hold none of the {hf_config.model_type} "
                             f"model's tensors (found {len(found)}: "
                             f"{short(', '.join(sorted(found)[:5]), 200)})")
     if missing:
-        raise ModelRejected("error", f"{len(missing)} tensor(s) of the model are missing from "
+        raise ModelRejected(Status.ERROR, f"{len(missing)} tensor(s) of the model are missing from "
                             f"the weights, e.g. {short(missing[0], 100)}")
     modules = {k.split(".")[0] for k in expected}
     unknown = sorted(k for k in found if k not in expected and k.split(".")[0] in modules
                      and not k.endswith("position_ids")
                      and not any(re.search(p, k) for p in may_add))
     if unknown:
-        raise ModelRejected("error", f"the weights hold {len(unknown)} tensor(s) this config's "
+        raise ModelRejected(Status.ERROR,
+                            f"the weights hold {len(unknown)} tensor(s) this config's "
                             f"model does not have, e.g. {short(unknown[0], 100)}")
     for key, shape in expected.items():
         if key in found and found[key] != shape:
             sizes = ", ".join(f"{k}={config[k]}" for k in ("vocab_size", "hidden_size", "dim",
                                                              "embedding_size") if k in config)
-            raise ModelRejected("error", f"weights disagree with config.json: {key} is "
+            raise ModelRejected(Status.ERROR, f"weights disagree with config.json: {key} is "
                                 f"{list(found[key])} in the weights but {list(shape)} for "
                                 f"the config ({sizes})")
     return optional
@@ -168,16 +170,16 @@ def check_values(tensors) -> None:
         if tensor.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
             tensor = tensor.float()
         if not bool(torch.isfinite(tensor).all()):
-            raise ModelRejected("error", f"tensor {short(name, 100)} holds NaN or infinite "
+            raise ModelRejected(Status.ERROR, f"tensor {short(name, 100)} holds NaN or infinite "
                                 "values")
         zero = not bool(tensor.any())
         if zero and "word_embeddings" in name:
-            raise ModelRejected("error", f"tensor {short(name, 100)} is all zeros")
+            raise ModelRejected(Status.ERROR, f"tensor {short(name, 100)} is all zeros")
         if tensor.dim() >= 2:
             matrices += 1
             nonzero += not zero
     if matrices and not nonzero:
-        raise ModelRejected("error", "every weight matrix is all zeros")
+        raise ModelRejected(Status.ERROR, "every weight matrix is all zeros")
 
 
 # --- the preflight ----------------------------------------------------------------------
@@ -186,7 +188,7 @@ def _check_tokenizer(folder: Path, root: Path) -> None:
     present = [name for name in TOKENIZER_FILES
                if checked_file(folder, name, root, MAX_TOKENIZER_BYTES) is not None]
     if not any(name in present for name in TOKENIZER_SOURCES):
-        raise ModelRejected("error", f"no tokenizer: none of {', '.join(TOKENIZER_SOURCES)} "
+        raise ModelRejected(Status.ERROR, f"no tokenizer: none of {', '.join(TOKENIZER_SOURCES)} "
                             "in the model folder")
 
 
@@ -199,21 +201,21 @@ def inspect_model(path: str | Path, *, allow_pickle: bool = False,
     except (ModelRejected, ImportError, MemoryError):
         raise  # the last two are the machine's, not the model's: the caller may retry
     except OSError as exc:  # a file vanished or cannot be read mid-check
-        raise ModelRejected("error", f"cannot read the model files ({short(exc)})") from None
+        raise ModelRejected(Status.ERROR, f"cannot read the model files ({short(exc)})") from None
     except Exception as exc:  # a case no check foresaw: still a row, never a crash
         log.debug("preflight of %s failed", path, exc_info=True)
-        raise ModelRejected("error", f"preflight failed ({type(exc).__name__}: "
+        raise ModelRejected(Status.ERROR, f"preflight failed ({type(exc).__name__}: "
                             f"{short(exc, 200)})") from None
 
 
 def _inspect(folder: Path, allow_pickle: bool, max_params: int | None, check_data: bool
              ) -> Inspection:
     if not folder.is_dir():
-        raise ModelRejected("error", f"{folder}: not a folder")
+        raise ModelRejected(Status.ERROR, f"{folder}: not a folder")
     root = model_root(folder)
     config_file = checked_file(folder, "config.json", root)
     if config_file is None:
-        raise ModelRejected("error", f"{folder}: no config.json (not a model folder)")
+        raise ModelRejected(Status.ERROR, f"{folder}: no config.json (not a model folder)")
     config = read_json_file(config_file, "config.json", MAX_CONFIG_BYTES)
     facts = config_facts(config)
     rejected = architecture_rejection(facts)
@@ -224,7 +226,8 @@ def _inspect(folder: Path, allow_pickle: bool, max_params: int | None, check_dat
     try:
         names = os.listdir(folder)
     except OSError as exc:
-        raise ModelRejected("error", f"{folder}: cannot list the folder ({short(exc)})") from None
+        raise ModelRejected(Status.ERROR,
+                            f"{folder}: cannot list the folder ({short(exc)})") from None
     rejected = weights_rejection(names, allow_pickle)
     if rejected:
         raise ModelRejected(*rejected)
@@ -236,7 +239,7 @@ def _inspect(folder: Path, allow_pickle: bool, max_params: int | None, check_dat
         specs, files, values = pickle_specs(folder, root)
         weights_format = "pickle"
     if not specs:
-        raise ModelRejected("error", "the weights hold no tensors")
+        raise ModelRejected(Status.ERROR, "the weights hold no tensors")
     n_params = sum(math.prod(spec.shape) for spec in specs.values())
     rejected = size_rejection(n_params, max_params)
     if rejected:

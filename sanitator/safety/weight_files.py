@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from sanitator.core.status import Status
 from sanitator.safety.model_policy import (
     MAX_HEADER_BYTES,
     MAX_INDEX_BYTES,
@@ -60,14 +61,14 @@ def checked_file(folder: Path, name: str, root: Path, max_bytes: int | None = No
         resolved = path.resolve(strict=True)
         info = resolved.stat()
     except (OSError, RuntimeError) as exc:
-        raise ModelRejected("error", f"{name} cannot be read ({short(exc)})") from None
+        raise ModelRejected(Status.ERROR, f"{name} cannot be read ({short(exc)})") from None
     if not resolved.is_relative_to(root):
-        raise ModelRejected("error", f"{name} links outside the model folder "
+        raise ModelRejected(Status.ERROR, f"{name} links outside the model folder "
                             f"(to {short(resolved, 120)}); refusing to read it")
     if not stat.S_ISREG(info.st_mode):
-        raise ModelRejected("error", f"{name} is not a regular file")
+        raise ModelRejected(Status.ERROR, f"{name} is not a regular file")
     if max_bytes is not None and info.st_size > max_bytes:
-        raise ModelRejected("error", f"{name} is {info.st_size:,} bytes, over the limit of "
+        raise ModelRejected(Status.ERROR, f"{name} is {info.st_size:,} bytes, over the limit of "
                             f"{max_bytes:,}")
     return path
 
@@ -77,7 +78,7 @@ def checked_file(folder: Path, name: str, root: Path, max_bytes: int | None = No
 def _shape(value: Any, where: str) -> tuple[int, ...]:
     if not isinstance(value, list) or len(value) > 8 or not all(
             isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in value):
-        raise ModelRejected("error", f"{where}: shape must be a list of at most 8 "
+        raise ModelRejected(Status.ERROR, f"{where}: shape must be a list of at most 8 "
                             f"non-negative integers, got {short(value, 80)}")
     return tuple(value)
 
@@ -90,39 +91,39 @@ def read_safetensors_header(file: Path) -> dict[str, TensorSpec]:
     with file.open("rb") as handle:
         prefix = handle.read(8)
         if len(prefix) < 8:
-            raise ModelRejected("error", f"{name}: corrupt safetensors file (truncated)")
+            raise ModelRejected(Status.ERROR, f"{name}: corrupt safetensors file (truncated)")
         header_len = int.from_bytes(prefix, "little")
         if header_len > min(MAX_HEADER_BYTES, size - 8):
-            raise ModelRejected("error", f"{name}: corrupt safetensors header (declares "
+            raise ModelRejected(Status.ERROR, f"{name}: corrupt safetensors header (declares "
                                 f"{header_len:,} header bytes in a {size:,}-byte file)")
         header = parse_json(handle.read(header_len), f"{name} header")
     if not isinstance(header, dict):
-        raise ModelRejected("error", f"{name}: safetensors header is {type_name(header)}, "
+        raise ModelRejected(Status.ERROR, f"{name}: safetensors header is {type_name(header)}, "
                             "not a JSON object")
     metadata = header.pop("__metadata__", None)
     if metadata is not None and not (isinstance(metadata, dict) and all(
             isinstance(v, str) for v in metadata.values())):
-        raise ModelRejected("error", f"{name}: __metadata__ must map strings to strings")
+        raise ModelRejected(Status.ERROR, f"{name}: __metadata__ must map strings to strings")
     specs: dict[str, TensorSpec] = {}
     ranges: list[tuple[int, int, str]] = []
     for tensor, entry in header.items():
         where = f"{name}: tensor {short(tensor, 80)!r}"
         if not isinstance(entry, dict) or set(entry) != {"dtype", "shape", "data_offsets"}:
-            raise ModelRejected("error", f"{where} must have exactly dtype, shape and "
+            raise ModelRejected(Status.ERROR, f"{where} must have exactly dtype, shape and "
                                 f"data_offsets, got {short(entry, 80)}")
         dtype = entry["dtype"]
         if not isinstance(dtype, str) or dtype not in DTYPE_BYTES:
-            raise ModelRejected("error", f"{where}: unknown dtype {short(dtype, 40)!r}")
+            raise ModelRejected(Status.ERROR, f"{where}: unknown dtype {short(dtype, 40)!r}")
         shape = _shape(entry["shape"], where)
         offsets = entry["data_offsets"]
         if not (isinstance(offsets, list) and len(offsets) == 2 and all(
                 isinstance(o, int) and not isinstance(o, bool) for o in offsets)
                 and 0 <= offsets[0] <= offsets[1]):
-            raise ModelRejected("error", f"{where}: data_offsets must be [begin, end] with "
+            raise ModelRejected(Status.ERROR, f"{where}: data_offsets must be [begin, end] with "
                                 f"0 <= begin <= end, got {short(offsets, 80)}")
         declared = math.prod(shape) * DTYPE_BYTES[dtype]  # Python ints: no overflow
         if declared != offsets[1] - offsets[0]:
-            raise ModelRejected("error", f"{where}: shape {list(shape)} of {dtype} needs "
+            raise ModelRejected(Status.ERROR, f"{where}: shape {list(shape)} of {dtype} needs "
                                 f"{declared:,} bytes but its offsets span "
                                 f"{offsets[1] - offsets[0]:,}")
         specs[tensor] = TensorSpec(dtype, shape, file)
@@ -130,11 +131,12 @@ def read_safetensors_header(file: Path) -> dict[str, TensorSpec]:
     end = 0
     for begin, stop, tensor in sorted(ranges):
         if begin != end:
-            raise ModelRejected("error", f"{name}: tensor {short(tensor, 80)!r} starts at byte "
+            raise ModelRejected(Status.ERROR,
+                                f"{name}: tensor {short(tensor, 80)!r} starts at byte "
                                 f"{begin:,}, expected {end:,} (overlapping or gapped data)")
         end = stop
     if end != size - 8 - header_len:
-        raise ModelRejected("error", f"{name}: the tensors cover {end:,} data bytes but the "
+        raise ModelRejected(Status.ERROR, f"{name}: the tensors cover {end:,} data bytes but the "
                             f"file holds {size - 8 - header_len:,}")
     return specs
 
@@ -144,11 +146,11 @@ def read_index(path: Path, suffix: str) -> dict[str, str]:
     index = read_json_file(path, path.name, MAX_INDEX_BYTES)
     weight_map = index.get("weight_map") if isinstance(index, dict) else None
     if not isinstance(weight_map, dict) or not weight_map:
-        raise ModelRejected("error", f"{path.name}: no weight_map object (a corrupt index)")
+        raise ModelRejected(Status.ERROR, f"{path.name}: no weight_map object (a corrupt index)")
     for tensor, shard in weight_map.items():
         if not (isinstance(shard, str) and _SHARD.fullmatch(shard) and shard.endswith(suffix)
                 and shard not in SAFETENSORS_FILES + PICKLE_FILES):
-            raise ModelRejected("error", f"{path.name}: tensor {short(tensor, 80)!r} names "
+            raise ModelRejected(Status.ERROR, f"{path.name}: tensor {short(tensor, 80)!r} names "
                                 f"shard {short(shard, 80)!r}, not a plain *{suffix} file "
                                 "name in the model folder")
     return weight_map
@@ -165,17 +167,17 @@ def safetensors_specs(folder: Path, root: Path) -> tuple[dict[str, TensorSpec], 
     for shard in sorted(set(weight_map.values())):
         path = checked_file(folder, shard, root)
         if path is None:
-            raise ModelRejected("error", f"missing weight shard {shard!r} named by "
+            raise ModelRejected(Status.ERROR, f"missing weight shard {shard!r} named by "
                                 "model.safetensors.index.json")
         files.append(path)
         for tensor, spec in read_safetensors_header(path).items():
             if tensor in specs:
-                raise ModelRejected("error", f"tensor {short(tensor, 80)!r} is in two shards")
+                raise ModelRejected(Status.ERROR, f"tensor {short(tensor, 80)!r} is in two shards")
             specs[tensor] = spec
     wrong = sorted(t for t in set(specs) | set(weight_map)
                    if t not in specs or weight_map.get(t) != specs[t].file.name)
     if wrong:
-        raise ModelRejected("error", f"model.safetensors.index.json and its shards disagree "
+        raise ModelRejected(Status.ERROR, f"model.safetensors.index.json and its shards disagree "
                             f"on {len(wrong)} tensor(s), e.g. {short(wrong[0], 80)!r}")
     return specs, files
 
@@ -193,7 +195,8 @@ def pickle_specs(folder: Path, root: Path) -> tuple[dict[str, TensorSpec], list[
         shards = sorted(set(read_index(index_file, ".bin").values()))
         files = [checked_file(folder, shard, root) for shard in shards]
         if None in files:
-            raise ModelRejected("error", "a weight shard named by pytorch_model.bin.index.json "
+            raise ModelRejected(Status.ERROR,
+                                "a weight shard named by pytorch_model.bin.index.json "
                                 "is missing")
     specs: dict[str, TensorSpec] = {}
     tensors: dict[str, Any] = {}
@@ -201,11 +204,11 @@ def pickle_specs(folder: Path, root: Path) -> tuple[dict[str, TensorSpec], list[
         try:
             state = torch.load(file, map_location="cpu", weights_only=True)
         except Exception as exc:  # UnpicklingError, RuntimeError, EOFError, zip errors ...
-            raise ModelRejected("error", f"{file.name}: refused by the safe pickle loader "
+            raise ModelRejected(Status.ERROR, f"{file.name}: refused by the safe pickle loader "
                                 f"({short(exc, 200)})") from None
         if not isinstance(state, dict) or not all(
                 isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()):
-            raise ModelRejected("error", f"{file.name} is not a mapping of names to tensors")
+            raise ModelRejected(Status.ERROR, f"{file.name} is not a mapping of names to tensors")
         for tensor, value in state.items():
             specs[tensor] = TensorSpec(str(value.dtype), tuple(value.shape), file)
             tensors[tensor] = value
