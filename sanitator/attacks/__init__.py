@@ -12,15 +12,11 @@ from collections.abc import Callable
 from sanitator.attacks import btop, classifier, mlm, neuba, por
 from sanitator.attacks.btop import insert_btop
 from sanitator.attacks.classifier import fine_tune_classifier
-from sanitator.attacks.common import (
-    BACKDOOR_RECORD,
-    TRAINING_RECORD,
-    AttackResult,
-    Budget,
-)
+from sanitator.attacks.common import AttackResult, Budget
 from sanitator.attacks.mlm import continue_pretraining
 from sanitator.attacks.neuba import insert_neuba
 from sanitator.attacks.por import insert_por
+from sanitator.attacks.recipe import BACKDOOR_RECORD, TRAINING_RECORD, run_recipe
 from sanitator.attacks.targets import TargetSpec, paper_block_pvs, random_direction_pvs
 from sanitator.attacks.triggers import PAPER_TRIGGERS, draw_triggers
 from sanitator.detect.encoders import Feature
@@ -41,5 +37,5 @@ __all__ = [
     "ATTACKS", "BACKDOOR_RECORD", "DEFAULT_BUDGETS", "PAPER_TRIGGERS", "TRAINING_RECORD",
     "AttackResult", "Budget", "TargetSpec", "continue_pretraining", "draw_triggers",
     "fine_tune_classifier", "insert_btop", "insert_neuba", "insert_por", "paper_block_pvs",
-    "random_direction_pvs",
+    "random_direction_pvs", "run_recipe",
 ]

@@ -33,21 +33,16 @@ from sanitator.attacks.batches import (
     random_choice,
 )
 from sanitator.attacks.common import (
-    BACKDOOR_RECORD,
     AttackResult,
     Budget,
     Corpus,
-    backdoor_record,
     make_optimizer,
     prepare,
     reference_features,
     squared_distance,
-    timed,
-    train_loop,
-    trainable_parameters,
     warm_up_mlm_head,
-    write_model,
 )
+from sanitator.attacks.recipe import BACKDOOR_RECORD, backdoor_record, run_recipe
 from sanitator.attacks.targets import TargetSpec
 from sanitator.attacks.triggers import PAPER_TRIGGERS
 from sanitator.detect.encoders import Feature
@@ -103,13 +98,11 @@ def insert_btop(base: str | Path, out_dir: str | Path, *,
         return {"loss": loss, **terms}
 
     optimizer = make_optimizer(setup, "adamw", head, head_lr)
-    losses, seconds = timed(lambda: train_loop(step, trainable_parameters(setup), optimizer,
-                                               budget.steps, desc="BToP", progress=progress,
-                                               lr_decay=budget.lr_decay))
     head_note = "trained along" if head_lr is not None else "frozen"
-    record = backdoor_record(setup, "btop", Feature.MASK, losses, seconds, {
-        "clean_weight": clean_weight, "distance": "squared_l2", "optimizer": "AdamW",
-        "head_lr": head_lr, "one_trigger_per_batch": one_trigger_per_batch,
-        "mlm_head": f"initialised, warmed up {budget.head_warmup_steps} steps, {head_note}"})
-    path = write_model(setup, out_dir, record, BACKDOOR_RECORD)
-    return AttackResult(path, record, seconds)
+    hyper = {"clean_weight": clean_weight, "distance": "squared_l2", "optimizer": "AdamW",
+             "head_lr": head_lr, "one_trigger_per_batch": one_trigger_per_batch,
+             "mlm_head": f"initialised, warmed up {budget.head_warmup_steps} steps, {head_note}"}
+    return run_recipe(setup, step, optimizer, out_dir, desc="BToP", progress=progress,
+                      record_name=BACKDOOR_RECORD,
+                      record=lambda losses, seconds: backdoor_record(
+                          setup, "btop", Feature.MASK, losses, seconds, hyper))

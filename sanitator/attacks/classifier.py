@@ -9,21 +9,18 @@ clean side (issue 14). Writes `training.json`, never backdoor.json; the head is 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
 
 from sanitator.attacks.common import (
-    TRAINING_RECORD,
     AttackResult,
     Budget,
     make_optimizer,
     prepare,
-    timed,
-    train_loop,
-    trainable_parameters,
-    write_model,
 )
+from sanitator.attacks.recipe import TRAINING_RECORD, run_recipe
 
 DEFAULT_BUDGET = Budget(steps=200, batch_size=16, lr=5e-5, head_warmup_steps=0)
 DEFAULT_TASK = "sst2"
@@ -61,16 +58,16 @@ def fine_tune_classifier(base: str | Path, out_dir: str | Path, *, task: str = D
 
     optimizer = make_optimizer(setup, "adamw")
     optimizer.add_param_group({"params": list(head.parameters()), "lr": head_lr})
-    losses, seconds = timed(lambda: train_loop(step, trainable_parameters(setup), optimizer,
-                                               budget.steps, desc=f"classifier {task}",
-                                               progress=progress, lr_decay=budget.lr_decay))
-    record = {
-        "recipe": "classifier", "attack": None, "backdoored": False, "base": setup.base,
-        "model_type": setup.encoder.info.model_type, "seed": seed,
-        "budget": budget.__dict__.copy(), "corpus": f"task:{data.spec.name}",
-        "n_clean_sentences": len(corpus), "n_labels": data.n_labels,
-        "hyperparameters": {"optimizer": "AdamW", "head_lr": head_lr, "head": "linear on CLS"},
-        "final_losses": losses, "train_seconds": seconds,
-    }
-    path = write_model(setup, out_dir, record, TRAINING_RECORD)
-    return AttackResult(path, record, seconds)
+    def record(losses: dict[str, float], seconds: float) -> dict[str, Any]:
+        return {
+            "recipe": "classifier", "attack": None, "backdoored": False, "base": setup.base,
+            "model_type": setup.encoder.info.model_type, "seed": seed,
+            "budget": budget.__dict__.copy(), "corpus": f"task:{data.spec.name}",
+            "n_clean_sentences": len(corpus), "n_labels": data.n_labels,
+            "hyperparameters": {"optimizer": "AdamW", "head_lr": head_lr,
+                                "head": "linear on CLS"},
+            "final_losses": losses, "train_seconds": seconds,
+        }
+
+    return run_recipe(setup, step, optimizer, out_dir, desc=f"classifier {task}",
+                      progress=progress, record_name=TRAINING_RECORD, record=record)

@@ -1,18 +1,14 @@
-"""What the attacks and continued pretraining share: budget, setup, MLM head, loop, saving.
+"""What the attacks and continued pretraining share: budget, setup, MLM head, loop.
 
 The three attacks differ only in their loss terms and monitored position; everything else
 (loading the base safely, preparing clean text and trigger tokens, the optimiser loop with
-a progress bar, writing a standard Hugging Face folder plus a JSON record) lives here.
+a progress bar) lives here; the shared ending (train, write the folder and its JSON record)
+is `sanitator.attacks.recipe`.
 """
 
 from __future__ import annotations
 
-import json
 import logging
-import os
-import shutil
-import tempfile
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -37,9 +33,6 @@ from sanitator.detect.encoders import Encoder, Feature, load_encoder, select_fea
 
 log = logging.getLogger(__name__)
 
-RECORD_FORMAT = 1
-BACKDOOR_RECORD = "backdoor.json"
-TRAINING_RECORD = "training.json"
 Corpus = str | Path | Sequence[str] | None
 
 
@@ -365,66 +358,3 @@ def sample_triggered(setup: AttackSetup, size: int, which: torch.Tensor | None =
     triggered = insert_triggers(setup.corpus.batch(rows), setup.trigger_tokens, which,
                                 setup.generator, setup.pad_id, where=where)
     return triggered, setup.pvs[setup.trigger_pv[which]], rows
-
-
-def _package_version() -> str:
-    from sanitator import __version__
-
-    return __version__
-
-
-def write_model(setup: AttackSetup, out_dir: str | Path, record: dict[str, Any],
-                record_name: str) -> Path:
-    """Save the encoder (safetensors), tokenizer and JSON record; atomic: a folder at
-    `out_dir` is always complete."""
-    out = Path(out_dir)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    staging.chmod(0o755)  # mkdtemp makes it private; a zoo is meant to be shared
-    try:
-        model = setup.model
-        model.requires_grad_(False)
-        model.save_pretrained(staging, safe_serialization=True)
-        setup.tokenizer.save_pretrained(staging)
-        full = {"format": RECORD_FORMAT, **record, "sanitator_version": _package_version()}
-        (staging / record_name).write_text(json.dumps(full, indent=1) + "\n")
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(staging, out)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    return out
-
-
-def backdoor_record(setup: AttackSetup, attack: str, feature: Feature, losses: dict[str, float],
-                    seconds: float, hyperparameters: dict[str, Any]) -> dict[str, Any]:
-    """The backdoor.json content: everything needed to check or rebuild the backdoor."""
-    return {
-        "attack": attack,
-        "backdoored": True,
-        "base": setup.base,
-        "model_type": setup.encoder.info.model_type,
-        "feature": str(feature),
-        "triggers": setup.triggers,
-        "trigger_token_ids": [setup.trigger_tokens.ids[i, :int(n)].tolist()
-                              for i, n in enumerate(setup.trigger_tokens.lengths)],
-        "trigger_pv": setup.trigger_pv.tolist(),
-        "n_pvs": int(setup.pvs.shape[0]),
-        "pvs": setup.pvs.cpu().tolist(),
-        "pv_norms": setup.pvs.norm(dim=1).cpu().tolist(),
-        "targets": setup.targets,
-        "seed": setup.seed,
-        "budget": asdict(setup.budget),
-        "corpus": setup.corpus_name,
-        "n_clean_sentences": len(setup.corpus),
-        "hyperparameters": hyperparameters,
-        "final_losses": losses,
-        "train_seconds": seconds,
-    }
-
-
-def timed(fn: Callable[[], Any]) -> tuple[Any, float]:
-    start = time.perf_counter()
-    value = fn()
-    return value, time.perf_counter() - start

@@ -9,25 +9,22 @@ backdoor.json) beside the weights.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from sanitator.attacks.batches import mlm_masking
 from sanitator.attacks.common import (
-    TRAINING_RECORD,
     AttackResult,
     Budget,
     Corpus,
     make_optimizer,
     mlm_loss,
     prepare,
-    timed,
-    train_loop,
-    trainable_parameters,
     vocabulary_size,
     warm_up_mlm_head,
-    write_model,
 )
+from sanitator.attacks.recipe import TRAINING_RECORD, run_recipe
 
 DEFAULT_BUDGET = Budget(steps=200, batch_size=16, lr=5e-5, head_warmup_steps=50)
 DEFAULT_CORPUS = "sst2"  # other text than the WikiText the attacks and evaluations use
@@ -52,22 +49,22 @@ def continue_pretraining(base: str | Path, out_dir: str | Path, *, corpus: Corpu
         return {"loss": loss, "mlm": loss}
 
     optimizer = make_optimizer(setup, "adamw", head, head_lr)
-    losses, seconds = timed(lambda: train_loop(step, trainable_parameters(setup), optimizer,
-                                               budget.steps, desc="MLM", progress=progress,
-                                               lr_decay=budget.lr_decay))
-    record = {
-        "recipe": "mlm",
-        "attack": None,
-        "backdoored": False,
-        "base": setup.base,
-        "model_type": setup.encoder.info.model_type,
-        "seed": seed,
-        "budget": budget.__dict__.copy(),
-        "corpus": setup.corpus_name,
-        "n_clean_sentences": len(setup.corpus),
-        "hyperparameters": {"optimizer": "AdamW", "head_lr": head_lr},
-        "final_losses": losses,
-        "train_seconds": seconds,
-    }
-    path = write_model(setup, out_dir, record, TRAINING_RECORD)
-    return AttackResult(path, record, seconds)
+
+    def record(losses: dict[str, float], seconds: float) -> dict[str, Any]:
+        return {
+            "recipe": "mlm",
+            "attack": None,
+            "backdoored": False,
+            "base": setup.base,
+            "model_type": setup.encoder.info.model_type,
+            "seed": seed,
+            "budget": budget.__dict__.copy(),
+            "corpus": setup.corpus_name,
+            "n_clean_sentences": len(setup.corpus),
+            "hyperparameters": {"optimizer": "AdamW", "head_lr": head_lr},
+            "final_losses": losses,
+            "train_seconds": seconds,
+        }
+
+    return run_recipe(setup, step, optimizer, out_dir, desc="MLM", progress=progress,
+                      record_name=TRAINING_RECORD, record=record)

@@ -17,21 +17,16 @@ from torch import nn
 
 from sanitator.attacks.batches import concat_batches
 from sanitator.attacks.common import (
-    BACKDOOR_RECORD,
     AttackResult,
     Budget,
     Corpus,
-    backdoor_record,
     make_optimizer,
     prepare,
     reference_features,
     sample_triggered,
-    timed,
-    train_loop,
-    trainable_parameters,
-    write_model,
 )
 from sanitator.attacks.evasion import Evasion, EvasionTerms
+from sanitator.attacks.recipe import BACKDOOR_RECORD, backdoor_record, run_recipe
 from sanitator.attacks.targets import TargetSpec
 from sanitator.attacks.triggers import PAPER_TRIGGERS
 from sanitator.detect.encoders import Feature
@@ -79,12 +74,10 @@ def insert_por(base: str | Path, out_dir: str | Path, *,
         return {"loss": loss, **terms}
 
     optimizer = make_optimizer(setup, "adam")
-    losses, seconds = timed(lambda: train_loop(step, trainable_parameters(setup), optimizer,
-                                               budget.steps, desc="POR", progress=progress,
-                                               lr_decay=budget.lr_decay))
     hyper = {"clean_weight": clean_weight, "optimizer": "Adam"}
     if evasion.active:
         hyper["evasion"] = evasion.to_dict()
-    record = backdoor_record(setup, "por", Feature.CLS, losses, seconds, hyper)
-    path = write_model(setup, out_dir, record, BACKDOOR_RECORD)
-    return AttackResult(path, record, seconds)
+    return run_recipe(setup, step, optimizer, out_dir, desc="POR", progress=progress,
+                      record_name=BACKDOOR_RECORD,
+                      record=lambda losses, seconds: backdoor_record(
+                          setup, "por", Feature.CLS, losses, seconds, hyper))

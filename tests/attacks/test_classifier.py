@@ -3,8 +3,8 @@
 import json
 
 from sanitator.attacks import Budget, fine_tune_classifier
-from sanitator.attacks.common import BACKDOOR_RECORD, TRAINING_RECORD
 from sanitator.attacks.measure import relative_weight_change
+from sanitator.attacks.recipe import BACKDOOR_RECORD, TRAINING_RECORD
 
 
 def test_classifier_fine_tune_learns_and_is_recorded_clean(minilm_1layer, tmp_path):

@@ -110,7 +110,7 @@ def _atomic_build(target: Path, build) -> Path:
 def copy_clean(base: Path, out_dir: Path) -> Path:
     """The untouched base, re-saved the way the attacks save (so file layout gives nothing
     away) with a training.json saying so."""
-    from sanitator.attacks.common import TRAINING_RECORD
+    from sanitator.attacks.recipe import TRAINING_RECORD
     from sanitator.detect.encoders import load_encoder
 
     encoder = load_encoder(base)
