@@ -129,22 +129,31 @@ class MonitoredEncoder:
         tokenizer = tokenizer if tokenizer is not None else getattr(model, "tokenizer", None)
         if tokenizer is None:
             raise ValueError("pass the tokenizer (the model has no `tokenizer` attribute)")
+        pvset = artifact.pvset
         if not artifact.empty:
             model_feature = {"ptv2": "cls", "ptv1": "mask"}.get(getattr(model, "method", None))
-            if model_feature is not None and model_feature != artifact.feature:
-                raise ValueError(f"{path}: the PVs live at the {artifact.feature} feature, but "
-                                 f"a {model.method} model exposes the {model_feature} feature")
+            # an audit keeps PVs of every feature a prompt-tuned head may read; this model
+            # exposes one of them, so it is guarded by that feature's PVs
+            found = sorted(set(pvset.features))
+            feature = model_feature or ("cls" if "cls" in found and "feature_fn" not in kwargs
+                                        else artifact.feature)
+            pvset = pvset.select(feature)
+            if len(pvset) == 0:
+                raise ValueError(f"{path}: the audit kept PVs at the {', '.join(found)} "
+                                 f"feature(s), none at the {feature} feature this model "
+                                 "exposes; rescan with `sanitator scan --complete --feature "
+                                 f"{feature}`")
             encoder = getattr(model, "encoder", model)
             hidden = getattr(getattr(encoder, "config", None), "hidden_size", None)
             if isinstance(hidden, int) and hidden != artifact.hidden_size:
                 raise ValueError(f"{path}: PVs have {artifact.hidden_size} units, the model's "
                                  f"encoder {hidden}")
             if model_feature is None and "feature_fn" not in kwargs:
-                if artifact.feature == "mask":
+                if feature == "mask":
                     raise ValueError("mask-position PVs need a feature_fn for a plain encoder")
-                if artifact.feature == "pooler":
+                if feature == "pooler":
                     kwargs["feature_fn"] = _pooler_feature
-        monitor = SignMonitor(artifact.pvset.vectors,
+        monitor = SignMonitor(pvset.vectors,
                               threshold=artifact.threshold if threshold is None else threshold)
         guarded = cls(model, tokenizer, monitor, **kwargs)
         guarded.artifact = artifact

@@ -343,7 +343,8 @@ def pv_rows(request: AuditRequest, outcome: AuditOutcome, *, audited_at: dt.date
         rows.append({
             "audit_id": request.audit_id, "audited_at": audited_at, "source": ref.source,
             "registry": ref.registry, "repo_id": ref.repo_id, "revision": ref.revision,
-            "config_hash": request.config_hash, "pv_index": index, "feature": pvset.feature,
+            "config_hash": request.config_hash, "pv_index": index,
+            "feature": pvset.features[index],  # where the monitor reads this PV
             "hidden_size": int(vector.shape[0]), "vector": vector.tolist(),
             "sign_bits": pack_signs(vector),
             "seed": _item(pvset.seeds, index),

@@ -37,6 +37,17 @@ def _text(value: Any) -> str:
     return str(value)
 
 
+def _completion_of(row: dict[str, Any]) -> str:
+    """How the audit completed the PV set (mode, rounds, stop reason) as JSON, or ""."""
+    text = row.get("evidence")
+    try:
+        evidence = json.loads(text) if isinstance(text, str) and text else {}
+    except ValueError:
+        return ""
+    completion = evidence.get("completion") if isinstance(evidence, dict) else None
+    return json.dumps(completion, sort_keys=True) if completion else ""
+
+
 def _feature_of(row: dict[str, Any]) -> str:
     try:
         config = json.loads(row.get("config") or "{}")
@@ -171,6 +182,7 @@ def pull_pv_artifact(store: str | Path, model: str, *, revision: str | None = No
         "config_hash": row["config_hash"], "audit_id": row["audit_id"],
         "audited_at": _text(row["audited_at"]), "mlflow_run_id": _text(row.get("mlflow_run_id")),
         "pv_source": pv_source, "package_version": __version__,
+        "completion": _completion_of(row),
         "created_at": dt.datetime.now(dt.UTC).isoformat(),
         "note": CLEAN_NOTE if row["status"] == Status.CLEAN else
         f"backdoored: {len(pvset)} PV(s); flag outputs whose sign pattern agrees with a PV "

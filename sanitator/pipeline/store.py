@@ -310,5 +310,6 @@ def pvset_from_rows(rows) -> Any:
                  losses=[json.loads(text) if text else {} for text in rows["losses"]],
                  trigger_tokens=[list(tokens) if tokens is not None else []
                                  for tokens in rows["trigger_tokens"]],
-                 feature=str(rows["feature"].iloc[0] or "cls"))
+                 feature=str(rows["feature"].iloc[0] or "cls"),
+                 features=[str(f or "cls") for f in rows["feature"]])
 

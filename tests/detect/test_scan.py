@@ -35,13 +35,10 @@ def por_minilm(minilm_2layer, tmp_path_factory):
     return out, targets
 
 
-@pytest.mark.parametrize("layers", [1, 2])
-def test_clean_minilm_is_clean(layers, minilm_1layer, minilm_2layer):
-    # the 2-layer clean model is the backdoored fixture's own base: the pair the rule must
-    # tell apart
-    model = minilm_1layer if layers == 1 else minilm_2layer
+def test_clean_minilm_is_clean(minilm_2layer):
+    # the backdoored fixture's own base: the pair the rule must tell apart
     config = ScanConfig.from_preset("fast")
-    result = scan_model(model, config, progress=False)
+    result = scan_model(minilm_2layer, config, progress=False)
     verdict = result.verdict
     assert verdict.status == "clean", verdict.evidence
     assert verdict.score < 1 - config.decision.alpha
@@ -58,32 +55,30 @@ def test_clean_minilm_is_clean(layers, minilm_1layer, minilm_2layer):
 
 @pytest.fixture(scope="module")
 def por_detection(por_minilm):
-    return scan_model(por_minilm[0], ScanConfig.from_preset("fast"), progress=False)
+    # search mode without the vocabulary screen: the token screen and the context search,
+    # both working inside sentences, must find every trigger and so every planted PV
+    # (planted at CLS; the mask feature's search is the clean test's business)
+    config = ScanConfig.from_preset("fast", mode="search", max_seeds=0, screen_candidates=0,
+                                    features=("cls",))
+    return scan_model(por_minilm[0], config, progress=False)
 
 
 def test_backdoor_that_looks_ordinary_alone_is_found_in_context(por_minilm, por_detection):
-    _, targets = por_minilm
     verdict = por_detection.verdict
     assert verdict.status == "backdoored", verdict.evidence
     assert verdict.score >= 1 - ScanConfig.from_preset("fast").decision.alpha
     accepted = [c for c in verdict.evidence["candidates"] if c["accepted"]]
     assert accepted
+    assert {c["source"] for c in accepted} <= {"token_screen", "context_search"}
     found = accepted[0]["fresh"]
     assert found["agreement"] > found["floor"] and found["success"] >= 0.5
-    assert float(sign_agreement(por_detection.pvset.vectors, targets).max()) >= 0.9
     assert any(token.startswith(TRIGGERS) for tokens in por_detection.pvset.trigger_tokens
                for token in tokens)
 
 
-def test_search_in_sentences_alone_recovers_every_planted_pv(por_minilm):
-    # no vocabulary screen: the token screen and the context search, both working inside
-    # sentences, must find every trigger and so every planted PV
-    path, targets = por_minilm
-    config = ScanConfig.from_preset("fast", mode="search", max_seeds=0, screen_candidates=0)
-    result = scan_model(path, config, progress=False)
-    sources = {c["source"] for c in result.verdict.evidence["candidates"] if c["accepted"]}
-    assert sources and sources <= {"token_screen", "context_search", "cross_feature"}
-    cls = result.pvset.select("cls")
+def test_search_in_sentences_alone_recovers_every_planted_pv(por_minilm, por_detection):
+    _, targets = por_minilm
+    cls = por_detection.pvset.select("cls")
     agreement = sign_agreement(cls.vectors, targets)   # [found, planted]
     assert (agreement.max(dim=0).values >= 0.9).all(), agreement
 

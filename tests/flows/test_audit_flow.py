@@ -1,6 +1,7 @@
 """The audit flow end to end: real Prefect, Dask LocalCluster (2 processes), MLflow
 (sqlite tracking, a real registry server), pyarrow and the local Hub server."""
 
+import json
 import os
 import threading
 import time
@@ -49,8 +50,10 @@ def test_four_models_over_three_registries_get_the_right_statuses(first_run, sto
     assert set(verdicts["config_hash"]) == {first_run_config_hash()}
     assert verdicts["batch_id"].nunique() == 1
     assert [b["repo_id"] for b in first_run["backdoored"]] == ["acme/encoder-backdoor"]
-    assert verdicts.loc["acme/encoder-backdoor", "score"] >= 0.5
-    assert verdicts.loc["zoo-clean-encoder", "seeds_tried"] == SCAN_OPTIONS["max_seeds"]
+    assert verdicts.loc["acme/encoder-backdoor", "score"] >= 0.99  # 1 - alpha
+    # detect mode mines no soft seed: a clean verdict rests on the hard-trigger searches
+    assert verdicts.loc["zoo-clean-encoder", "seeds_tried"] == 0
+    assert json.loads(verdicts.loc["zoo-clean-encoder", "evidence"])["searches"] > 0
     assert verdicts.loc["zoo-clean-encoder", "architecture"] == "bert"
 
 
@@ -134,9 +137,9 @@ def test_killed_worker_timeouts_and_hangs_still_account_for_every_model(
     markers.mkdir()
     monkeypatch.setenv("FAKE_SCAN_MARKERS", str(markers))
     # long enough for a timed-out task to report back on this busy machine (under a load
-    # of 5 on 2 cores, 8 s was not: the interrupted "lazy" audit read as hung), short
+    # of 3-5 on 2 cores, 8 and 12 s were not: the interrupted "lazy" audit read as hung), short
     # enough to keep the test short (60 s in production)
-    monkeypatch.setattr(audit_flow, "HANG_GRACE_SECONDS", 12.0)
+    monkeypatch.setattr(audit_flow, "HANG_GRACE_SECONDS", 20.0)
     killed: list[str] = []
 
     def kill_a_slow_worker():

@@ -13,9 +13,11 @@ import torch
 from report_support import CONFIG_HASH, DAY2, REV_A, REV_B, REV_B_OLD, build_store, planted_pvset
 
 from sanitator.cli import main
+from sanitator.detect.results import PVSet
 from sanitator.guard.monitor import MonitoredEncoder
 from sanitator.guard.pv_artifact import (
     ARTIFACT_FORMAT,
+    PVArtifact,
     PVArtifactError,
     read_pv_artifact,
     write_pv_artifact,
@@ -221,6 +223,21 @@ def test_artifact_that_does_not_fit_the_model_is_refused(prompt_model, store, tm
     with pytest.raises(ValueError, match="16 units"):
         MonitoredEncoder.from_artifact(path, model)
     artifact.metadata["feature"] = "mask"
+    artifact.pvset.features = ["mask"] * len(artifact.pvset)
     path = write_pv_artifact(tmp_path / "mask.safetensors", artifact)
-    with pytest.raises(ValueError, match="mask feature"):
+    with pytest.raises(ValueError, match="none at the cls feature"):  # a ptv2 model
         MonitoredEncoder.from_artifact(path, model)
+
+
+def test_a_ptv2_model_is_guarded_by_the_cls_pvs_of_a_mixed_artifact(prompt_model, store,
+                                                                    tmp_path):
+    # the default scan keeps PVs of both features; a CLS-reading model gets the CLS ones
+    model, _ = prompt_model
+    metadata = pull_pv_artifact(store, "acme/encoder-b").metadata
+    vectors = torch.randn(4, 384, generator=torch.Generator().manual_seed(0))
+    mixed = PVSet(vectors, torch.zeros(4, 1, 384), trigger_tokens=[["cf"]] * 4,
+                  features=["cls", "mask", "cls", "mask"])
+    path = write_pv_artifact(tmp_path / "mixed.safetensors", PVArtifact(mixed, metadata))
+    assert read_pv_artifact(path).pvset.features == mixed.features
+    guarded = MonitoredEncoder.from_artifact(path, model)
+    assert torch.equal(guarded.monitor.pvs, vectors[[0, 2]])

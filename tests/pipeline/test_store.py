@@ -130,7 +130,7 @@ def _pv_rows(audit_id: str, repo: str, k: int = 2) -> list[dict]:
         rows.append({"audit_id": audit_id, "audited_at": dt.datetime(2026, 5, 1, tzinfo=dt.UTC),
                      "source": "path", "registry": "path:/zoo", "repo_id": repo,
                      "revision": "r1", "config_hash": "c" * 16, "pv_index": index,
-                     "feature": "cls", "hidden_size": 3, "vector": vector,
+                     "feature": ("cls", "mask")[index % 2], "hidden_size": 3, "vector": vector,
                      "sign_bits": store.pack_signs(vector), "seed": 10 + index,
                      "losses": '{"distance": -0.5}', "trigger_tokens": ["cf"],
                      "trigger_shape": [2, 2], "trigger": [1.0, 2.0, 3.0, 4.0]})
@@ -170,6 +170,7 @@ def test_pvset_round_trips_through_pv_rows(tmp_path):
     assert pvset.seeds == [10, 11]
     assert pvset.losses == [{"distance": -0.5}] * 2
     assert pvset.trigger_tokens == [["cf"], ["cf"]]
+    assert pvset.features == ["cls", "mask"]  # each PV keeps the feature it was found at
 
 
 def test_old_files_read_against_a_newer_schema(tmp_path):

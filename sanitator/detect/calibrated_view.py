@@ -1,0 +1,117 @@
+"""What the calibrated scan works on: one monitored feature's search and fresh rows with
+the encoder's own nulls there (FeatureView), and the candidate triggers it judges
+(Finding)."""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, replace
+from typing import Any
+
+import torch
+
+from sanitator.detect.attribution import candidate_token_ids
+from sanitator.detect.config import ScanConfig
+from sanitator.detect.encoders import Encoder, Feature
+from sanitator.detect.evidence import Confirmation, FreshRows, fresh_rows
+from sanitator.detect.hardsearch import Objective, collapse, repelled, unit_scale
+from sanitator.detect.mining import MiningData, _forward, prepare_data
+from sanitator.detect.signs import sign_agreement
+
+
+@dataclass
+class Finding:
+    """A hard trigger some search proposed, where it was placed, and how it was judged."""
+
+    source: str                 # vocabulary_screen | token_screen | context_search | mining
+    feature: str
+    placement: str
+    token_ids: tuple[int, ...]
+    tokens: list[str]
+    search_margin: float        # search-row agreement with the point minus their floor
+    point: torch.Tensor         # realised PV: mean output on the search rows
+    confirmation: Confirmation | None = None
+    p_adjusted: float = 1.0
+    accepted: bool = False
+    seed: int = -1              # the mining seed a mined PV came from
+    note: str = ""
+    false_alarms: float | None = None  # flag rate on clean text of another corpus
+    withheld: bool = False      # accepted, but kept out of the artifact (false alarms)
+
+    def summary(self) -> dict[str, Any]:
+        data: dict[str, Any] = {
+            "source": self.source, "feature": self.feature, "placement": self.placement,
+            "hard_trigger": self.tokens, "search_margin": round(self.search_margin, 5),
+            "accepted": self.accepted, "p_adjusted": float(f"{self.p_adjusted:.3g}")}
+        if self.seed >= 0:
+            data["seed"] = self.seed
+        if self.confirmation is not None:
+            data["fresh"] = self.confirmation.summary()
+        if self.false_alarms is not None:
+            data["false_alarm_rate"] = round(self.false_alarms, 5)
+            data["withheld"] = self.withheld
+        if self.note:
+            data["note"] = self.note
+        return data
+
+
+def scan_features(config: ScanConfig, encoder: Encoder) -> tuple[str, ...]:
+    """The features to scan: as configured, else CLS plus the mask position when the
+    tokenizer has a mask token (a P-tuning v1 head reads it)."""
+    if config.features:
+        return tuple(config.features)
+    has_mask = getattr(encoder.tokenizer, "mask_token_id", None) is not None
+    return ("cls", "mask") if has_mask else ("cls",)
+
+
+class FeatureView:
+    """One monitored feature: search rows, fresh rows and the encoder's nulls there."""
+
+    def __init__(self, encoder: Encoder, config: ScanConfig, feature: str,
+                 search: list[str], fresh: list[str]):
+        self.encoder, self.feature = encoder, feature
+        self.mining = replace(config.mining, feature=feature)
+        self.search_config = replace(self.mining, max_length=config.search.max_length)
+        self.search = prepare_data(encoder, search, self.search_config, seed=config.seed + 1)
+        self.fresh: FreshRows = fresh_rows(
+            encoder, prepare_data(encoder, fresh, self.search_config, seed=config.seed + 2),
+            Feature(feature), seed=config.seed + 3)
+        self.search_floor = float(fresh_rows(encoder, self.search, Feature(feature),
+                                             seed=config.seed + 4).floor.mean())
+        self.scale = unit_scale(self.search.clean)
+        self.known: list[torch.Tensor] = []   # accepted points at this feature
+        self.fresh.null_displacement = self._null_displacement(config)
+
+    def _null_displacement(self, config: ScanConfig) -> float:
+        """Median squared move of the fresh outputs by a random single token: how far any
+        real token takes them (the encoder's own null for "moved far")."""
+        ids = candidate_token_ids(self.encoder).tolist()
+        picks = random.Random(config.seed + 5).sample(ids, min(config.search.n_null, len(ids)))
+        rows = self.fresh.data.subset(list(range(min(32, len(self.fresh.data)))))
+        moves = [float(((self.outputs(rows, (token,)) - rows.clean) ** 2).mean())
+                 for token in picks]
+        return float(torch.tensor(moves).median())
+
+    def outputs(self, data: MiningData, ids: tuple[int, ...]) -> torch.Tensor:
+        """[n, H] outputs with the hard trigger `ids` spliced into every row of `data`."""
+        embeds = self.encoder.word_embeddings(torch.tensor([ids], device=self.encoder.device))
+        out = []
+        config = replace(self.search_config, trigger_len=len(ids))
+        with torch.no_grad():
+            for start in range(0, len(data), 64):
+                rows = list(range(start, min(start + 64, len(data))))
+                out.append(_forward(self.encoder, data, rows, embeds.float(), config)[0].cpu())
+        return torch.cat(out)
+
+    def measure(self, ids: tuple[int, ...], placement: str) -> tuple[torch.Tensor, float]:
+        """(realised point, search margin) of a trigger on the search rows."""
+        out = self.outputs(self.search.placed(placement), ids)
+        point = out.mean(dim=0)
+        margin = float(sign_agreement(out, point[None]).mean()) - self.search_floor
+        return point, margin
+
+    def objective(self, repel: bool) -> Objective:
+        base = collapse(self.scale)
+        if repel and self.known:
+            return repelled(base, torch.stack(self.known), self.scale)
+        return base
