@@ -7,9 +7,11 @@ prompt-tuning once per task (P-tuning v2 for members whose backdoor lives at CLS
 mask feature of BToP members) and two attacks of the same prompt model with every planted
 trigger: behind the mined PVs and behind the oracle PVs of backdoor.json.
 
-The audit reads a member's feature from its backdoor.json (`--set feature=mask` for BToP
-members), which a real audit cannot: the nightly audit scans CLS. Members are hard-linked
-into one staging registry per feature, so the audited revision is the member's own.
+The audit is blind, as the nightly one: the default scan covers every feature a prompt-tuned
+head reads (CLS and the mask position) and keeps the PVs of each; the prompt model then
+reads the member's feature (from its backdoor.json) and the monitor the PVs of that
+feature. Members are hard-linked into one staging registry per feature, so the audited
+revision is the member's own.
 """
 
 from __future__ import annotations
@@ -123,7 +125,7 @@ def audit_and_pull(members: Sequence[Member], store: Path, work: Path, options: 
 
     for feature, root in stage(members, work).items():
         registry = f"path:{root.resolve()}"
-        sets = [f"feature={feature}"] if feature != "cls" else []
+        sets: list[str] = []  # blind: the scan's own features (issue 14)
         command = ["audit", "--registry", registry, "--out", str(store), "--workers", "1",
                    "--threads", str(threads), "--json"]
         for option in [*sets, *options]:
