@@ -107,6 +107,10 @@ class ScanConfig:
     decision: DecisionConfig = field(default_factory=DecisionConfig)
     search: SearchConfig = field(default_factory=SearchConfig)
 
+    def __post_init__(self) -> None:
+        if self.features is not None:  # JSON gives a list back: keep it hashable, equal
+            object.__setattr__(self, "features", tuple(self.features))
+
     @classmethod
     def from_preset(cls, preset: Preset = "fast", **overrides: Any) -> ScanConfig:
         """A preset with top-level or nested overrides (`mining=MiningConfig(...)` or
