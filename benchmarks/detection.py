@@ -190,7 +190,7 @@ def main() -> int:
     print(markdown(summary))
     fast = table[table["preset"] == "fast"]
     if len(fast):
-        print("\n## cost (2 threads, one scan at a time)\n")
+        print(f"\n## cost ({args.threads} torch thread(s), one scan at a time)\n")
         print(markdown(cost(fast, log, members)))
     if args.search_recall:
         recall_rows = []
