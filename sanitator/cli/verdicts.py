@@ -30,6 +30,8 @@ def register(subparsers) -> None:
     parser.add_argument("--all", action="store_true",
                         help="every audit row, not only the latest per model")
     parser.add_argument("--json", action="store_true", help="JSON list instead of a table")
+    parser.add_argument("--fail-on-backdoor", action="store_true",
+                        help=f"exit {exits.BACKDOORED} when a listed verdict is backdoored")
     parser.set_defaults(func=run)
 
 
@@ -55,6 +57,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"no verdicts in {store}")
     else:
         print(format_table(records))
+    if args.fail_on_backdoor and any(row.get("status") == "backdoored" for row in records):
+        return exits.BACKDOORED
     return exits.OK
 
 

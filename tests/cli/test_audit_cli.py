@@ -52,6 +52,13 @@ def test_verdicts_json_and_filters(filled_store, capsys):
     assert len(json.loads(capsys.readouterr().out)) == 3
 
 
+def test_verdicts_fail_on_backdoor_only_when_one_is_listed(filled_store, capsys):
+    assert main(["verdicts", "--store", str(filled_store), "--fail-on-backdoor"]) == 3
+    assert main(["verdicts", "--store", str(filled_store), "--fail-on-backdoor",
+                 "--status", "clean"]) == 0
+    capsys.readouterr()
+
+
 def test_verdicts_on_empty_or_missing_store(tmp_path, capsys):
     assert main(["verdicts", "--store", str(tmp_path)]) == 0
     assert "no verdicts" in capsys.readouterr().out
