@@ -158,7 +158,10 @@ def main() -> int:
     parser.add_argument("--rare-words", metavar="MEMBER",
                         help="also scan this clean member with a corpus full of rare words")
     parser.add_argument("--search-recall", action="store_true",
-                        help="also scan backdoored members in search mode: PV recall")
+                        help="also scan backdoored members again for PV recall")
+    parser.add_argument("--recall-mode", choices=("search", "complete"), default="search",
+                        help="how --search-recall scans: search mode, or what an audit "
+                             "runs (detect, completed once backdoored)")
     args = parser.parse_args()
 
     members = zoo_members(args.zoo, args.members.split(",") if args.members else None)
@@ -195,13 +198,14 @@ def main() -> int:
     if args.search_recall:
         recall_rows = []
         for member in (m for m in members if m.backdoored and not m.corpus):
-            entry = scan_member(log, member, "fast", mode="search", timeout=args.timeout,
-                                threads=args.threads, pin_feature=args.pin_feature)
-            recall_rows.append(_row(member, "fast", entry, "search"))
+            entry = scan_member(log, member, "fast", mode=args.recall_mode,
+                                timeout=args.timeout, threads=args.threads,
+                                pin_feature=args.pin_feature)
+            recall_rows.append(_row(member, "fast", entry, args.recall_mode))
         recall = pd.DataFrame(recall_rows)
         found = sum(int(r.split("/")[0]) for r in recall["recovered/planted"])
         planted = sum(int(r.split("/")[1]) for r in recall["recovered/planted"])
-        print("\n## search mode: PV recall (sign agreement >= 0.9)\n")
+        print(f"\n## {args.recall_mode} mode: PV recall (sign agreement >= 0.9)\n")
         print(markdown(recall.drop(columns=["preset", "mode", "truth"])))
         print(f"\nPV recall: {found}/{planted} = {found / max(planted, 1):.3f}")
     return 0

@@ -84,7 +84,9 @@ def run_scan(model: Path, preset: str, *, timeout: float, threads: int,
     """(the scan's JSON, peak RSS in MiB) of one `sanitator scan` child process; without
     `feature` the scan runs with its defaults (every feature a prompt-tuned head reads)."""
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
-    command = [SCAN, "scan", str(model), "--preset", preset, "--mode", mode, "--json"]
+    # "complete": what an audit runs (detect, then search on for every PV once backdoored)
+    flags = ["--mode", "detect", "--complete"] if mode == "complete" else ["--mode", mode]
+    command = [SCAN, "scan", str(model), "--preset", preset, *flags, "--json"]
     if feature:
         command += ["--feature", feature]
     if corpus:
