@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlencode
 
-from sanitator.pipeline.registries import (
+from sanitator.pipeline.registries.base import (
     FetchError,
     ModelRef,
     RegistryError,

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sanitator.pipeline.registries import (
+from sanitator.pipeline.registries.base import (
     FetchError,
     ModelRef,
     RegistryError,

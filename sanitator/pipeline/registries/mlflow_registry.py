@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs
 
-from sanitator.pipeline.registries import FetchError, ModelRef, RegistryError, unreadable_ref
+from sanitator.pipeline.registries.base import FetchError, ModelRef, RegistryError, unreadable_ref
 from sanitator.safety.model_policy import (
     MAX_CONFIG_BYTES,
     TOKENIZER_FILES,
