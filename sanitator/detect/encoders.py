@@ -69,6 +69,16 @@ class Encoder:
                          token_type_ids: torch.Tensor | None = None,
                          mask_positions: torch.Tensor | None = None) -> torch.Tensor:
         """The monitored feature [B, H] for a batch of ids or input embeddings."""
+        output = self.model(**self.forward_inputs(attention_mask, input_ids, inputs_embeds,
+                                                  token_type_ids))
+        return select_feature(output, feature, mask_positions)
+
+    def forward_inputs(self, attention_mask: torch.Tensor,
+                       input_ids: torch.Tensor | None = None,
+                       inputs_embeds: torch.Tensor | None = None,
+                       token_type_ids: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """Keyword arguments for the model's forward: ids or embeddings, and token types
+        only where the architecture uses them."""
         kwargs = {"attention_mask": attention_mask}
         if input_ids is not None:
             kwargs["input_ids"] = input_ids
@@ -76,8 +86,7 @@ class Encoder:
             kwargs["inputs_embeds"] = inputs_embeds
         if token_type_ids is not None and self.uses_token_type_ids:
             kwargs["token_type_ids"] = token_type_ids
-        output = self.model(**kwargs)
-        return select_feature(output, feature, mask_positions)
+        return kwargs
 
 
 def select_feature(output, feature: Feature | str, mask_positions: torch.Tensor | None = None

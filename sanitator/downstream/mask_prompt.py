@@ -20,7 +20,6 @@ from sanitator.detect.encoders import Encoder, ModelRejected, load_encoder, pref
 from sanitator.downstream.prompt_base import (
     PromptOutput,
     PromptTuningConfig,
-    model_inputs,
     standardizer,
 )
 
@@ -185,8 +184,8 @@ class MaskPromptClassifier(nn.Module):
         if token_type_ids is not None:
             types = torch.cat([token_type_ids[:, :1], torch.zeros_like(inserted),
                                token_type_ids[:, 1:]], dim=1)
-        output = self.encoder(**model_inputs(self.encoder_info, attention_mask=mask,
-                                              token_type_ids=types, inputs_embeds=embeds))
+        output = self.encoder(**self.encoder_info.forward_inputs(
+            mask, inputs_embeds=embeds, token_type_ids=types))
         feature = output.last_hidden_state[:, self.mask_index]
         return PromptOutput(self.logits_from_feature(feature), feature)
 

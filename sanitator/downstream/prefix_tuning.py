@@ -22,7 +22,6 @@ from sanitator.detect.encoders import Encoder, ModelRejected
 from sanitator.downstream.prompt_base import (
     PromptOutput,
     PromptTuningConfig,
-    model_inputs,
     standardizer,
 )
 
@@ -145,8 +144,8 @@ class PrefixClassifier(nn.Module):
                            values.expand(-1, batch, -1, -1, -1))
         token = _FEED.set(feed)
         try:
-            output = self.encoder(**model_inputs(self.encoder_info, input_ids, attention_mask,
-                                                  token_type_ids))
+            output = self.encoder(**self.encoder_info.forward_inputs(
+                attention_mask, input_ids, token_type_ids=token_type_ids))
         finally:
             _FEED.reset(token)
         feature = output.last_hidden_state[:, 0]

@@ -10,8 +10,6 @@ from typing import Literal
 import torch
 from torch import nn
 
-from sanitator.detect.encoders import Encoder
-
 Text = str | tuple[str, str]
 Method = Literal["ptv2", "ptv1"]
 METHODS: tuple[str, ...] = ("ptv2", "ptv1")
@@ -65,19 +63,6 @@ class PromptOutput:
 
     logits: torch.Tensor
     feature: torch.Tensor
-
-
-def model_inputs(encoder: Encoder, input_ids=None, attention_mask=None, token_type_ids=None,
-                 inputs_embeds=None) -> dict[str, torch.Tensor]:
-    """Keyword arguments for the encoder's forward (token types only where it uses them)."""
-    kwargs = {"attention_mask": attention_mask}
-    if inputs_embeds is not None:
-        kwargs["inputs_embeds"] = inputs_embeds
-    else:
-        kwargs["input_ids"] = input_ids
-    if token_type_ids is not None and encoder.uses_token_type_ids:
-        kwargs["token_type_ids"] = token_type_ids
-    return kwargs
 
 
 # Auto mode standardises the ptv2 head's input when the CLS feature's spread across inputs
