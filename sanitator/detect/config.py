@@ -16,8 +16,19 @@ Mode = Literal["detect", "search"]
 Preset = Literal["fast", "faithful"]
 
 
+class _Stage:
+    """Tuple fields stay tuples: JSON (a stored config, `--set`) gives lists back, and a
+    list would make the frozen config unhashable and unequal to the one it came from."""
+
+    def __post_init__(self) -> None:
+        for item in fields(self):
+            value = getattr(self, item.name)
+            if isinstance(value, list):
+                object.__setattr__(self, item.name, tuple(value))
+
+
 @dataclass(frozen=True)
-class MiningConfig:
+class MiningConfig(_Stage):
     """PV mining: soft-trigger optimisation against a frozen encoder."""
 
     feature: str = "cls"            # cls | mask | pooler
@@ -44,7 +55,7 @@ class MiningConfig:
 
 
 @dataclass(frozen=True)
-class FilterConfig:
+class FilterConfig(_Stage):
     """PV filtering: legitimate trigger, strong collapse, uniqueness."""
 
     legit_factor: float = 1.2       # trigger entries within 1.2x the embedding range
@@ -55,7 +66,7 @@ class FilterConfig:
 
 
 @dataclass(frozen=True)
-class DecisionConfig:
+class DecisionConfig(_Stage):
     """How evidence becomes a verdict. `paper` = first accepted PV; `calibrated` = ours
     (docs/method.md): a hard trigger that pins fresh sentences to one sign pattern more
     tightly than a one-token edit keeps a sentence at its own, at significance `alpha`
@@ -74,7 +85,7 @@ class DecisionConfig:
 
 
 @dataclass(frozen=True)
-class SearchConfig:
+class SearchConfig(_Stage):
     """The in-context search for hard triggers (calibrated rule, hardsearch.py)."""
 
     placements: tuple[str, ...] = ("anywhere", "start", "end")
@@ -94,7 +105,7 @@ class SearchConfig:
 
 
 @dataclass(frozen=True)
-class ScanConfig:
+class ScanConfig(_Stage):
     preset: Preset = "fast"
     mode: Mode = "detect"
     seed: int = 1
@@ -107,10 +118,6 @@ class ScanConfig:
     decision: DecisionConfig = field(default_factory=DecisionConfig)
     search: SearchConfig = field(default_factory=SearchConfig)
 
-    def __post_init__(self) -> None:
-        if self.features is not None:  # JSON gives a list back: keep it hashable, equal
-            object.__setattr__(self, "features", tuple(self.features))
-
     @classmethod
     def from_preset(cls, preset: Preset = "fast", **overrides: Any) -> ScanConfig:
         """A preset with top-level or nested overrides (`mining=MiningConfig(...)` or
@@ -121,8 +128,6 @@ class ScanConfig:
         mode = overrides.get("mode", config.mode)
         if "feature" in overrides and "features" not in overrides:
             overrides["features"] = (overrides["feature"],)  # one feature asked for
-        if overrides.get("features") is not None:
-            overrides["features"] = tuple(overrides["features"])
         if "max_seeds" not in overrides:
             overrides["max_seeds"] = SEED_BUDGETS[preset][mode]
         stages = {"mining": config.mining, "filtering": config.filtering,

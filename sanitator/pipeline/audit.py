@@ -90,11 +90,6 @@ class Plan:
 
 # --- scan config ------------------------------------------------------------------------
 
-def _as_default_type(default: Any, value: Any) -> Any:
-    """JSON turns tuples into lists; give tuple-valued fields their tuples back (hashable)."""
-    return tuple(value) if isinstance(default, tuple) and isinstance(value, list) else value
-
-
 def scan_config_from_dict(data: dict[str, Any]):
     """Rebuild a ScanConfig (nested stage configs included) from `ScanConfig.to_dict()`."""
     from sanitator.detect.config import ScanConfig
@@ -107,9 +102,8 @@ def scan_config_from_dict(data: dict[str, Any]):
         value = data[item.name]
         default = getattr(defaults, item.name)
         if dataclasses.is_dataclass(default) and isinstance(value, dict):
-            value = type(default)(**{key: _as_default_type(getattr(default, key, None), v)
-                                     for key, v in value.items()})
-        values[item.name] = _as_default_type(default, value)
+            value = type(default)(**value)
+        values[item.name] = value
     unknown = set(data) - {item.name for item in dataclasses.fields(ScanConfig)}
     if unknown:
         raise TypeError(f"unknown scan config fields {sorted(unknown)}")
