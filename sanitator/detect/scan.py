@@ -195,10 +195,14 @@ def _paper_pvset(encoder: Encoder, config: ScanConfig, holdout, kept: list[SeedO
 # ---------------------------------------------------------------------------------------
 # Entry points
 
+def _fresh_sentences(config: ScanConfig) -> int:
+    """Sentences the calibrated rule keeps apart for confirmation (none for the paper's)."""
+    return config.search.n_fresh if config.decision.rule == "calibrated" else 0
+
+
 def needed_sentences(config: ScanConfig) -> int:
     mining = config.mining
-    extra = config.search.n_fresh if config.decision.rule == "calibrated" else 0
-    return mining.n_sentences + mining.n_holdout + extra
+    return mining.n_sentences + mining.n_holdout + _fresh_sentences(config)
 
 
 def _scan_loaded(encoder: Encoder, config: ScanConfig, progress: bool,
@@ -209,8 +213,7 @@ def _scan_loaded(encoder: Encoder, config: ScanConfig, progress: bool,
     if sentences is None:
         sentences = load_sentences(mining.corpus, n=needed_sentences(config),
                                    seed=mining.corpus_seed)
-    minimum = mining.n_holdout + mining.batch_size + (
-        config.search.n_fresh if config.decision.rule == "calibrated" else 0)
+    minimum = mining.n_holdout + mining.batch_size + _fresh_sentences(config)
     if len(sentences) < minimum:
         raise ValueError(f"need at least {minimum} sentences, got {len(sentences)}")
     scan = _scan_paper if config.decision.rule == "paper" else _scan_calibrated
