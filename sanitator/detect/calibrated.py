@@ -5,6 +5,8 @@ backdoors, the mask position for P-tuning v1 and BToP), and for the trigger plac
 in the sentence, first or last, candidates come from three searches, cheapest first:
 
 1. the vocabulary screen (attribution.py): words whose standalone output is an outlier;
+1b. the reference stage (reference.py): when the encoder derives from a known base, every
+   ordering of the tokens whose first-layer treatment changed most;
 2. the in-context token screen: every vocabulary token ranked by the gradient of the
    collapse objective at a trigger slot inside sentences, the best re-tested exactly;
 3. the context search (hardsearch.gcg): multi-token triggers optimised in sentences from
@@ -40,6 +42,7 @@ from sanitator.detect.encoders import Encoder, Feature
 from sanitator.detect.evidence import confirm
 from sanitator.detect.hardsearch import Objective, evaluate, gcg, token_gradients, toward
 from sanitator.detect.mining import MiningData, mine_seeds, prepare_data
+from sanitator.detect.reference import reference_search
 from sanitator.detect.signs import MONITOR_THRESHOLD, sign_agreement
 
 log = logging.getLogger(__name__)
@@ -62,6 +65,7 @@ class CalibratedScan:
     collect_all: bool = False       # search mode, or completing a detect-mode verdict
     completion: dict[str, Any] = field(default_factory=dict)
     sweep: tuple[str, list, torch.Tensor] | None = None  # feature, candidates, standalone sweep
+    reference: dict[str, Any] | None = None  # the base diffed against (reference.py)
 
     def timed(self, stage: str, fn, *args) -> None:
         started = time.perf_counter()
@@ -342,12 +346,15 @@ def run(encoder: Encoder, config: ScanConfig, sentences: list[str], progress: bo
     scan.collect_all = config.mode == "search"
     scan.timed("vocabulary_screen", scan.vocabulary_screen, sentences)
     if not scan.done:
+        scan.timed("reference", reference_search, scan, rest)
+    if not scan.done:
         scan.timed("context_search", scan.context_search)
     if scan.accepted and config.mode == "detect" and config.complete:
         # a backdoor is settled; the artifact must cover all of its PVs (issue 15)
         scan.collect_all = True
         scan.completion["mode"] = "detect, completed in search mode"
         scan.timed("completion", scan.vocabulary_screen, sentences)
+        scan.timed("completion", reference_search, scan, rest)
         scan.timed("completion", scan.context_search)
     if config.mode == "search" and config.max_seeds > 0:
         train = {f: prepare_data(encoder, train_rows, v.mining, seed=config.seed)

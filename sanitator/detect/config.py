@@ -102,6 +102,8 @@ class SearchConfig(_Stage):
     max_length: int = 40            # tokens per search or fresh sentence
     n_fresh: int = 128              # fresh confirmation sentences per feature
     n_null: int = 16                # random tokens whose median move is the displacement null
+    reference_tokens: int = 4       # most changed tokens vs a known base (reference.py); 0 = off
+    reference_fillers: int = 2      # frequent corpus tokens tried as a phrase's filler words
 
 
 @dataclass(frozen=True)
@@ -113,6 +115,7 @@ class ScanConfig(_Stage):
     search_patience: int | None = None  # search: stop after this many rounds add no PV
     features: tuple[str, ...] | None = None  # None: cls, and mask when the tokenizer has one
     complete: bool = False          # detect mode: once backdoored, search on for every PV
+    references: tuple[str, ...] | None = None  # clean bases to diff against; None: installed
     mining: MiningConfig = field(default_factory=MiningConfig)
     filtering: FilterConfig = field(default_factory=FilterConfig)
     decision: DecisionConfig = field(default_factory=DecisionConfig)

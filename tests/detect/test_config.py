@@ -13,8 +13,8 @@ from sanitator.pipeline.audit import scan_config_from_dict
 
 # A changed hash makes every nightly audit re-scan the whole registry: change these only
 # with a config change that is meant to (and say so in the commit).
-GOLDEN = {("fast", "detect"): "601cc65be7f9d0ea", ("fast", "search"): "d9a7d07c73c6787e",
-          ("faithful", "detect"): "70378ca86d44934d", ("faithful", "search"): "83994c4726f3c64f"}
+GOLDEN = {("fast", "detect"): "b289c5bcc7c52845", ("fast", "search"): "fb99e568cde6a383",
+          ("faithful", "detect"): "18b3bda5b310b2e4", ("faithful", "search"): "4054e53252593553"}
 
 
 @pytest.mark.parametrize(("preset", "mode"), sorted(GOLDEN))
