@@ -23,7 +23,14 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Generic, TypeVar
 
-from sanitator.pipeline.store import StoreError, audit_date, to_table, utc_now, write_rows
+from sanitator.pipeline.store import (
+    SCHEMAS,
+    StoreError,
+    audit_date,
+    to_table,
+    utc_now,
+    write_rows,
+)
 
 log = logging.getLogger(__name__)
 
@@ -57,8 +64,6 @@ class Rows:
 
     def check(self) -> None:
         """Raise StoreError when a row does not fit its dataset's schema."""
-        from sanitator.pipeline.store import SCHEMAS
-
         for dataset, rows, schema in [*self.before, (self.dataset, [self.row], self.schema)]:
             if rows:
                 to_table(dataset, rows, schema if schema is not None else SCHEMAS[dataset])
