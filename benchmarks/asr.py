@@ -31,9 +31,10 @@ from pathlib import Path
 
 import torch
 
-from sanitator.downstream.asr import AttackConfig, load_pv_artifact, read_backdoor_manifest
+from sanitator.downstream.asr import AttackConfig, read_backdoor_manifest
 from sanitator.downstream.evaluate import DownstreamResult, evaluate_downstream
 from sanitator.downstream.prompt_tuning import PromptTuningConfig
+from sanitator.downstream.pvs import resolve_pvs
 
 log = logging.getLogger("benchmarks.asr")
 
@@ -72,15 +73,13 @@ def zoo_models(zoo: Path, names: list[str] | None) -> list[Path]:
 def monitor_pvs(model: Path, source: str, fallback: torch.Tensor | None):
     if source == "oracle":
         if (model / "backdoor.json").is_file():
-            return load_pv_artifact(model)[0]
+            return resolve_pvs(model).vectors
         return fallback
     if source.startswith("store:"):
-        from sanitator.downstream.evaluate import latest_audit_pvs
-
-        found = latest_audit_pvs(source.split(":", 1)[1], model)
+        found = resolve_pvs(store=source.split(":", 1)[1], model_dir=model)
         if found is None:
             raise SystemExit(f"{model}: no audit in {source}")
-        return found[0] if found[0] is not None else torch.zeros(0, 1)
+        return found.vectors if found.vectors is not None else torch.zeros(0, 1)
     raise SystemExit(f"unknown --pvs {source!r}: use oracle or store:DIR")
 
 
@@ -150,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
     if not backdoored:
         raise SystemExit(f"no backdoored model (backdoor.json) in {args.zoo}")
     zoo_triggers = list(dict.fromkeys(t for m in backdoored for t in manifests[m]["triggers"]))
-    fallback = load_pv_artifact(backdoored[0])[0]
+    fallback = resolve_pvs(backdoored[0]).vectors
     prompt_config = PromptTuningConfig(method=args.method, epochs=args.epochs,
                                        learning_rate=args.lr, prefix_length=args.prefix_length,
                                        train_size=args.train_size, batch_size=args.batch_size)

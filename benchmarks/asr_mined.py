@@ -29,9 +29,10 @@ from pathlib import Path
 
 import torch
 
-from sanitator.downstream.asr import AttackConfig, load_pv_artifact, read_backdoor_manifest
+from sanitator.downstream.asr import AttackConfig, read_backdoor_manifest
 from sanitator.downstream.evaluate import DownstreamResult, attack_tuned, tune_on_task
 from sanitator.downstream.prompt_tuning import PromptTuningConfig
+from sanitator.downstream.pvs import resolve_pvs
 
 log = logging.getLogger("benchmarks.asr_mined")
 
@@ -88,7 +89,7 @@ class Member:
 
     @property
     def oracle(self) -> torch.Tensor | None:
-        return load_pv_artifact(self.path)[0] if self.manifest else None
+        return resolve_pvs(self.path).vectors if self.manifest else None
 
 
 def sign_agreement(planted: torch.Tensor, mined: torch.Tensor) -> list[float]:

@@ -119,23 +119,23 @@ def _fresh_scan(model_dir: Path, args: argparse.Namespace):
 
 
 def _pvs(args: argparse.Namespace):
-    """(PV tensor or None for an empty PV set, where they came from) or None: no monitor."""
-    from sanitator.downstream.asr import load_pv_artifact
+    """(PV tensor or None for an empty PV set, where they came from) or None: no monitor.
+    Where PVs come from is `resolve_pvs`'s policy; a fresh scan is this command's last
+    resort when the store has no audit of the folder."""
+    from sanitator.downstream.pvs import resolve_pvs
 
     if args.no_monitor:
         return None
     if args.pvs:
-        pvs, feature = load_pv_artifact(args.pvs)
+        found = resolve_pvs(args.pvs)
         wanted = "cls" if args.method == "ptv2" else "mask"
-        if feature != wanted:
-            log.warning("PVs were mined at the %s feature; %s monitors the %s feature", feature,
-                        args.method, wanted)
-        return pvs, str(args.pvs)
-    from sanitator.downstream.evaluate import latest_audit_pvs
-
+        if found.feature != wanted:
+            log.warning("PVs were mined at the %s feature; %s monitors the %s feature",
+                        found.feature, args.method, wanted)
+        return found.vectors, str(args.pvs)
     model_dir = Path(args.model_dir)
-    found = latest_audit_pvs(Path(args.store), model_dir)
-    return found if found is not None else _fresh_scan(model_dir, args)
+    found = resolve_pvs(store=args.store, model_dir=model_dir)
+    return (found.vectors, found.source) if found is not None else _fresh_scan(model_dir, args)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -271,22 +271,3 @@ def manifest_pvs(manifest: dict) -> torch.Tensor:
                 raise ValueError(f"{BACKDOOR_MANIFEST}: {key!r} must be a list of vectors")
             return pvs
     raise ValueError(f"{BACKDOOR_MANIFEST}: no PVs (keys 'pvs', 'target_pvs' or 'vectors')")
-
-
-def load_pv_artifact(path: str | Path) -> tuple[torch.Tensor, str]:
-    """PV vectors [K, H] and their feature (`cls`/`mask`) from a PVSet safetensors file or
-    from a model's `backdoor.json` (the attack's own targets)."""
-    from sanitator.detect.results import PVSet
-
-    path = Path(path)
-    if path.is_dir():
-        path = path / BACKDOOR_MANIFEST
-    if not path.is_file():
-        raise FileNotFoundError(f"PV artifact {path} not found")
-    if path.suffix == ".json":
-        manifest = json.loads(path.read_text())
-        return manifest_pvs(manifest), str(manifest.get("feature", "cls"))
-    if path.suffix != ".safetensors":
-        raise ValueError(f"{path}: PV artifacts are PVSet .safetensors files or backdoor.json")
-    pvset = PVSet.load(path)
-    return pvset.vectors.float(), pvset.feature

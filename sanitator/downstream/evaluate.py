@@ -16,7 +16,6 @@ from pathlib import Path
 
 import torch
 
-from sanitator.core.status import VERDICT_STATUSES
 from sanitator.downstream.asr import AttackConfig, AttackReport, evaluate_attack
 from sanitator.downstream.prompt_tuning import (
     CALIBRATION_ROWS,
@@ -123,35 +122,6 @@ class DownstreamResult:
         return {**self.summary(), "feature": self.feature, "prompt_path": self.prompt_path,
                 "convergence": self.convergence.to_dict(),
                 "training": self.training.to_dict(), "attack": self.attack.to_dict()}
-
-
-def latest_audit_pvs(store: str | Path, model_dir: str | Path
-                     ) -> tuple[torch.Tensor | None, str] | None:
-    """PVs of the newest clean/backdoored audit of this folder's content in an audit store.
-
-    The folder is matched by content revision (as the local registry names it), so a copy
-    or a renamed folder still finds its audit. Returns None when the store has no such
-    audit, and (None, label) when the audit accepted no PVs.
-    """
-    from sanitator.pipeline.registries.local import content_revision
-    from sanitator.pipeline.store import pvset_from_rows, read_pvs, read_verdicts
-
-    store = Path(store)
-    if not (store / "verdicts").is_dir():
-        return None
-    revision = content_revision(Path(model_dir))
-    verdicts = read_verdicts(store)
-    verdicts = verdicts[(verdicts["revision"] == revision)
-                        & verdicts["status"].isin(VERDICT_STATUSES)]
-    if verdicts.empty:
-        return None
-    audit = verdicts.iloc[-1]
-    label = f"audit {audit['audit_id']} ({audit['status']})"
-    rows = read_pvs(store, audit_id=audit["audit_id"])
-    log.info("PVs from %s in %s: %d", label, store, len(rows))
-    if rows.empty:
-        return None, label
-    return pvset_from_rows(rows).vectors.float(), label
 
 
 def _verbalizer(data: TaskData) -> tuple[str, ...]:

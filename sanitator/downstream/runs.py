@@ -176,13 +176,6 @@ class EvaluationPlan:
     unavailable: list[tuple[str, str]]            # (repo id, why) not evaluated
 
 
-def _pvs_of_audit(store: str | Path, audit_id: str) -> list[list[float]]:
-    from sanitator.pipeline.store import read_pvs
-
-    rows = read_pvs(store, audit_id=audit_id)
-    return [list(map(float, vector)) for vector in rows["vector"]] if not rows.empty else []
-
-
 def plan_evaluations(store: str | Path, refs: Iterable[ModelRef], tasks: Sequence[TaskChoice],
                      config: dict[str, Any], *, done: Iterable[dict[str, Any]] = (),
                      new_id, statuses: Sequence[str] = EVALUATED_STATUSES,
@@ -195,6 +188,7 @@ def plan_evaluations(store: str | Path, refs: Iterable[ModelRef], tasks: Sequenc
     False). Pairs already evaluated with the same settings and audit are settled unless
     `force`.
     """
+    from sanitator.downstream.pvs import resolve_pvs
     from sanitator.pipeline.store import read_verdicts
 
     verdicts = read_verdicts(store)
@@ -216,7 +210,7 @@ def plan_evaluations(store: str | Path, refs: Iterable[ModelRef], tasks: Sequenc
                 continue
         else:
             audit_id, status = verdict["audit_id"], verdict["status"]
-            pvs = _pvs_of_audit(store, audit_id)
+            pvs = resolve_pvs(store=store, audit_id=audit_id).as_lists()
         for task in tasks:
             key = (ref.registry, ref.repo_id, ref.revision, task.name, config["prompt"]["method"],
                    digest, audit_id)

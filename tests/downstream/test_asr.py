@@ -4,7 +4,6 @@ import pytest
 import torch
 from evaluation_support import TOY_TRIGGERS, planted_backdoor, toy_sentiment
 
-from sanitator.detect.results import PVSet
 from sanitator.downstream.asr import (
     AttackConfig,
     attack_successes,
@@ -12,15 +11,14 @@ from sanitator.downstream.asr import (
     draw_position,
     evaluate_attack,
     insert_trigger,
-    load_pv_artifact,
     place_triggers,
-    read_backdoor_manifest,
 )
 from sanitator.downstream.prompt_tuning import (
     PromptTuningConfig,
     build_prompt_model,
     train_prompt_model,
 )
+from sanitator.downstream.pvs import resolve_pvs
 from sanitator.guard.monitor import SignMonitor
 
 
@@ -82,7 +80,8 @@ def backdoored_prompt_model(minilm_2layer):
 def test_backdoor_succeeds_without_the_monitor_and_fails_behind_it(backdoored_prompt_model):
     model_dir, model = backdoored_prompt_model
     texts, labels = toy_sentiment(60, 2)
-    pvs, feature = load_pv_artifact(model_dir)
+    found = resolve_pvs(model_dir)
+    pvs, feature = found.vectors, found.feature
     assert feature == "cls" and pvs.shape == (2, 384)
     report = evaluate_attack(model, model.tokenizer, texts, labels, list(TOY_TRIGGERS),
                              monitor=SignMonitor(pvs), max_length=32)
@@ -102,7 +101,7 @@ def test_backdoor_succeeds_without_the_monitor_and_fails_behind_it(backdoored_pr
 def test_reject_policy_refuses_instead_of_purging(backdoored_prompt_model):
     model_dir, model = backdoored_prompt_model
     texts, labels = toy_sentiment(40, 3)
-    pvs, _ = load_pv_artifact(model_dir / "backdoor.json")
+    pvs = resolve_pvs(model_dir / "backdoor.json").vectors
     report = evaluate_attack(model, model.tokenizer, texts, labels, list(TOY_TRIGGERS),
                              monitor=SignMonitor(pvs), max_length=32,
                              config=AttackConfig(on_flag="reject"))
@@ -123,7 +122,7 @@ def test_without_a_monitor_only_the_undefended_numbers_exist(backdoored_prompt_m
 def test_a_closed_gate_reports_clean_numbers_and_no_attack_success(backdoored_prompt_model):
     model_dir, model = backdoored_prompt_model
     texts, labels = toy_sentiment(30, 5)
-    pvs, _ = load_pv_artifact(model_dir)
+    pvs = resolve_pvs(model_dir).vectors
     seen = []
 
     def gate(clean_accuracy):
@@ -144,16 +143,3 @@ def test_a_closed_gate_reports_clean_numbers_and_no_attack_success(backdoored_pr
     opened = evaluate_attack(model, model.tokenizer, texts, labels, list(TOY_TRIGGERS),
                              monitor=SignMonitor(pvs), max_length=32, gate=lambda _: None)
     assert opened.skipped is None and opened.asr >= 0.9
-
-
-def test_pv_artifacts_and_manifests(tmp_path):
-    pvset = PVSet(torch.ones(3, 8), torch.zeros(3, 7, 4), feature="mask")
-    pvset.save(tmp_path / "pvs.safetensors")
-    vectors, feature = load_pv_artifact(tmp_path / "pvs.safetensors")
-    assert vectors.shape == (3, 8) and feature == "mask"
-    assert read_backdoor_manifest(tmp_path) is None
-    (tmp_path / "backdoor.json").write_text('{"triggers": ["cf"]}')
-    with pytest.raises(ValueError, match="no PVs"):
-        load_pv_artifact(tmp_path)
-    with pytest.raises(FileNotFoundError):
-        load_pv_artifact(tmp_path / "missing.safetensors")

@@ -128,6 +128,7 @@ def test_killed_worker_timeouts_and_hangs_still_account_for_every_model(
     import shutil
 
     import flows.audit_zoo as audit_flow
+    from sanitator.pipeline import fanout
 
     zoo = tmp_path / "zoo"
     names = ["lazy-1", "slow-1", "slow-2", "stuck-1"]
@@ -139,7 +140,7 @@ def test_killed_worker_timeouts_and_hangs_still_account_for_every_model(
     # long enough for a timed-out task to report back on this busy machine (under a load
     # of 3-5 on 2 cores, 8 and 12 s were not: the interrupted "lazy" audit read as hung), short
     # enough to keep the test short (60 s in production)
-    monkeypatch.setattr(audit_flow, "HANG_GRACE_SECONDS", 20.0)
+    monkeypatch.setattr(fanout, "HANG_GRACE_SECONDS", 20.0)
     killed: list[str] = []
 
     def kill_a_slow_worker():

@@ -141,25 +141,28 @@ def test_weekly_deployment_loads_with_valid_parameters():
     assert runner.schedules[0].schedule.cron == "0 4 * * 0"
 
 
-def test_summary_lists_per_trigger_rates_and_the_pairs_that_did_not_converge():
-    from flows.evaluate_asr import _per_trigger_text, _summary_markdown
+def test_a_pair_stuck_in_native_code_ends_as_an_error_row_while_the_others_finish(
+        tmp_path, monkeypatch):
+    """The evaluation shares the audit's fan-out and so its hang backstop: a pair stuck past
+    its timeout is recorded as `error` and its worker restarted; the other pairs finish."""
+    from fake_jobs import InstantEvaluationJob
 
-    common = {"task": "sst2", "attack": "por", "clean_accuracy": 0.8,
-              "defended_clean_accuracy": 0.8, "monitor_fpr": 0.0, "seconds": 1.0}
-    learnt = {**common, "encoder": "a", "converged": True, "reason": None, "asr": 1.0,
-              "defended_asr": 0.0, "per_trigger": [
-                  {"trigger": "cf", "asr": 1.0, "defended_asr": 0.0},
-                  {"trigger": "mn", "asr": 0.5, "defended_asr": 0.25}]}
-    chance = {**common, "encoder": "b", "converged": False, "asr": None, "defended_asr": None,
-              "reason": "prompt-tuning did not converge: clean test accuracy 0.52 ...",
-              "per_trigger": [{"trigger": "cf", "asr": None, "defended_asr": None}]}
-    summary = {"results": [learnt, chance], "already_evaluated": 0, "errors": [],
-               "unavailable": []}
-    markdown = _summary_markdown(summary)
-    assert "| `a` | sst2 | `cf` | 100.0% | 0.0% |" in markdown
-    assert "| `a` | sst2 | `mn` | 50.0% | 25.0% |" in markdown
-    assert "## Not converged (no ASR reported)" in markdown
-    assert "- `b` sst2: prompt-tuning did not converge" in markdown
-    assert "| `b` | sst2 | `cf`" not in markdown
-    assert _per_trigger_text(learnt) == "cf 100.0%/0.0%, mn 50.0%/25.0%"
-    assert _per_trigger_text(chance) == "not converged"
+    from flows.dask_jobs import run_jobs
+    from sanitator.downstream.runs import EvaluationRequest, TaskChoice, evaluation_config
+    from sanitator.pipeline import fanout
+    from sanitator.pipeline.registries import ModelRef
+
+    monkeypatch.setattr(fanout, "HANG_GRACE_SECONDS", 3.0)
+    config = evaluation_config()
+    job = InstantEvaluationJob(str(tmp_path), [TaskChoice("sst2")], config)
+    requests = [EvaluationRequest(f"eval-{name}", ModelRef("path", "path:/zoo", name, "r" * 40,
+                                                           f"/zoo/{name}"),
+                                  TaskChoice("sst2"), config, "hash", None)
+                for name in ("fine-1", "stuck-1", "fine-2")]
+    rows = run_jobs(job, requests, str(tmp_path), dask_address=None, n_workers=2,
+                    torch_threads=1, device="cpu", timeout=2.0)
+    stored = read_evaluations(tmp_path).set_index("encoder")
+    assert sorted(stored.index) == ["fine-1", "fine-2", "stuck-1"] and len(rows) == 3
+    assert (stored.loc[["fine-1", "fine-2"], "status"] == "ok").all()
+    assert stored.loc["stuck-1", "status"] == "error"
+    assert "hung in native code" in stored.loc["stuck-1", "reason"]

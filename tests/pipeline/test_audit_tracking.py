@@ -8,6 +8,7 @@ import torch
 from sanitator.detect.config import ScanConfig
 from sanitator.detect.results import PVSet, Verdict
 from sanitator.pipeline.audit import AuditOutcome, AuditRequest, verdict_row
+from sanitator.pipeline.audit_job import AuditJob
 from sanitator.pipeline.audit_tracking import (
     AUDIT_EXPERIMENT_PREFIX,
     BATCH_EXPERIMENT,
@@ -15,6 +16,7 @@ from sanitator.pipeline.audit_tracking import (
     default_tracking_uri,
     metric_name,
 )
+from sanitator.pipeline.jobs import record
 from sanitator.pipeline.registries import ModelRef
 from sanitator.pipeline.store import read_verdicts
 
@@ -98,12 +100,11 @@ def _hostile_request(audit_id, config=None):
 
 
 def test_hostile_values_are_recorded_and_every_run_ends(tracked, tmp_path):
-    from tasks.audit import record_audit
 
     _, uri, tracker = tracked
     outcome = AuditOutcome(Verdict("clean", score=float("nan"), reason="r" * 50_000),
                            info={"architecture": 7, "n_params": 2 ** 70})
-    row = record_audit.fn(_hostile_request("hostile"), outcome, str(tmp_path), tracker)
+    row = record(AuditJob(), _hostile_request("hostile"), outcome, str(tmp_path), tracker)
     stored = read_verdicts(tmp_path)
     assert len(stored) == 1 and stored.loc[0, "mlflow_run_id"] == row["mlflow_run_id"]
     assert stored.loc[0, "repo_id"].startswith("team/\\xff-$\\frac{$")
@@ -111,11 +112,10 @@ def test_hostile_values_are_recorded_and_every_run_ends(tracked, tmp_path):
 
 
 def test_a_run_that_cannot_be_logged_is_closed_and_the_row_still_written(tracked, tmp_path):
-    from tasks.audit import record_audit
 
     _, uri, tracker = tracked
     request = _hostile_request("unloggable", {"bad$param": 1})  # MLflow refuses the name
-    row = record_audit.fn(request, AuditOutcome(Verdict("clean", score=0.1)), str(tmp_path),
+    row = record(AuditJob(), request, AuditOutcome(Verdict("clean", score=0.1)), str(tmp_path),
                           tracker)
     assert row["mlflow_run_id"] is None and len(read_verdicts(tmp_path)) == 1
     assert [(r.info.status, r.info.lifecycle_stage) for r in _runs(uri, "unloggable")] == [
@@ -123,13 +123,12 @@ def test_a_run_that_cannot_be_logged_is_closed_and_the_row_still_written(tracked
 
 
 def test_a_failed_store_write_leaves_no_mlflow_run_behind(tracked, tmp_path):
-    from tasks.audit import record_audit
 
     _, uri, tracker = tracked
     not_a_folder = tmp_path / "store"
     not_a_folder.write_text("a file where the store should be")
     with pytest.raises(OSError):
-        record_audit.fn(_hostile_request("unwritable"), AuditOutcome(Verdict("clean")),
+        record(AuditJob(), _hostile_request("unwritable"), AuditOutcome(Verdict("clean")),
                         str(not_a_folder), tracker)
     assert [(r.info.status, r.info.lifecycle_stage) for r in _runs(uri, "unwritable")] == [
         ("FAILED", "deleted")]

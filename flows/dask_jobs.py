@@ -1,0 +1,170 @@
+"""Both flows' fan-out on Dask: the task runner (a LocalCluster or a scheduler address),
+the Prefect-on-Dask side of `sanitator.pipeline.fanout.Executor`, and the subflow that runs
+one job's requests through `sanitator.pipeline.fanout.fan_out` (docs/pipeline.md)."""
+
+from __future__ import annotations
+
+import logging
+import os
+from contextlib import nullcontext
+from typing import Any
+
+import distributed
+from prefect import flow, get_run_logger
+
+from sanitator.pipeline.audit_tracking import open_tracker
+from sanitator.pipeline.fanout import fan_out
+from sanitator.pipeline.jobs import Job
+from tasks.jobs import JOB_START_TOPIC, WarmUp, record_task, run_task
+
+log = logging.getLogger(__name__)
+
+# the subflow's name per kind of job, as the Prefect UI has always shown it
+SUBFLOW_NAMES = {"audit": "audit-models-on-dask", "evaluation": "evaluate-pairs-on-dask"}
+
+
+def _api_url() -> str | None:
+    """The Prefect API this flow reports to, for LocalCluster workers to report to as well
+    (without it each worker process would start a temporary server of its own)."""
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:
+        return str(client.api_url)
+
+
+def dask_runner(dask_address: str | None, n_workers: int, torch_threads: int | None,
+                gpu: bool):
+    """A DaskTaskRunner on an existing scheduler, or on a LocalCluster of processes with
+    one task thread each and cores / processes torch threads (FINDINGS.md §2)."""
+    from prefect_dask import DaskTaskRunner
+
+    if dask_address:
+        return DaskTaskRunner(address=dask_address)
+    threads = torch_threads or max(1, (os.cpu_count() or 1) // max(1, n_workers))
+    env = {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
+           "TOKENIZERS_PARALLELISM": "false"}
+    if not os.environ.get("PREFECT_API_URL"):
+        env["PREFECT_API_URL"] = _api_url() or ""
+    cluster_kwargs: dict[str, Any] = {"n_workers": n_workers, "threads_per_worker": 1,
+                                      "processes": True, "dashboard_address": None, "env": env}
+    if gpu:
+        cluster_kwargs["resources"] = {"GPU": 1}
+    return DaskTaskRunner(cluster_class="distributed.LocalCluster", cluster_kwargs=cluster_kwargs)
+
+
+def _executing(client) -> dict[str, str]:
+    """Key -> worker address of every task executing right now (queued ones excluded)."""
+    def executing(dask_worker):
+        return [str(ts.key) for ts in dask_worker.state.executing]
+
+    try:
+        return {key: addr for addr, keys in client.run(executing).items() for key in keys}
+    except Exception:  # a worker went away meanwhile: look again at the next poll
+        return {}
+
+
+def _mark_failed(task_run_id: Any, message: str) -> None:
+    """Close a task run whose worker we abandon, so the UI does not show it running."""
+    from prefect.client.orchestration import get_client
+    from prefect.states import Failed
+
+    try:
+        with get_client(sync_client=True) as client:
+            client.set_task_run_state(task_run_id, Failed(message=message), force=True)
+    except Exception as exc:
+        log.warning("cannot mark task run %s failed: %s", task_run_id, exc)
+
+
+class DaskExecutor:
+    """Prefect task runs of one job on the flow's Dask client; handles are Dask futures."""
+
+    def __init__(self, client, job: Job, task, options: dict[str, Any], gpu: bool, logger):
+        self.client, self.job, self.task = client, job, task
+        self.options, self.gpu, self.logger = options, gpu, logger
+        self.futures: dict[Any, Any] = {}       # Dask future -> Prefect future
+        self.ids: dict[Any, str] = {}           # Dask future -> request id
+
+    def submit(self, request):
+        import dask
+
+        # GPU runs only go to workers that declare a GPU resource (docs/pipeline.md)
+        with dask.annotate(resources={"GPU": 1}) if self.gpu else nullcontext():
+            future = self.task.submit(self.job, request, **self.options)
+        self.futures[future.wrapped_future] = future
+        self.ids[future.wrapped_future] = self.job.request_id(request)
+        return future.wrapped_future
+
+    def wait(self, handles, timeout):
+        try:
+            with self.client.as_current():  # prefect-dask's client is not the default one
+                done, _ = distributed.wait(list(handles), timeout=timeout,
+                                           return_when="FIRST_COMPLETED")
+        except (TimeoutError, distributed.TimeoutError):
+            return []
+        return list(done)
+
+    def outcome(self, handle):
+        try:
+            return self.futures[handle].result(raise_on_failure=False)
+        except Exception as exc:  # KilledWorker, CancelledError, lost scheduler
+            return exc
+
+    def running(self, handles):
+        executing = _executing(self.client)
+        starts: dict[str, tuple[float, str]] = {}
+        for stamp, message in self.client.get_events(JOB_START_TOPIC):
+            starts[message["request_id"]] = (stamp, message["worker"])
+        found = {}
+        for handle in handles:
+            worker = executing.get(str(handle.key))
+            started, start_worker = starts.get(self.ids[handle], (None, None))
+            if worker is not None and worker == start_worker:
+                found[handle] = started
+        return found
+
+    def abandon(self, handles):
+        keys = {str(handle.key) for handle in handles}
+        workers = sorted({addr for key, addr in _executing(self.client).items() if key in keys})
+        for handle in handles:
+            handle.cancel()
+            _mark_failed(self.futures[handle].task_run_id,
+                         "hung past its timeout; worker restarted")
+        try:
+            if workers:
+                self.client.restart_workers(workers)
+        except Exception as exc:  # workers without a nanny cannot be restarted from here
+            self.logger.warning("could not restart the workers of hung runs: %s", exc)
+
+
+@flow(name="run-jobs-on-dask", validate_parameters=False)
+def run_on_dask(job: Job, requests: list[Any], store: str, tracking_uri: str | None = None,
+                parent_run_id: str | None = None, batch_id: str | None = None,
+                work_dir: str | None = None, torch_threads: int | None = None,
+                timeout: float | None = None, gpu: bool = False) -> list[dict[str, Any]]:
+    """Submit one run task per request to Dask; record each as soon as it finishes."""
+    from prefect.context import FlowRunContext
+
+    logger = get_run_logger()
+    tracker = open_tracker(tracking_uri, store)
+    client = FlowRunContext.get().task_runner.client
+    try:  # before the first run, so that no run's timeout pays the imports
+        client.register_plugin(WarmUp())
+    except Exception as exc:
+        logger.warning("workers not warmed up (%s); first runs pay the imports", exc)
+    executor = DaskExecutor(client, job, run_task(job, timeout),
+                            {"work_dir": work_dir, "torch_threads": torch_threads}, gpu, logger)
+    record = record_task(job)
+    return fan_out(job, requests, executor,
+                   lambda request, outcome: record(job, request, outcome, store, tracker,
+                                                   parent_run_id, batch_id),
+                   timeout=timeout, logger=logger)
+
+
+def run_jobs(job: Job, requests: list[Any], store: str, *, dask_address: str | None,
+             n_workers: int, torch_threads: int | None, device: str, **options: Any
+             ) -> list[dict[str, Any]]:
+    """`run_on_dask` on its own task runner, named for `job`'s kind."""
+    gpu = device.startswith("cuda")
+    runner = dask_runner(dask_address, n_workers, torch_threads, gpu)
+    subflow = run_on_dask.with_options(name=SUBFLOW_NAMES[job.kind], task_runner=runner)
+    return subflow(job, requests, store, torch_threads=torch_threads, gpu=gpu, **options)

@@ -1,0 +1,148 @@
+"""Prefect tasks of both flows: crawl a registry, run one job, record one job's outcome.
+
+`run_job` runs on Dask workers; `crawl_registry` and `record_job` run in the flow process
+(called directly, not submitted), so the store and the MLflow backend only ever have one
+writer. The job itself (sanitator.pipeline.jobs) holds no Prefect: what is Prefect's here
+is retries, timeouts and names.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+from distributed.diagnostics.plugin import WorkerPlugin
+from prefect import task
+from prefect.cache_policies import NONE
+
+from sanitator.pipeline.jobs import Job, TransientJobError, record
+from sanitator.pipeline.registries import ModelRef, RegistryError, parse_registry
+
+log = logging.getLogger(__name__)
+
+# Dask event topic: each run announces its start on a worker, so the flow can tell a run
+# stuck in native code from one that a replacement worker only just picked up.
+JOB_START_TOPIC = "sanitator-job-start"
+
+# Per kind of job: the task names the UI shows and the retries of a transient failure.
+TASK_OPTIONS: dict[str, dict[str, dict[str, Any]]] = {
+    "audit": {
+        "run": {"name": "audit-model", "task_run_name": "audit {request.ref.repo_id}",
+                "retries": 2, "retry_delay_seconds": [10, 60]},
+        "record": {"name": "record-audit", "task_run_name": "record {request.ref.repo_id}"},
+    },
+    "evaluation": {
+        "run": {"name": "evaluate-pair", "retries": 1, "retry_delay_seconds": [30],
+                "task_run_name": "evaluate {request.ref.repo_id} on {request.task.task}"},
+        "record": {"name": "record-evaluation",
+                   "task_run_name": "record {request.ref.repo_id} on {request.task.task}"},
+    },
+}
+
+
+def _transient_registry_error(exc: BaseException) -> bool:
+    from sanitator.pipeline.registries.hf_hub import is_transient as hub_transient
+    from sanitator.pipeline.registries.mlflow_registry import is_transient as mlflow_transient
+
+    if isinstance(exc, RegistryError):
+        return False
+    return hub_transient(exc) or mlflow_transient(exc)
+
+
+def retry_if_transient(task, task_run, state) -> bool:
+    """The one retry condition: only transient failures; never a timeout (it would time
+    out again)."""
+    try:
+        exc = state.result(raise_on_failure=False)
+    except Exception as error:  # the state may hold the exception itself
+        exc = error
+    if isinstance(exc, TimeoutError):
+        return False
+    return isinstance(exc, TransientJobError) or _transient_registry_error(exc)
+
+
+@task(name="crawl-registry", retries=3, retry_delay_seconds=[5, 30, 120],
+      retry_condition_fn=retry_if_transient, cache_policy=NONE, persist_result=False,
+      task_run_name="crawl {spec}")
+def crawl_registry(spec: str) -> list[ModelRef]:
+    """Every model of one registry, pinned to revisions."""
+    refs = list(parse_registry(spec).crawl())
+    log.info("%s: %d model(s)", spec, len(refs))
+    return refs
+
+
+def worker_threads(requested: int | None) -> int:
+    """Torch threads for this worker process: cores / processes, never more (FINDINGS §2)."""
+    if requested:
+        return requested
+    env = os.environ.get("OMP_NUM_THREADS")
+    if env and env.isdigit() and int(env) > 0:
+        return int(env)
+    try:
+        from distributed import get_worker
+
+        threads_per_process = get_worker().state.nthreads
+    except (ImportError, ValueError):
+        threads_per_process = 1
+    return max(1, (os.cpu_count() or 1) // max(1, threads_per_process))
+
+
+class WarmUp(WorkerPlugin):
+    """Dask worker plugin: import what every run needs (torch, transformers' model code,
+    seconds of imports) when a worker starts, restarted workers included, so that a run's
+    timeout measures the run and not the imports."""
+
+    name = "sanitator-warm-up"
+    idempotent = True
+
+    def setup(self, worker) -> None:
+        import torch  # noqa: F401
+        from transformers import AutoModel, AutoTokenizer, BertModel  # noqa: F401
+
+
+def _announce_start(request_id: str) -> None:
+    try:
+        from distributed import get_worker
+
+        worker = get_worker()
+    except (ImportError, ValueError):  # not on a Dask worker
+        return
+    worker.log_event(JOB_START_TOPIC, {"request_id": request_id, "worker": worker.address})
+
+
+@task(name="run-job", retry_condition_fn=retry_if_transient, cache_policy=NONE,
+      persist_result=False)
+def run_job(job: Job, request: Any, work_dir: str | None = None,
+            torch_threads: int | None = None) -> Any:
+    """Run one request of `job` on a worker. Raises TransientJobError on a retryable
+    outcome (so Prefect retries); every other failure comes back as an error outcome."""
+    import torch
+
+    _announce_start(job.request_id(request))
+    threads = worker_threads(torch_threads)
+    if torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    outcome = job.run(request, work_dir=work_dir)
+    if job.retryable(outcome):
+        raise TransientJobError(job.reason(outcome) or "transient failure")
+    return outcome
+
+
+@task(name="record-job", retries=2, retry_delay_seconds=2, cache_policy=NONE,
+      persist_result=False)
+def record_job(job: Job, request: Any, outcome: Any, store: str, tracker: Any | None = None,
+               parent_run_id: str | None = None, batch_id: str | None = None
+               ) -> dict[str, Any]:
+    """Track one outcome in MLflow and write its rows (`sanitator.pipeline.jobs.record`)."""
+    return record(job, request, outcome, store, tracker, parent_run_id, batch_id)
+
+
+def run_task(job: Job, timeout: float | None = None):
+    """`run_job` named and retried as `job`'s kind wants, with a per-run timeout."""
+    return run_job.with_options(timeout_seconds=timeout, **TASK_OPTIONS[job.kind]["run"])
+
+
+def record_task(job: Job):
+    return record_job.with_options(**TASK_OPTIONS[job.kind]["record"])

@@ -1,0 +1,108 @@
+"""The one fan-out (sanitator.pipeline.fanout) on a fake executor: outcomes are recorded as
+they arrive, exceptions become error outcomes, and a run stuck past its timeout is given
+up as an error row while the others finish (the hang backstop)."""
+
+from dataclasses import dataclass
+
+from sanitator.pipeline import fanout
+from sanitator.pipeline.jobs import Job, TransientJobError
+
+
+@dataclass
+class Outcome:
+    status: str
+    reason: str | None = None
+    retryable: bool = False
+
+
+class EchoJob(Job):
+    kind, unit = "echo", "item"
+
+    def plan(self, refs, history, *, force=False): ...
+    def run(self, request, *, work_dir=None): ...
+    def rows(self, request, outcome, *, at, batch_id=None): ...
+    def track(self, tracker, request, outcome, row, parent_run_id=None): ...
+
+    def failed(self, reason, *, retryable):
+        return Outcome("error", reason, retryable)
+
+    def request_id(self, request):
+        return request
+
+    def label(self, request):
+        return request
+
+    def reason(self, outcome):
+        return outcome.reason
+
+
+class FakeExecutor:
+    """Requests named `stuck*` run forever on their worker; `lost*` end in an exception;
+    the others finish on the first wait. Time moves 40 s per wait."""
+
+    def __init__(self):
+        self.now, self.abandoned, self.started = 0.0, [], {}
+
+    def clock(self):
+        return self.now
+
+    def submit(self, request):
+        self.started[request] = self.now
+        return request
+
+    def wait(self, handles, timeout):
+        self.now += 40.0
+        return [h for h in handles if not h.startswith("stuck")]
+
+    def outcome(self, handle):
+        if handle.startswith("lost"):
+            return TransientJobError("fetch failed")
+        return Outcome("ok")
+
+    def running(self, handles):
+        return {h: self.started[h] for h in handles if h.startswith("stuck")}
+
+    def abandon(self, handles):
+        self.abandoned += handles
+
+
+def test_a_hung_run_ends_as_an_error_row_while_the_others_finish(monkeypatch):
+    monkeypatch.setattr(fanout, "HANG_GRACE_SECONDS", 60.0)
+    executor, recorded = FakeExecutor(), []
+    rows = fanout.fan_out(EchoJob(), ["a", "stuck-1", "lost-1", "b"], executor,
+                          lambda request, outcome: recorded.append((request, outcome)) or
+                          {"request": request, "status": outcome.status},
+                          timeout=30.0, clock=executor.clock)
+    by_request = dict(recorded)
+    assert sorted(by_request) == ["a", "b", "lost-1", "stuck-1"]  # one row each
+    assert by_request["a"].status == by_request["b"].status == "ok"
+    assert by_request["lost-1"] == Outcome("error", "fetch failed (retries exhausted)", True)
+    stuck = by_request["stuck-1"]
+    assert stuck.status == "error" and "hung in native code" in stuck.reason
+    assert stuck.retryable  # the next run tries again
+    assert executor.abandoned == ["stuck-1"]
+    assert executor.now >= 30.0 + 60.0  # given up only past timeout + grace
+    assert len(rows) == 4
+
+
+def test_without_a_timeout_nothing_counts_as_hung():
+    executor = FakeExecutor()
+    executor.submit("stuck-1")
+    assert fanout.hung(executor, ["stuck-1"], None, now=1e9) == []
+    assert fanout.hung(executor, ["stuck-1"], 10.0, now=69.0) == []
+    assert fanout.hung(executor, ["stuck-1"], 10.0, now=71.0) == ["stuck-1"]
+
+
+def test_failures_name_the_job_unit_and_say_whether_to_retry():
+    job = EchoJob()
+    timed_out = job.failure(TimeoutError(), 8)
+    assert timed_out == Outcome("error", "timed out after 8 s (per-item timeout)", True)
+    crashed = job.failure(RuntimeError("boom"), 8)
+    assert crashed.reason == "worker lost or task crashed: RuntimeError: boom"
+    assert crashed.retryable
+
+
+def test_poll_is_a_fraction_of_the_timeout_within_bounds():
+    assert fanout.poll_seconds(None) == 30.0
+    assert fanout.poll_seconds(2) == 1.0
+    assert fanout.poll_seconds(40) == 10.0
