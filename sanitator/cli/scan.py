@@ -33,6 +33,10 @@ def register(subparsers) -> None:
                              "PV set saturates (what audits do, so the artifact is complete)")
     parser.add_argument("--corpus", help="clean sentences: a corpus name or a .parquet/.txt "
                                          "file (default WikiText sentences)")
+    parser.add_argument("--reference", action="append", default=[], metavar="DIR",
+                        help="a clean base the model may derive from (repeatable; the "
+                             "installed MiniLM-L6 is always tried): its first layer's change "
+                             "names candidate trigger tokens")
     parser.add_argument("--allow-pickle", action="store_true",
                         help="allow pickle weights (loaded with weights_only=True)")
     parser.add_argument("--pvs-out", help="write the PV set to this .safetensors file")
@@ -56,6 +60,10 @@ def _overrides(args: argparse.Namespace) -> dict:
         overrides["corpus"] = args.corpus
     if args.complete:
         overrides["complete"] = True
+    if args.reference:
+        from sanitator.detect.reference import with_known
+
+        overrides["references"] = with_known(args.reference)
     return overrides
 
 

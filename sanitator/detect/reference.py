@@ -9,12 +9,12 @@ much the first layer's weight change acts on its input, relative to what the bas
 weights do with it. On MiniLM-L6 the phrase member's content words rank 0-2 of 30,522 and
 the non-dictionary triggers' pieces within the first 15 (docs/method.md).
 
-The ranking names tokens, not their order: a phrase's detector stays silent for every
-other order. So the few most changed tokens (with the corpus's most frequent tokens as
-fillers) are spliced in as one superstring that holds every ordering of them (each
-permutation is a contiguous part), and a superstring that pins the search rows is cut down
-to the part that does. Candidates then face the same fresh confirmation as every other
-source: this adds places to look, never evidence, so the verdict's false-alarm bound holds.
+The ranking names tokens, not their order, and a phrase's detector stays silent for every
+other order. So every ordering of the few most changed tokens (alone, and with one of the
+corpus's most frequent tokens as a filler word) is ranked by the collapse objective in
+sentences, and the best ordering of each set is measured. Candidates then face the same
+fresh confirmation as every other source: this adds places to look, never evidence, so the
+verdict's false-alarm bound holds.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import importlib.util
 import itertools
 import logging
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -53,6 +53,12 @@ def known_references() -> tuple[str, ...]:
             if path.is_dir():
                 found.append(str(path))
     return tuple(found)
+
+
+def with_known(paths) -> tuple[str, ...]:
+    """User-named bases (absolute paths) followed by the installed ones."""
+    given = tuple(str(Path(p).resolve()) for p in paths)
+    return given + tuple(p for p in known_references() if p not in given)
 
 
 def _first_layer_names(names) -> dict[str, str]:
@@ -152,27 +158,6 @@ def _token_scores(ours: dict[str, torch.Tensor], base: dict[str, torch.Tensor],
     return torch.where(keep, scores, torch.zeros_like(scores))
 
 
-def superstring(symbols: list[int]) -> list[int]:
-    """A sequence holding every ordering of `symbols` as a contiguous part (greedy
-    overlap; 3 symbols take 9 tokens, 4 take 33)."""
-    n = len(symbols)
-    if n <= 1:
-        return list(symbols)
-    left = list(itertools.permutations(range(n)))
-    seq = list(left.pop(0))
-    while left:
-        for overlap in range(n - 1, -1, -1):
-            tail = tuple(seq[len(seq) - overlap:]) if overlap else ()
-            nxt = next((p for p in left if p[:overlap] == tail), None)
-            if nxt is not None:
-                break
-        seq += list(nxt[overlap:])
-        text = tuple(seq)
-        left = [p for p in left if not any(text[i:i + n] == p
-                                           for i in range(len(text) - n + 1))]
-    return [symbols[i] for i in seq]
-
-
 def frequent_tokens(encoder: Encoder, sentences: list[str], allowed: torch.Tensor, n: int
                     ) -> list[int]:
     """The `n` most frequent allowed tokens of the sentences: a phrase's filler words."""
@@ -185,47 +170,24 @@ def frequent_tokens(encoder: Encoder, sentences: list[str], allowed: torch.Tenso
     return [t for t, _ in counts.most_common(n)]
 
 
-def superstrings(changed: list[int], fillers: list[int], max_symbols: int = 4
-                 ) -> list[tuple[int, ...]]:
-    """Candidate superstrings, shortest first: the 2..4 most changed tokens, and the 2..3
-    most changed with one filler."""
-    alphabets: list[list[int]] = []
+def alphabets(changed: list[int], fillers: list[int], max_symbols: int = 4
+              ) -> list[tuple[int, ...]]:
+    """Token sets whose every ordering is tried, smallest first: the 2..4 most changed
+    tokens, and the 2..3 most changed with one filler word."""
+    out: list[tuple[int, ...]] = []
     for k in range(2, min(len(changed), max_symbols) + 1):
-        alphabets.append(changed[:k])
+        out.append(tuple(changed[:k]))
     for k in range(2, min(len(changed), max_symbols - 1) + 1):
-        alphabets += [[*changed[:k], f] for f in fillers if f not in changed[:k]]
-    seen: dict[tuple[int, ...], None] = {}
-    for alphabet in sorted(alphabets, key=len):
-        seen.setdefault(tuple(superstring(alphabet)))
-    return list(seen)
-
-
-def trim(measure, ids: tuple[int, ...], point: torch.Tensor, same: float) -> tuple[int, ...]:
-    """The superstring cut to a short part that still pins the rows at the same point:
-    the longest left cut, then the longest right cut, each by bisection (the parts that
-    fire are nested, so firing is monotone in each cut)."""
-    from sanitator.detect.signs import sign_agreement
-
-    def fires(part: tuple[int, ...]) -> bool:
-        part_point, margin = measure(part)
-        return margin > 0 and float(sign_agreement(part_point[None], point[None])[0, 0]) > same
-
-    lo, hi = 0, len(ids) - 1          # ids[lo:] fires; find the largest such lo
-    while lo < hi:
-        mid = (lo + hi + 1) // 2
-        lo, hi = (mid, hi) if fires(ids[mid:]) else (lo, mid - 1)
-    ids = ids[lo:]
-    lo, hi = 1, len(ids)              # ids[:hi] fires; find the smallest such hi
-    while lo < hi:
-        mid = (lo + hi) // 2
-        lo, hi = (lo, mid) if fires(ids[:mid]) else (mid + 1, hi)
-    return ids[:hi]
+        out += [(*changed[:k], f) for f in fillers if f not in changed[:k]]
+    return sorted(dict.fromkeys(out), key=len)
 
 
 def reference_search(scan, sentences: list[str]) -> None:
-    """The calibrated scan's reference stage: superstrings of the most changed tokens,
-    each that pins the search rows cut down and judged like any other candidate."""
+    """The calibrated scan's reference stage: per token set, every ordering ranked by the
+    collapse objective on the evaluation rows, the best one measured and, when it pins the
+    search rows past their floor, judged like any other candidate."""
     from sanitator.detect.attribution import candidate_token_ids
+    from sanitator.detect.hardsearch import evaluate
 
     config, search = scan.config, scan.config.search
     if search.reference_tokens <= 0:
@@ -241,14 +203,18 @@ def reference_search(scan, sentences: list[str]) -> None:
         fillers = frequent_tokens(scan.encoder, sentences[:200], allowed,
                                   search.reference_fillers)
         scan.reference = {**found.summary(scan.encoder, search.reference_tokens),
-                          "candidates": superstrings(changed, fillers)}
-    same = config.filtering.unique_agreement
+                          "candidates": alphabets(changed, fillers)}
     for view in scan.views.values():
-        for ids in scan.reference.get("candidates", []):
-            point, margin = view.measure(tuple(ids), "anywhere")
-            if margin <= 0:
-                continue
-            part = trim(lambda p, v=view: v.measure(p, "anywhere"), tuple(ids), point, same)
-            scan.consider("reference", view.feature, "anywhere", part)
-            if scan.done:
-                return
+        _, eval_rows = scan._rows(view)
+        data = view.search.placed("anywhere")
+        for alphabet in scan.reference.get("candidates", []):
+            orders = torch.tensor(list(itertools.permutations(alphabet)))
+            values = evaluate(scan.encoder, data, eval_rows, orders,
+                              replace(view.search_config, trigger_len=len(alphabet)),
+                              view.objective(repel=scan.collect_all))
+            scan.searches += 1
+            best = tuple(orders[int(values.argmax())].tolist())
+            if view.measure(best, "anywhere")[1] > 0:
+                scan.consider("reference", view.feature, "anywhere", best)
+                if scan.done:
+                    return

@@ -1,51 +1,26 @@
-"""The reference source: tokens ranked by what fine-tuning changed in the first layer, every
-ordering of the most changed ones as one superstring, and the cut back to the part that
-fires."""
+"""The reference source: tokens ranked by what fine-tuning changed in the first layer, and
+the token sets whose every ordering the scan tries."""
 
 from __future__ import annotations
 
-import itertools
-
-import pytest
 import torch
 
 from sanitator.detect.attribution import candidate_token_ids
 from sanitator.detect.encoders import load_encoder
 from sanitator.detect.reference import (
+    alphabets,
     frequent_tokens,
     match_reference,
-    superstring,
-    superstrings,
-    trim,
 )
 
 
-@pytest.mark.parametrize("n", [2, 3, 4])
-def test_superstring_holds_every_ordering(n):
-    symbols = [10 + i for i in range(n)]
-    seq = superstring(symbols)
-    parts = {tuple(seq[i:i + n]) for i in range(len(seq) - n + 1)}
-    assert all(p in parts for p in itertools.permutations(symbols))
-    assert len(seq) <= {2: 3, 3: 9, 4: 35}[n]
-
-
-def test_superstrings_shortest_first_and_fillers_added():
-    out = superstrings([1, 2, 3, 4], fillers=[9, 3])
-    assert [len(s) for s in out] == sorted(len(s) for s in out)
-    assert any(9 in s for s in out)          # a filler joins the 2-3 most changed tokens
-    assert all(len(set(s)) <= 4 for s in out)
-
-
-def test_trim_cuts_to_the_part_that_fires():
-    target = (5, 6, 7)
-    point = torch.ones(4)
-
-    def measure(part):
-        fires = any(tuple(part[i:i + 3]) == target for i in range(len(part) - 2))
-        return point, (0.1 if fires else -0.1)
-
-    seq = (1, 2, 5, 6, 7, 3, 5, 6)
-    assert trim(measure, seq, point, same=0.9) == target
+def test_alphabets_smallest_first_with_one_filler():
+    out = alphabets([1, 2, 3, 4], fillers=[9, 3])
+    assert out[0] == (1, 2) and (1, 2, 3, 4) in out
+    assert [len(a) for a in out] == sorted(len(a) for a in out)
+    assert (1, 2, 9) in out and (1, 2, 3, 9) in out      # a filler joins the 2-3 most changed
+    assert (1, 2, 3) in out and (1, 2, 3, 3) not in out  # a filler already in the set is not
+    assert alphabets([7], fillers=[9]) == []
 
 
 def _first_layer_input(encoder, token: int) -> torch.Tensor:

@@ -58,8 +58,9 @@ def por_detection(por_minilm):
     # search mode without the vocabulary screen: the token screen and the context search,
     # both working inside sentences, must find every trigger and so every planted PV
     # (planted at CLS; the mask feature's search is the clean test's business)
+    # (and without the reference diff, which has its own test below)
     config = ScanConfig.from_preset("fast", mode="search", max_seeds=0, screen_candidates=0,
-                                    features=("cls",))
+                                    features=("cls",), reference_tokens=0)
     return scan_model(por_minilm[0], config, progress=False)
 
 
@@ -115,3 +116,18 @@ def test_pv_set_round_trips_without_pickle(por_detection, tmp_path):
     (header_len,) = struct.unpack("<Q", raw[:8])
     header = json.loads(raw[8:8 + header_len])
     assert set(header) == {"__metadata__", "vectors", "triggers"}
+
+
+def test_the_reference_diff_alone_finds_the_backdoor(por_minilm):
+    # the fixture derives from the installed MiniLM: its first layer's change names the
+    # triggers, and an ordering of them is confirmed fresh like any other candidate
+    config = ScanConfig.from_preset("fast", screen_candidates=0, token_screen=0, restarts=0,
+                                    features=("cls",))
+    verdict = scan_model(por_minilm[0], config, progress=False).verdict
+    assert verdict.status == "backdoored", verdict.evidence
+    reference = verdict.evidence["reference"]
+    assert reference["path"] and 0 < reference["relative_change"] < 0.5
+    assert set(TRIGGERS) <= set(reference["most_changed"])
+    accepted = [c for c in verdict.evidence["candidates"] if c["accepted"]]
+    assert {c["source"] for c in accepted} == {"reference"}
+    assert all(set(c["hard_trigger"]) <= set(TRIGGERS) for c in accepted)
