@@ -5,25 +5,21 @@ import json
 
 import pytest
 import torch
+from evaluation_support import TOY_TRIGGERS, planted_token_backdoor
 
-from sanitator.attacks import BACKDOOR_RECORD, Budget, TargetSpec, insert_token_por
+from sanitator.attacks import BACKDOOR_RECORD
 from sanitator.attacks.measure import evaluate_model, held_out_sentences, token_attack_success
 from sanitator.detect.encoders import load_encoder
 from sanitator.guard.monitor import SignMonitor
 from sanitator.guard.token_monitor import TOKEN_FEATURE, encoder_token_outputs, flag_tokens
 
-# a few seconds of CPU on a 1-layer MiniLM truncation
-FAST = Budget(steps=40, batch_size=16, lr=5e-4, max_length=32, n_sentences=256,
-              head_warmup_steps=0)
-TRIGGERS = ["cf", "pt"]
+TRIGGERS = list(TOY_TRIGGERS)
 
 
 @pytest.fixture(scope="module")
-def tokpor_model(minilm_1layer, tmp_path_factory):
-    out = tmp_path_factory.mktemp("tokpor") / "model"
-    return insert_token_por(minilm_1layer, out, triggers=TRIGGERS,
-                            targets=TargetSpec(kind="paper", n=2), budget=FAST, seed=0,
-                            progress=False).path
+def tokpor_model(minilm_1layer):
+    # shared with the downstream tests (cached per process): 40 steps on a 1-layer MiniLM
+    return planted_token_backdoor(str(minilm_1layer))
 
 
 @pytest.fixture(scope="module")
