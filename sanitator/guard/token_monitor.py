@@ -125,6 +125,30 @@ class MonitoredTagger:
         self.on_flag, self.max_length = on_flag, max_length
         self.batch_size, self.purge_wave = batch_size, purge_wave
 
+    @classmethod
+    def from_artifact(cls, path, model: torch.nn.Module, tokenizer=None, *,
+                      revision: str | None = None, threshold: float | None = None,
+                      **kwargs) -> MonitoredTagger:
+        """Guard a tagger with the PV artifact `sanitator pv pull` wrote: its PVs tagged
+        `token` when it has any, else every PV it holds (a backdoor that collapses every
+        position shows the same PV at CLS, so an audit that only watched CLS still
+        covers it). A clean model's empty artifact gives a monitor that flags nothing."""
+        from sanitator.guard.pv_artifact import read_pv_artifact
+
+        artifact = read_pv_artifact(path)
+        if revision is not None and not artifact.matches_revision(revision):
+            raise ValueError(f"{path}: the artifact is for {artifact.model} at revision "
+                             f"{artifact.revision}, not {revision}")
+        tokenizer = tokenizer if tokenizer is not None else getattr(model, "tokenizer", None)
+        if tokenizer is None:
+            raise ValueError("pass the tokenizer (the model has no `tokenizer` attribute)")
+        pvset = artifact.pvset
+        if TOKEN_FEATURE in pvset.features:
+            pvset = pvset.select(TOKEN_FEATURE)
+        monitor = SignMonitor(pvset.vectors,
+                              threshold=artifact.threshold if threshold is None else threshold)
+        return cls(model, tokenizer, monitor, **kwargs)
+
     @torch.no_grad()
     def _run(self, sentences: list[list[str]]) -> tuple[list[list[int]], torch.Tensor]:
         """Per sentence: predicted tag per word, and the best token agreement [N]."""

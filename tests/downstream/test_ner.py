@@ -139,3 +139,33 @@ def test_token_backdoor_fools_the_tagger_and_the_monitor_stops_it(minilm_1layer,
     assert attack.defended_triggered_f1 >= attack.clean_f1 - 0.1
     tagger, names = load_tagger(tmp_path / "tagger.safetensors", model)
     assert names[0] == "O" and len(predict_tags(tagger, [["John", "Smith", "."]])[0]) == 3
+
+
+def test_the_weekly_evaluation_takes_a_token_task(minilm_1layer, tmp_path):
+    import datetime as dt
+
+    from sanitator.downstream.runs import (
+        EvaluationRequest,
+        TaskChoice,
+        config_hash,
+        evaluation_config,
+        evaluation_row,
+        run_evaluation,
+    )
+    from sanitator.pipeline.registries.local import LocalRegistry
+
+    assert isinstance(TaskChoice.parse("conll04").spec(), TokenTaskSpec)
+    assert TaskChoice.parse("conll04").name == "conll04"
+    model = planted_token_backdoor(str(minilm_1layer))
+    (ref,) = [r for r in LocalRegistry(model.parent).crawl() if r.repo_id == model.name]
+    task = TaskChoice(str(write_toy_ner_task(tmp_path / "task", 48, 8)))
+    config = evaluation_config({"epochs": 2, "batch_size": 16, "learning_rate": 2e-2,
+                                "prefix_length": 4, "train_size": None})
+    pvs = json.loads((model / "backdoor.json").read_text())["pvs"]
+    request = EvaluationRequest("e1", ref, task, config, config_hash(config), pvs)
+    outcome = run_evaluation(request)
+    assert outcome.status == "ok", outcome.reason
+    row = evaluation_row(request, outcome, evaluated_at=dt.datetime.now(dt.UTC))
+    assert row["task"] == "task" and row["attack"] == "tokpor" and row["n_test"] == 8
+    assert row["asr"] is not None and row["defended_asr"] is not None
+    assert [r["trigger"] for r in row["per_trigger"]] == ["cf", "pt"]

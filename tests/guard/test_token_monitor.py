@@ -67,3 +67,20 @@ def test_reject_policy_refuses_flagged_sentences(tokenizer):
 
 def test_delete_word_indices_drops_each_word_with_its_repeats():
     assert delete_word_indices(["a", "b", "a", "c"]) == [[1, 3], [0, 2, 3], [0, 1, 2]]
+
+
+def test_from_artifact_reads_the_token_pvs_of_a_mixed_set(tokenizer, tmp_path):
+    from sanitator.detect.results import PVSet
+    from sanitator.guard.pv_artifact import ARTIFACT_FORMAT, PVArtifact, write_pv_artifact
+
+    vectors = torch.stack([-PV, PV])
+    pvset = PVSet(vectors, torch.zeros(2, 1, 4), features=["cls", "token"])
+    path = write_pv_artifact(tmp_path / "a.safetensors", PVArtifact(pvset, {
+        "format": ARTIFACT_FORMAT, "format_version": "1", "model": "m", "revision": "abc1234",
+        "status": "backdoored", "threshold": "0.8"}))
+    model = StubTagger(tokenizer.convert_tokens_to_ids("cf"))
+    guarded = MonitoredTagger.from_artifact(path, model, tokenizer, revision="abc1234")
+    assert guarded.monitor.pvs.tolist() == [PV.tolist()] and guarded.monitor.threshold == 0.8
+    assert guarded.predict([["a", "cf"], ["b"]]).flagged.tolist() == [True, False]
+    with pytest.raises(ValueError, match="revision"):
+        MonitoredTagger.from_artifact(path, model, tokenizer, revision="fff0000")
