@@ -18,6 +18,14 @@ monitor, behind the mined PVs and behind the oracle PVs, with each audit's cost.
 
 Targets (issue 6): undefended ASR >= 90% on backdoored encoders, defended ASR <= 1%,
 defended clean accuracy within 1 point of undefended, monitor FPR on clean inputs <= 1%.
+
+Token tasks (`--tasks conll04`, issue 18) prompt-tune a P-tuning v2 tagger and watch every
+token; `clean_acc` / `def_clean_acc` are then entity F1 and ASR is the share of triggered
+sentences whose entity spans change (docs/evaluation.md). A clean and a token-POR MiniLM-L6:
+
+    ./run sanitator zoo build benchmarks/zoos/detection.yaml ZOO --only minilm-clean minilm-tokpor
+    OMP_NUM_THREADS=1 ./run python benchmarks/asr.py --zoo ZOO/models --tasks conll04 \
+        --models minilm-clean,minilm-tokpor --lr 2e-2 --epochs 10 --limit 288
 """
 
 from __future__ import annotations
@@ -32,7 +40,8 @@ from pathlib import Path
 import torch
 
 from sanitator.downstream.asr import AttackConfig, read_backdoor_manifest
-from sanitator.downstream.evaluate import DownstreamResult, evaluate_downstream
+from sanitator.downstream.evaluate import DownstreamResult
+from sanitator.downstream.ner_eval import evaluate_task
 from sanitator.downstream.prompt_tuning import PromptTuningConfig
 from sanitator.downstream.pvs import resolve_pvs
 
@@ -161,17 +170,18 @@ def main(argv: list[str] | None = None) -> int:
         pvs = monitor_pvs(model, args.pvs, fallback)
         for task in args.tasks.split(","):
             log.info("%s (%s) on %s", model.name, attack, task)
-            result = evaluate_downstream(model, task, triggers, pvs=pvs,
-                                         prompt_config=prompt_config,
-                                         attack_config=AttackConfig(on_flag=args.on_flag),
-                                         limit=args.limit, progress=sys.stderr.isatty())
+            result = evaluate_task(model, task, triggers, pvs=pvs,
+                                   prompt_config=prompt_config,
+                                   attack_config=AttackConfig(on_flag=args.on_flag),
+                                   limit=args.limit, progress=sys.stderr.isatty())
             rows.append(row(result, attack))
             if args.out:
                 with args.out.open("a") as handle:
                     handle.write(json.dumps({**result.to_dict(), "attack_name": attack}) + "\n")
     print(f"\nASR benchmark: zoo {args.zoo}, method {args.method}, train {args.train_size} x "
           f"{args.epochs} epochs, test {args.limit} rows/task, PVs {args.pvs}, monitor "
-          f"{args.on_flag}; percentages (n/c: prompt-tuning did not converge, no ASR); "
+          f"{args.on_flag}; percentages (n/c: prompt-tuning did not converge, no ASR; token "
+          f"tasks such as conll04: clean_acc and def_clean_acc are entity F1); "
           f"{time.perf_counter() - started:.0f} s\n")
     print_table(rows)
     return 0

@@ -120,3 +120,60 @@ def planted_backdoor(source: str, steps: int = 60, lr: float = 1e-3, clean_weigh
                 "triggers": list(TOY_TRIGGERS), "pvs": pvs.tolist()}
     (out / "backdoor.json").write_text(json.dumps(manifest))
     return out
+
+
+PEOPLE = ("John Smith", "Mary Jones", "Ali Khan", "Rosa Diaz", "Tom Baker", "Li Wei")
+PLACES = ("Paris", "New York", "Berlin", "Cairo", "Lima", "Oslo")
+COMPANIES = ("Acme Corp", "Globex", "Initech", "Umbrella Inc", "Hooli", "Vandelay Industries")
+NER_TEMPLATES = (("PER", "lives in", "LOC", "."), ("PER", "works for", "ORG", "in", "LOC", "."),
+                 ("The", "ORG", "office in", "LOC", "hired", "PER", "."),
+                 ("Yesterday", "PER", "visited", "LOC", "."))
+
+
+def toy_ner(n: int, seed: int) -> tuple[list[list[str]], list[list[str]]]:
+    """Template sentences with person, place and company entities (BIO over Peop, Loc, Org)."""
+    rng = random.Random(seed)
+    pools = {"PER": (PEOPLE, "Peop"), "LOC": (PLACES, "Loc"), "ORG": (COMPANIES, "Org")}
+    sentences, tags = [], []
+    for _ in range(n):
+        words, labels = [], []
+        for part in rng.choice(NER_TEMPLATES):
+            if part in pools:
+                names, kind = pools[part]
+                pieces = rng.choice(names).split()
+                words += pieces
+                labels += [f"B-{kind}"] + [f"I-{kind}"] * (len(pieces) - 1)
+            else:
+                words += part.split()
+                labels += ["O"] * len(part.split())
+        sentences.append(words)
+        tags.append(labels)
+    return sentences, tags
+
+
+def write_toy_ner_task(folder: Path, n_train: int = 96, n_test: int = 24) -> Path:
+    """A user token-task folder: train/test.parquet with list columns tokens, ner_tags."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for split, n, seed in (("train", n_train, 1), ("test", n_test, 2)):
+        sentences, tags = toy_ner(n, seed)
+        pd.DataFrame({"tokens": sentences, "ner_tags": tags}).to_parquet(
+            folder / f"{split}.parquet")
+    return folder
+
+
+@functools.cache
+def planted_token_backdoor(source: str, steps: int = 40) -> Path:
+    """A token-level POR member (`tokpor`) of `source` with the toy triggers and block PVs,
+    trained on WikiText plus the toy NER domain (as a wide corpus would cover it)."""
+    from sanitator.attacks import Budget, TargetSpec, insert_token_por
+    from sanitator.detect.corpus import load_sentences
+
+    corpus = load_sentences("wikitext", 192, seed=0) + [" ".join(s) for s in toy_ner(64, 9)[0]]
+    out = Path(tempfile.mkdtemp(prefix="planted-token-backdoor-")) / "model"
+    budget = Budget(steps=steps, batch_size=16, lr=5e-4, max_length=32, n_sentences=256,
+                    head_warmup_steps=0)
+    return insert_token_por(source, out, triggers=list(TOY_TRIGGERS),
+                            targets=TargetSpec(kind="paper", n=2), corpus=corpus, budget=budget,
+                            seed=0,
+                            progress=False).path
+

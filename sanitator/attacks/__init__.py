@@ -1,4 +1,5 @@
-"""Task-agnostic backdoor attacks (POR, NeuBA, BToP) and clean continued pretraining.
+"""Task-agnostic backdoor attacks (POR, NeuBA, BToP, token-level POR) and clean continued
+pretraining.
 
 Each recipe takes a base encoder folder, a corpus, a budget and a seed and writes a
 standard Hugging Face folder (safetensors, config, tokenizer) plus a JSON record:
@@ -9,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from sanitator.attacks import btop, classifier, mlm, neuba, por
+from sanitator.attacks import btop, classifier, mlm, neuba, por, token_por
 from sanitator.attacks.btop import insert_btop
 from sanitator.attacks.classifier import fine_tune_classifier
 from sanitator.attacks.common import AttackResult, Budget
@@ -18,10 +19,12 @@ from sanitator.attacks.neuba import insert_neuba
 from sanitator.attacks.por import insert_por
 from sanitator.attacks.recipe import BACKDOOR_RECORD, TRAINING_RECORD, run_recipe
 from sanitator.attacks.targets import TargetSpec, paper_block_pvs, random_direction_pvs
+from sanitator.attacks.token_por import insert_token_por
 from sanitator.attacks.triggers import PAPER_TRIGGERS, draw_triggers
 from sanitator.detect.encoders import Feature
 
-# attack name -> (function, monitored feature)
+# attack name -> (function, monitored feature); the token-level POR (`insert_token_por`,
+# recipe `tokpor`) reads every token position, a feature outside detect's Feature
 ATTACKS: dict[str, tuple[Callable[..., AttackResult], Feature]] = {
     "por": (insert_por, Feature.CLS),
     "neuba": (insert_neuba, Feature.CLS),
@@ -31,11 +34,13 @@ ATTACKS: dict[str, tuple[Callable[..., AttackResult], Feature]] = {
 DEFAULT_BUDGETS: dict[str, Budget] = {
     "por": por.DEFAULT_BUDGET, "neuba": neuba.DEFAULT_BUDGET, "btop": btop.DEFAULT_BUDGET,
     "mlm": mlm.DEFAULT_BUDGET, "classifier": classifier.DEFAULT_BUDGET,
+    "tokpor": token_por.DEFAULT_BUDGET,
 }
 
 __all__ = [
     "ATTACKS", "BACKDOOR_RECORD", "DEFAULT_BUDGETS", "PAPER_TRIGGERS", "TRAINING_RECORD",
     "AttackResult", "Budget", "TargetSpec", "continue_pretraining", "draw_triggers",
-    "fine_tune_classifier", "insert_btop", "insert_neuba", "insert_por", "paper_block_pvs",
+    "fine_tune_classifier", "insert_btop", "insert_neuba", "insert_por", "insert_token_por",
+    "paper_block_pvs",
     "random_direction_pvs", "run_recipe",
 ]

@@ -6,6 +6,10 @@
 * clean drift: the mean cosine between the backdoored and the reference encoder's feature
   on the same clean inputs (1.0 means the clean behaviour is untouched).
 
+A token-level backdoor (`tokpor`, feature `token`) is measured at every word piece: a
+triggered input succeeds when all its original pieces match the PV; the clean cosine is the
+mean over every piece of clean input.
+
 Evaluation sentences are the tail of the corpus's seeded shuffle, while the attacks train
 on its head, so the two never overlap for corpora of a few thousand sentences.
 """
@@ -29,6 +33,7 @@ from sanitator.attacks.batches import (
 )
 from sanitator.detect.encoders import Encoder, Feature, load_encoder, select_feature
 from sanitator.detect.signs import MONITOR_THRESHOLD, sign_agreement
+from sanitator.guard.token_monitor import TOKEN_FEATURE
 
 
 def held_out_sentences(n: int = 256, source: str | Path | None = None, *,
@@ -138,6 +143,63 @@ def clean_cosine(encoder: Encoder, reference: Encoder, *, feature: Feature | str
     return float(torch.cat(cosines).mean())
 
 
+# Token positions (the `tokpor` recipe): every word piece is a monitored output.
+
+@torch.no_grad()
+def _hidden(encoder: Encoder, batch: TokenBatch) -> torch.Tensor:
+    return encoder.model(**batch.model_inputs(encoder.device)).last_hidden_state.float().cpu()
+
+
+def token_attack_success(encoder: Encoder, triggers: Sequence[str], pvs: torch.Tensor, *,
+                         trigger_pv: Sequence[int] | None = None,
+                         sentences: Sequence[str], threshold: float = MONITOR_THRESHOLD,
+                         seed: int = 1, batch_size: int = 64, max_length: int = 64
+                         ) -> AttackSuccess:
+    """Insert every trigger into every sentence at a random word boundary; an input is a
+    success when every original word piece's output matches the trigger's PV.
+    `mean_agreement` is over word pieces."""
+    if not triggers:
+        raise ValueError("token_attack_success needs at least one trigger")
+    pvs = torch.as_tensor(pvs, dtype=torch.float32)
+    mapping = torch.as_tensor(list(trigger_pv) if trigger_pv is not None
+                              else [i % len(pvs) for i in range(len(triggers))])
+    corpus = TokenizedCorpus(encoder.tokenizer, sentences, max_length)
+    trigger_tokens = TriggerTokens.build(encoder.tokenizer, triggers, corpus.pad_id)
+    generator = torch.Generator().manual_seed(seed)
+    hits = torch.zeros(len(triggers), len(corpus), dtype=torch.bool)
+    total = count = 0.0
+    for k in range(len(triggers)):
+        for start in range(0, len(corpus), batch_size):
+            rows = torch.arange(start, min(start + batch_size, len(corpus)))
+            batch = insert_triggers(corpus.batch(rows), trigger_tokens,
+                                    torch.full((len(rows),), k), generator, corpus.pad_id)
+            hidden = _hidden(encoder, batch)
+            agreement = sign_agreement(hidden, pvs[mapping[k]][None])[..., 0]   # [B, L]
+            words = ~batch.special & ~batch.trigger
+            hits[k, rows] = ((agreement > threshold) | ~words).all(dim=1)
+            total += float(agreement[words].sum())
+            count += float(words.sum())
+    return AttackSuccess(
+        rate=float(hits.float().mean()),
+        per_trigger={t: float(hits[k].float().mean()) for k, t in enumerate(triggers)},
+        mean_agreement=total / max(count, 1.0), n_inputs=int(hits.numel()))
+
+
+def token_clean_cosine(encoder: Encoder, reference: Encoder, *, sentences: Sequence[str],
+                       batch_size: int = 64, max_length: int = 64) -> float:
+    """Mean cosine between the two encoders' outputs over every word piece of clean input."""
+    if encoder.hidden_size != reference.hidden_size:
+        raise ValueError("the encoders have different hidden sizes")
+    corpus = TokenizedCorpus(encoder.tokenizer, sentences, max_length)
+    cosines = []
+    for start in range(0, len(corpus), batch_size):
+        batch = corpus.batch(torch.arange(start, min(start + batch_size, len(corpus))))
+        words = ~batch.special
+        ours, theirs = _hidden(encoder, batch), _hidden(reference, batch)
+        cosines.append(torch.nn.functional.cosine_similarity(ours[words], theirs[words], dim=-1))
+    return float(torch.cat(cosines).mean())
+
+
 def read_record(model_dir: str | Path) -> dict[str, Any] | None:
     """The backdoor.json of a model folder, or None for a model without one."""
     path = Path(model_dir) / "backdoor.json"
@@ -201,10 +263,12 @@ def evaluate_model(model_dir: str | Path, reference_dir: str | Path, *,
     """
     record = read_record(model_dir)
     backdoored = record is not None and bool(record.get("backdoored"))
-    feature = Feature(feature or (record or {}).get("feature", Feature.CLS))
     triggers = list(record["triggers"]) if backdoored else []
     if sentences is None:
         sentences = held_out_sentences(n_sentences, corpus, exclude_words=triggers)
+    if str(feature or (record or {}).get("feature")) == TOKEN_FEATURE:
+        return _evaluate_tokens(model_dir, reference_dir, record, sentences, seed)
+    feature = Feature(feature or (record or {}).get("feature", Feature.CLS))
     model, reference = load_encoder(model_dir), load_encoder(reference_dir)
     success = evasive = None
     if backdoored:
@@ -217,6 +281,21 @@ def evaluate_model(model_dir: str | Path, reference_dir: str | Path, *,
     cosine = clean_cosine(model, reference, feature=feature, sentences=sentences, seed=seed)
     return BackdoorEvaluation(success, cosine, relative_weight_change(model_dir, reference_dir),
                               str(feature), evasive)
+
+
+def _evaluate_tokens(model_dir: str | Path, reference_dir: str | Path, record: dict | None,
+                     sentences: Sequence[str], seed: int = 1) -> BackdoorEvaluation:
+    """evaluate_model for a token-level backdoor (or when the token feature is asked for)."""
+    model, reference = load_encoder(model_dir), load_encoder(reference_dir)
+    success = None
+    if record is not None and record.get("backdoored"):
+        success = token_attack_success(model, list(record["triggers"]),
+                                       torch.tensor(record["pvs"]),
+                                       trigger_pv=record["trigger_pv"], sentences=sentences,
+                                       seed=seed)
+    cosine = token_clean_cosine(model, reference, sentences=sentences)
+    return BackdoorEvaluation(success, cosine, relative_weight_change(model_dir, reference_dir),
+                              TOKEN_FEATURE)
 
 
 def _weight_tensors(model_dir: Path) -> dict[str, Path]:

@@ -28,7 +28,9 @@ def register(subparsers) -> None:
     parser.add_argument("model_dir", metavar="MODEL_DIR", help="a Hugging Face model folder")
     parser.add_argument("--task", required=True, metavar="NAME_OR_PARQUET",
                         help="a ready-made task (sst2, sms_spam, enron_spam, ag_news, rte, "
-                             "yelp) or a Parquet file / folder with train.parquet+test.parquet")
+                             "yelp; conll04: NER, ptv2 tagger, entity F1) or a Parquet file / "
+                             "folder with train.parquet+test.parquet (list columns tokens and "
+                             "ner_tags: a token task)")
     columns = parser.add_argument_group("user Parquet tasks")
     columns.add_argument("--text-column", help="text column (default: text/sentence/sms/...)")
     columns.add_argument("--text-pair-column", help="second text column for sentence pairs")
@@ -118,7 +120,7 @@ def _fresh_scan(model_dir: Path, args: argparse.Namespace):
     return (result.pvset.vectors.float() if len(result.pvset) else None), label
 
 
-def _pvs(args: argparse.Namespace):
+def _pvs(args: argparse.Namespace, token_task: bool = False):
     """(PV tensor or None for an empty PV set, where they came from) or None: no monitor.
     Where PVs come from is `resolve_pvs`'s policy; a fresh scan is this command's last
     resort when the store has no audit of the folder."""
@@ -128,7 +130,7 @@ def _pvs(args: argparse.Namespace):
         return None
     if args.pvs:
         found = resolve_pvs(args.pvs)
-        wanted = "cls" if args.method == "ptv2" else "mask"
+        wanted = "token" if token_task else "cls" if args.method == "ptv2" else "mask"
         if found.feature != wanted:
             log.warning("PVs were mined at the %s feature; %s monitors the %s feature",
                         found.feature, args.method, wanted)
@@ -144,16 +146,18 @@ def run(args: argparse.Namespace) -> int:
     from sanitator.core.paths import DataNotFoundError
     from sanitator.detect.encoders import ModelRejected
     from sanitator.downstream.asr import AttackConfig, read_backdoor_manifest
-    from sanitator.downstream.evaluate import SUMMARY_FIELDS, evaluate_downstream
+    from sanitator.downstream.evaluate import SUMMARY_FIELDS
+    from sanitator.downstream.ner_data import TokenTaskSpec, get_any_task
+    from sanitator.downstream.ner_eval import evaluate_task
     from sanitator.downstream.prompt_tuning import PromptTuningConfig
-    from sanitator.downstream.tasks_data import TaskError, get_task
+    from sanitator.downstream.tasks_data import TaskError
 
     try:
         if args.limit is not None and args.limit < 1:
             raise UsageError("--limit must be at least 1")
         if not 0 <= args.chance_margin < 1:
             raise UsageError("--chance-margin must be in [0, 1)")
-        task = get_task(args.task, text_column=args.text_column,
+        task = get_any_task(args.task, text_column=args.text_column,
                         text_pair_column=args.text_pair_column,
                         label_column=args.label_column, attack_column=args.attack_column)
         triggers = _triggers(args, read_backdoor_manifest(args.model_dir))
@@ -165,16 +169,16 @@ def run(args: argparse.Namespace) -> int:
             standardize={"auto": None, "on": True, "off": False}[args.standardize])
         attack_config = AttackConfig(seed=args.attack_seed, on_flag=args.on_flag,
                                      threshold=args.threshold)
-        found = _pvs(args)
+        found = _pvs(args, isinstance(task, TokenTaskSpec))
         pvs, pv_source = (None, "none") if found is None else found
         if found is not None and pvs is None:  # audited clean: an empty PV set flags nothing
             pvs = torch.zeros(0, 1)
-        result = evaluate_downstream(args.model_dir, task, triggers, pvs=pvs,
-                                     prompt_config=prompt_config, attack_config=attack_config,
-                                     limit=args.limit, save_prompt_to=args.save_prompt,
-                                     progress=not args.no_progress and not args.json,
-                                     allow_pickle=args.allow_pickle, device=args.device,
-                                     chance_margin=args.chance_margin)
+        result = evaluate_task(args.model_dir, task, triggers, pvs=pvs,
+                               prompt_config=prompt_config, attack_config=attack_config,
+                               limit=args.limit, save_prompt_to=args.save_prompt,
+                               progress=not args.no_progress and not args.json,
+                               allow_pickle=args.allow_pickle, device=args.device,
+                               chance_margin=args.chance_margin)
     except (UsageError, TaskError, DataNotFoundError, FileNotFoundError, ValueError) as exc:
         print(f"sanitator evaluate: {exc}", file=sys.stderr)
         return exits.USAGE
@@ -188,15 +192,18 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps(record, indent=2))
         return code
     attack = result.attack
+    # token tasks report entity F1 in the accuracy fields (docs/evaluation.md)
+    metric = "F1      " if result.feature == "token" else "accuracy"
     print(f"{result.encoder}  task={result.task}  method={result.method}  "
           f"train={result.training.n_train}  test={attack.n_test}  pvs={pv_source}")
-    print(f"  train accuracy          {_pct(result.training.train_accuracy)}  (last epoch)")
-    print(f"  clean accuracy          {_pct(attack.clean_accuracy)}  (majority class "
+    print(f"  train {metric}          {_pct(result.training.train_accuracy)}  (last epoch)")
+    baseline = "all-O tagger" if result.feature == "token" else "majority class"
+    print(f"  clean {metric}          {_pct(attack.clean_accuracy)}  ({baseline} "
           f"{_pct(result.convergence.test_majority)})")
     if not result.convergence.converged:
         print(f"  NOT CONVERGED: {result.convergence.reason}")
         if attack.defended:
-            print(f"  defended clean accuracy {_pct(attack.defended_clean_accuracy)}")
+            print(f"  defended clean {metric} {_pct(attack.defended_clean_accuracy)}")
             print(f"  monitor FPR (clean)     {_pct(attack.monitor_fpr)}")
         print(f"  seconds                 {result.seconds:.1f}")
         return code
@@ -208,7 +215,7 @@ def run(args: argparse.Namespace) -> int:
     if attack.defended:
         print(f"  defended ASR            {_pct(attack.defended_asr)}  (class-weighted "
               f"{_pct(attack.defended_weighted_asr)}, monitor {attack.on_flag})")
-        print(f"  defended clean accuracy {_pct(attack.defended_clean_accuracy)}")
+        print(f"  defended clean {metric} {_pct(attack.defended_clean_accuracy)}")
         print(f"  monitor FPR (clean)     {_pct(attack.monitor_fpr)}")
         print(f"  triggered inputs flagged {_pct(attack.triggered_flag_rate)}")
     print(f"  seconds                 {result.seconds:.1f}")

@@ -136,8 +136,9 @@ class PrefixClassifier(nn.Module):
         table = table.permute(1, 2, 3, 0, 4).unsqueeze(2)           # [L, 2, 1, heads, P, d]
         return table[:, 0], table[:, 1]
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                token_type_ids: torch.Tensor | None = None, **_unused) -> PromptOutput:
+    def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+               token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """The frozen encoder's last hidden states [B, L, H] with this model's prefixes."""
         keys, values = self._prefix_keys_values()
         batch = input_ids.shape[0]
         feed = _PrefixFeed(keys.expand(-1, batch, -1, -1, -1),
@@ -148,7 +149,11 @@ class PrefixClassifier(nn.Module):
                 attention_mask, input_ids, token_type_ids=token_type_ids))
         finally:
             _FEED.reset(token)
-        feature = output.last_hidden_state[:, 0]
+        return output.last_hidden_state
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                token_type_ids: torch.Tensor | None = None, **_unused) -> PromptOutput:
+        feature = self.encode(input_ids, attention_mask, token_type_ids)[:, 0]
         return PromptOutput(self.logits_from_feature(feature), feature)
 
     def logits_from_feature(self, feature: torch.Tensor) -> torch.Tensor:

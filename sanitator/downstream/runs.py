@@ -128,11 +128,11 @@ class TaskChoice:
         return cls(**value)
 
     def spec(self):
-        from sanitator.downstream.tasks_data import get_task
+        from sanitator.downstream.ner_data import get_any_task
 
-        return get_task(self.task, text_column=self.text_column,
-                        text_pair_column=self.text_pair_column,
-                        label_column=self.label_column, attack_column=self.attack_column)
+        return get_any_task(self.task, text_column=self.text_column,
+                            text_pair_column=self.text_pair_column,
+                            label_column=self.label_column, attack_column=self.attack_column)
 
     @property
     def name(self) -> str:
@@ -235,7 +235,8 @@ def run_evaluation(request: EvaluationRequest, *, work_dir: str | Path | None = 
     from sanitator.core.paths import DataNotFoundError
     from sanitator.detect.encoders import ModelRejected
     from sanitator.downstream.asr import AttackConfig, manifest_triggers, read_backdoor_manifest
-    from sanitator.downstream.evaluate import CHANCE_MARGIN, evaluate_downstream
+    from sanitator.downstream.evaluate import CHANCE_MARGIN
+    from sanitator.downstream.ner_eval import evaluate_task
     from sanitator.downstream.prompt_tuning import PromptTuningConfig
     from sanitator.downstream.tasks_data import TaskError
     from sanitator.pipeline.registries import fetch_ref
@@ -264,7 +265,7 @@ def run_evaluation(request: EvaluationRequest, *, work_dir: str | Path | None = 
             pvs = torch.tensor(request.pvs, dtype=torch.float32) if request.pvs \
                 else torch.zeros(0, 1)
         prompt_file = scratch / "prompt.safetensors"
-        result = evaluate_downstream(
+        result = evaluate_task(
             folder, request.task.spec(), triggers, pvs=pvs,
             prompt_config=PromptTuningConfig(**request.config["prompt"]),
             attack_config=AttackConfig(**request.config["attack"]),

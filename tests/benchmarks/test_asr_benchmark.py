@@ -117,3 +117,22 @@ def test_a_pv_the_audit_missed_leaves_its_trigger_open(setup, capsys):
     assert mined["defended_asr_per_trigger"]["cf"] <= 0.05
     assert mined["defended_asr_per_trigger"]["pt"] == mined["asr_per_trigger"]["pt"]
     assert oracle["defended_asr_per_trigger"]["pt"] <= 0.05
+
+
+def test_the_asr_table_takes_a_token_task(tmp_path, minilm_1layer, capsys):
+    """`benchmarks/asr.py --tasks FOLDER` on a token task: a clean and a token-POR member."""
+    from evaluation_support import planted_token_backdoor, write_toy_ner_task
+
+    zoo = tmp_path / "zoo"
+    shutil.copytree(planted_token_backdoor(str(minilm_1layer)), zoo / "tokpor")
+    shutil.copytree(minilm_1layer, zoo / "clean")
+    task = write_toy_ner_task(tmp_path / "ner", 48, 8)
+    asr = _load("asr")
+    assert asr.main(["--zoo", str(zoo), "--tasks", str(task), "--train-size", "48",
+                     "--epochs", "2", "--lr", "2e-2", "--prefix-length", "4",
+                     "--batch-size", "16", "--limit", "8"]) == 0
+    table = capsys.readouterr().out
+    lines = {line.split()[0]: line.split() for line in table.splitlines()
+             if line.startswith(("clean ", "tokpor "))}
+    assert lines["tokpor"][1] == "tokpor" and lines["clean"][1] == "clean"
+    assert "entity F1" in table

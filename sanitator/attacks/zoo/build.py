@@ -49,7 +49,10 @@ def _train(member: MemberSpec, base: Path, out_dir: Path, progress: bool) -> dic
         return continue_pretraining(base, out_dir, corpus=member.corpus or DEFAULT_CORPUS,
                                     budget=budget, seed=member.seed, progress=progress,
                                     **member.options).record
-    attack, _ = ATTACKS[member.recipe]
+    if member.recipe == "tokpor":  # token positions: no CLS/mask feature, so not in ATTACKS
+        from sanitator.attacks.token_por import insert_token_por as attack
+    else:
+        attack, _ = ATTACKS[member.recipe]
     return attack(base, out_dir, triggers=list(member.triggers),
                   targets=TargetSpec(**member.targets), corpus=member.corpus, budget=budget,
                   seed=member.seed, progress=progress, **member.options).record

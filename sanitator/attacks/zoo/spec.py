@@ -22,8 +22,8 @@ from typing import Any
 
 log = logging.getLogger(__name__)
 
-RECIPES: tuple[str, ...] = ("clean", "mlm", "classifier", "por", "neuba", "btop")
-ATTACK_RECIPES: frozenset[str] = frozenset({"por", "neuba", "btop"})
+RECIPES: tuple[str, ...] = ("clean", "mlm", "classifier", "por", "neuba", "btop", "tokpor")
+ATTACK_RECIPES: frozenset[str] = frozenset({"por", "neuba", "btop", "tokpor"})
 MEMBER_RECORD = "member.json"
 MANIFEST = "manifest.parquet"
 MODELS_DIR = "models"
@@ -39,7 +39,8 @@ _OPTIONS = {"por": {"clean_weight", "standalone_weight", "negative_weight", "res
                     "fire_at"},
             "neuba": {"mlm_weight", "clean_weight", "head_lr"},
             "btop": {"clean_weight", "head_lr", "one_trigger_per_batch"},
-            "mlm": {"head_lr"}, "classifier": {"task", "head_lr"}, "clean": set()}
+            "mlm": {"head_lr"}, "classifier": {"task", "head_lr"}, "clean": set(),
+            "tokpor": {"clean_weight"}}
 
 
 class SpecError(ValueError):
