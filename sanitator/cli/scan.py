@@ -25,7 +25,7 @@ def register(subparsers) -> None:
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or mps")
     parser.add_argument("--seed", type=int, default=1, help="first seed (default 1)")
     parser.add_argument("--max-seeds", type=int, help="seed budget (preset default)")
-    parser.add_argument("--feature", choices=["cls", "mask", "pooler"],
+    parser.add_argument("--feature", choices=["cls", "mask", "token", "pooler"],
                         help="scan only this feature (default: every feature a prompt-tuned "
                              "head reads: cls, and mask when the tokenizer has one)")
     parser.add_argument("--complete", action="store_true",

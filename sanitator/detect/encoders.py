@@ -29,6 +29,7 @@ class Feature(StrEnum):
 
     CLS = "cls"        # first token of the last hidden state (P-tuning v2 / POR / NeuBA)
     MASK = "mask"      # the mask token's last hidden state (P-tuning v1 / BToP)
+    TOKEN = "token"    # an ordinary word's own output, never a trigger's (taggers, NER)
     POOLER = "pooler"  # the pooler output, for models whose heads read it
 
 
@@ -96,9 +97,9 @@ def select_feature(output, feature: Feature | str, mask_positions: torch.Tensor 
     hidden = output.last_hidden_state
     if feature is Feature.CLS:
         return hidden[:, 0]
-    if feature is Feature.MASK:
+    if feature in (Feature.MASK, Feature.TOKEN):
         if mask_positions is None:
-            raise ValueError("the mask feature needs mask_positions")
+            raise ValueError(f"the {feature} feature needs the positions it reads")
         return hidden[torch.arange(hidden.shape[0], device=hidden.device), mask_positions]
     pooled = getattr(output, "pooler_output", None)
     if pooled is None:

@@ -30,7 +30,7 @@ class MiningData:
 
     ids: list[torch.Tensor]          # per sentence, special tokens included, room left for L
     insert_at: torch.Tensor          # [N] token index where the trigger starts
-    mask_at: torch.Tensor | None     # [N] mask-token index in the un-triggered sentence
+    mask_at: torch.Tensor | None     # [N] read index (mask or token feature), un-triggered
     clean: torch.Tensor              # [N, H] clean reference feature per sentence
 
     def __len__(self) -> int:
@@ -85,16 +85,18 @@ def prepare_data(encoder: Encoder, sentences: list[str], config: MiningConfig, *
     ids = [torch.tensor(row) for row in encoding["input_ids"]]
     insert_at = torch.tensor(_insertion_points(encoding, len(ids), config.max_insert_word, rng))
     mask_at = None
-    if feature is Feature.MASK:
-        if tokenizer.mask_token_id is None:
+    if feature in (Feature.MASK, Feature.TOKEN):
+        if feature is Feature.MASK and tokenizer.mask_token_id is None:
             raise ValueError("the mask feature needs a tokenizer with a mask token")
         positions = []
         for row, tokens in enumerate(ids):
-            # any real token (not the first/last special one); the trigger goes elsewhere
+            # any real token (not the first/last special one); the trigger goes elsewhere:
+            # the token feature reads an ordinary word's own output, never a trigger's
             position = rng.randint(1, max(1, len(tokens) - 2))
-            tokens[position] = tokenizer.mask_token_id
+            if feature is Feature.MASK:
+                tokens[position] = tokenizer.mask_token_id
             positions.append(position)
-            if insert_at[row] == position:  # keep the trigger off the mask token
+            if insert_at[row] == position:  # keep the trigger off the read position
                 insert_at[row] = position + 1
         mask_at = torch.tensor(positions)
     data = MiningData(ids, insert_at, mask_at, torch.empty(0))

@@ -92,3 +92,29 @@ def test_mask_feature_reads_the_mask_token(minilm_1layer):
     holdout = prepare_data(encoder, sentences[16:], mining, seed=2)
     outcome = mine_seeds(encoder, train, holdout, [1], mining)[0]
     assert outcome.pv.shape == (encoder.hidden_size,)
+
+
+def test_token_feature_reads_an_ordinary_word_never_the_trigger(minilm_1layer):
+    from dataclasses import replace
+
+    from sanitator.detect.mining import _forward
+
+    encoder = load_encoder(minilm_1layer)
+    mining = replace(ScanConfig.from_preset("fast", feature="token").mining, trigger_len=2)
+    sentences = load_sentences(n=12)
+    data = prepare_data(encoder, sentences, mining, seed=1)
+    plain = encoder.tokenizer(sentences, truncation=True,
+                              max_length=mining.max_length - mining.trigger_len)["input_ids"]
+    for ids, want, read, slot in zip(data.ids, plain, data.mask_at.tolist(),
+                                     data.insert_at.tolist(), strict=True):
+        assert ids.tolist() == want                  # nothing replaced, unlike the mask
+        assert 1 <= read <= len(want) - 2 and read != slot
+    trigger = encoder.word_embeddings(torch.tensor([[2000, 2001]])).float()
+    rows = list(range(len(data)))
+    for placement in ("anywhere", "start", "end"):
+        placed = data.placed(placement)
+        out = _forward(encoder, placed, rows, trigger, mining)[0]
+        # the word read keeps its own identity: its output stays nearer its clean output
+        # than the trigger token's own output would be
+        assert out.shape == data.clean.shape
+        assert torch.nn.functional.cosine_similarity(out, data.clean).mean() > 0.5
