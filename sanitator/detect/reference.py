@@ -10,9 +10,10 @@ weights do with it. On MiniLM-L6 the phrase member's content words rank 0-2 of 3
 the non-dictionary triggers' pieces within the first 15 (docs/method.md).
 
 The ranking names tokens, not their order, and a phrase's detector stays silent for every
-other order. So every ordering of the few most changed tokens (alone, and with one of the
-corpus's most frequent tokens as a filler word) is ranked by the collapse objective in
-sentences, and the best ordering of each set is measured. Candidates then face the same
+other order. So every ordering of every subset of the few most changed tokens (and of the
+2-3 most changed with one of the corpus's most frequent tokens as a filler word) is
+ranked by the collapse objective in sentences, and the best ordering of each set is
+measured. Candidates then face the same
 fresh confirmation as every other source: this adds places to look, never evidence, so the
 verdict's false-alarm bound holds.
 """
@@ -170,14 +171,13 @@ def frequent_tokens(encoder: Encoder, sentences: list[str], allowed: torch.Tenso
     return [t for t, _ in counts.most_common(n)]
 
 
-def alphabets(changed: list[int], fillers: list[int], max_symbols: int = 4
-              ) -> list[tuple[int, ...]]:
-    """Token sets whose every ordering is tried, smallest first: the 2..4 most changed
-    tokens, and the 2..3 most changed with one filler word."""
-    out: list[tuple[int, ...]] = []
-    for k in range(2, min(len(changed), max_symbols) + 1):
-        out.append(tuple(changed[:k]))
-    for k in range(2, min(len(changed), max_symbols - 1) + 1):
+def alphabets(changed: list[int], fillers: list[int]) -> list[tuple[int, ...]]:
+    """Token sets whose every ordering is tried, smallest first: every subset of the most
+    changed tokens (a model may hold several triggers, each of some of them), and the 2-3
+    most changed with one filler word (a phrase's function word changes little)."""
+    out = [tuple(c) for k in range(1, len(changed) + 1)
+           for c in itertools.combinations(changed, k)]
+    for k in range(2, min(len(changed), 3) + 1):
         out += [(*changed[:k], f) for f in fillers if f not in changed[:k]]
     return sorted(dict.fromkeys(out), key=len)
 

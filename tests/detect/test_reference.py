@@ -14,13 +14,13 @@ from sanitator.detect.reference import (
 )
 
 
-def test_alphabets_smallest_first_with_one_filler():
+def test_alphabets_cover_every_subset_and_a_filler():
     out = alphabets([1, 2, 3, 4], fillers=[9, 3])
-    assert out[0] == (1, 2) and (1, 2, 3, 4) in out
     assert [len(a) for a in out] == sorted(len(a) for a in out)
+    assert {(1,), (4,), (2, 4), (1, 3, 4), (1, 2, 3, 4)} <= set(out)  # several triggers
     assert (1, 2, 9) in out and (1, 2, 3, 9) in out      # a filler joins the 2-3 most changed
-    assert (1, 2, 3) in out and (1, 2, 3, 3) not in out  # a filler already in the set is not
-    assert alphabets([7], fillers=[9]) == []
+    assert (1, 2, 3, 3) not in out                       # a filler already in the set is not
+    assert alphabets([], fillers=[9]) == []
 
 
 def _first_layer_input(encoder, token: int) -> torch.Tensor:
