@@ -182,8 +182,14 @@ class CalibratedScan:
                 finding.false_alarms = rate
                 finding.withheld = rate > decision.max_false_alarms
 
-    def cross_features(self) -> None:
-        """Every accepted trigger judged at the other features, so each keeps its PVs."""
+    def cross_features(self, search_rows: list[str], fresh: list[str]) -> None:
+        """Every accepted trigger judged at the other features (and the confirm-only ones,
+        whose views are built only now), so each keeps its PVs."""
+        if self.accepted:
+            for feature in self.config.confirm_features:
+                if feature not in self.views:
+                    self.views[feature] = FeatureView(self.encoder, self.config, feature,
+                                                      search_rows, fresh)
         for finding in list(self.accepted):
             for feature in self.views:
                 if feature != finding.feature and not any(
@@ -361,7 +367,7 @@ def run(encoder: Encoder, config: ScanConfig, sentences: list[str], progress: bo
                  for f, v in views.items()}
         scan.timed("mining", scan.realise_mined, train)
     scan.timed("confirmation", scan.confirm_best_unconfirmed)
-    scan.timed("cross_features", scan.cross_features)
+    scan.timed("cross_features", scan.cross_features, search_rows, fresh)
     if scan.accepted:
         check_corpus, check_rows = false_alarm_text(config, fresh)
         scan.timed("false_alarms", scan.monitor_check, check_rows, check_corpus)

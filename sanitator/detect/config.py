@@ -114,6 +114,9 @@ class ScanConfig(_Stage):
     max_seeds: int = 16
     search_patience: int | None = None  # search: stop after this many rounds add no PV
     features: tuple[str, ...] | None = None  # None: cls, and mask when the tokenizer has one
+    # not searched, but every accepted trigger is judged there too, so a tagger's monitor
+    # gets PVs of its own (a token-level backdoor also moves CLS, where it is found)
+    confirm_features: tuple[str, ...] = ("token",)
     complete: bool = False          # detect mode: once backdoored, search on for every PV
     references: tuple[str, ...] | None = None  # clean bases to diff against; None: installed
     mining: MiningConfig = field(default_factory=MiningConfig)

@@ -131,3 +131,7 @@ def test_the_reference_diff_alone_finds_the_backdoor(por_minilm):
     accepted = [c for c in verdict.evidence["candidates"] if c["accepted"]]
     assert {c["source"] for c in accepted} == {"reference"}
     assert all(set(c["hard_trigger"]) <= set(TRIGGERS) for c in accepted)
+    # the token feature is not searched, but the accepted trigger is judged there too
+    assert "token" in verdict.evidence["features"]
+    assert any(c["source"] == "cross_feature" and c["feature"] == "token"
+               for c in verdict.evidence["candidates"])
