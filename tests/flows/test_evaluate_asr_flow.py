@@ -139,30 +139,3 @@ def test_weekly_deployment_loads_with_valid_parameters():
     runner = flow.to_deployment(**arguments)
     assert runner.name == "weekly-evaluation"
     assert runner.schedules[0].schedule.cron == "0 4 * * 0"
-
-
-def test_a_pair_stuck_in_native_code_ends_as_an_error_row_while_the_others_finish(
-        tmp_path, monkeypatch):
-    """The evaluation shares the audit's fan-out and so its hang backstop: a pair stuck past
-    its timeout is recorded as `error` and its worker restarted; the other pairs finish."""
-    from fake_jobs import InstantEvaluationJob
-
-    from flows.dask_jobs import run_jobs
-    from sanitator.downstream.runs import EvaluationRequest, TaskChoice, evaluation_config
-    from sanitator.pipeline import fanout
-    from sanitator.pipeline.registries import ModelRef
-
-    monkeypatch.setattr(fanout, "HANG_GRACE_SECONDS", 3.0)
-    config = evaluation_config()
-    job = InstantEvaluationJob(str(tmp_path), [TaskChoice("sst2")], config)
-    requests = [EvaluationRequest(f"eval-{name}", ModelRef("path", "path:/zoo", name, "r" * 40,
-                                                           f"/zoo/{name}"),
-                                  TaskChoice("sst2"), config, "hash", None)
-                for name in ("fine-1", "stuck-1", "fine-2")]
-    rows = run_jobs(job, requests, str(tmp_path), dask_address=None, n_workers=2,
-                    torch_threads=1, device="cpu", timeout=2.0)
-    stored = read_evaluations(tmp_path).set_index("encoder")
-    assert sorted(stored.index) == ["fine-1", "fine-2", "stuck-1"] and len(rows) == 3
-    assert (stored.loc[["fine-1", "fine-2"], "status"] == "ok").all()
-    assert stored.loc["stuck-1", "status"] == "error"
-    assert "hung in native code" in stored.loc["stuck-1", "reason"]
