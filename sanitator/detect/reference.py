@@ -171,12 +171,15 @@ def frequent_tokens(encoder: Encoder, sentences: list[str], allowed: torch.Tenso
     return [t for t, _ in counts.most_common(n)]
 
 
-def alphabets(changed: list[int], fillers: list[int]) -> list[tuple[int, ...]]:
+def alphabets(changed: list[int], fillers: list[int], more: list[int] = ()
+              ) -> list[tuple[int, ...]]:
     """Token sets whose every ordering is tried, smallest first: every subset of the most
-    changed tokens (a model may hold several triggers, each of some of them), and the 2-3
+    changed tokens (a model may hold several triggers, each of some of them), each of the
+    `more` next-most changed alone (a backdoor with many single-word triggers), and the 2-3
     most changed with one filler word (a phrase's function word changes little)."""
     out = [tuple(c) for k in range(1, len(changed) + 1)
            for c in itertools.combinations(changed, k)]
+    out += [(t,) for t in more if t not in changed]
     for k in range(2, min(len(changed), 3) + 1):
         out += [(*changed[:k], f) for f in fillers if f not in changed[:k]]
     return sorted(dict.fromkeys(out), key=len)
@@ -199,11 +202,12 @@ def reference_search(scan, sentences: list[str]) -> None:
         if found is None:
             scan.reference = {"path": None, "note": "no installed or given base matches"}
             return
-        changed = found.top_tokens(search.reference_tokens)
+        ranked = found.top_tokens(2 * search.reference_tokens)
+        changed, more = ranked[:search.reference_tokens], ranked[search.reference_tokens:]
         fillers = frequent_tokens(scan.encoder, sentences[:200], allowed,
                                   search.reference_fillers)
-        scan.reference = {**found.summary(scan.encoder, search.reference_tokens),
-                          "candidates": alphabets(changed, fillers)}
+        scan.reference = {**found.summary(scan.encoder, 2 * search.reference_tokens),
+                          "candidates": alphabets(changed, fillers, more)}
     for view in scan.views.values():
         _, eval_rows = scan._rows(view)
         data = view.search.placed("anywhere")

@@ -21,6 +21,8 @@ def test_alphabets_cover_every_subset_and_a_filler():
     assert (1, 2, 9) in out and (1, 2, 3, 9) in out      # a filler joins the 2-3 most changed
     assert (1, 2, 3, 3) not in out                       # a filler already in the set is not
     assert alphabets([], fillers=[9]) == []
+    more = alphabets([1, 2], fillers=[], more=[5, 2, 6])
+    assert (5,) in more and (6,) in more and more.count((2,)) == 1  # the next ones, alone
 
 
 def _first_layer_input(encoder, token: int) -> torch.Tensor:
