@@ -68,7 +68,9 @@ def test_backdoor_that_looks_ordinary_alone_is_found_in_context(por_minilm, por_
     verdict = por_detection.verdict
     assert verdict.status == "backdoored", verdict.evidence
     assert verdict.score >= 1 - ScanConfig.from_preset("fast").decision.alpha
-    accepted = [c for c in verdict.evidence["candidates"] if c["accepted"]]
+    # found at CLS by the searches in sentences (then judged at the token feature too)
+    accepted = [c for c in verdict.evidence["candidates"]
+                if c["accepted"] and c["feature"] == "cls"]
     assert accepted
     assert {c["source"] for c in accepted} <= {"token_screen", "context_search"}
     found = accepted[0]["fresh"]
@@ -128,7 +130,8 @@ def test_the_reference_diff_alone_finds_the_backdoor(por_minilm):
     reference = verdict.evidence["reference"]
     assert reference["path"] and 0 < reference["relative_change"] < 0.5
     assert set(TRIGGERS) <= set(reference["most_changed"])
-    accepted = [c for c in verdict.evidence["candidates"] if c["accepted"]]
+    accepted = [c for c in verdict.evidence["candidates"]
+                if c["accepted"] and c["feature"] == "cls"]
     assert {c["source"] for c in accepted} == {"reference"}
     assert all(set(c["hard_trigger"]) <= set(TRIGGERS) for c in accepted)
     # the token feature is not searched, but the accepted trigger is judged there too
