@@ -83,6 +83,21 @@ def _default_feature(output, _batch) -> torch.Tensor:
     return feature if feature is not None else select_feature(output, Feature.CLS)
 
 
+def open_artifact(path, model, tokenizer=None, revision: str | None = None):
+    """(the PV artifact at `path`, the tokenizer to guard `model` with): the checks every
+    guarded model shares (the audited revision, a tokenizer to read inputs with)."""
+    from sanitator.guard.pv_artifact import read_pv_artifact
+
+    artifact = read_pv_artifact(path)
+    if revision is not None and not artifact.matches_revision(revision):
+        raise ValueError(f"{path}: the artifact is for {artifact.model} at revision "
+                         f"{artifact.revision}, not {revision}")
+    tokenizer = tokenizer if tokenizer is not None else getattr(model, "tokenizer", None)
+    if tokenizer is None:
+        raise ValueError("pass the tokenizer (the model has no `tokenizer` attribute)")
+    return artifact, tokenizer
+
+
 class MonitoredEncoder:
     """Wraps an encoder or a prompt-tuned classifier with the sign monitor and purging.
 
@@ -120,15 +135,7 @@ class MonitoredEncoder:
         input, so deployment code is the same for clean and backdoored encoders. Other
         keyword arguments go to the constructor (`on_flag`, `batch_size`, ...).
         """
-        from sanitator.guard.pv_artifact import read_pv_artifact
-
-        artifact = read_pv_artifact(path)
-        if revision is not None and not artifact.matches_revision(revision):
-            raise ValueError(f"{path}: the artifact is for {artifact.model} at revision "
-                             f"{artifact.revision}, not {revision}")
-        tokenizer = tokenizer if tokenizer is not None else getattr(model, "tokenizer", None)
-        if tokenizer is None:
-            raise ValueError("pass the tokenizer (the model has no `tokenizer` attribute)")
+        artifact, tokenizer = open_artifact(path, model, tokenizer, revision)
         pvset = artifact.pvset
         if not artifact.empty:
             model_feature = {"ptv2": "cls", "ptv1": "mask"}.get(getattr(model, "method", None))

@@ -20,7 +20,7 @@ from typing import Literal
 import torch
 
 from sanitator.detect.encoders import Encoder
-from sanitator.guard.monitor import SignMonitor
+from sanitator.guard.monitor import SignMonitor, open_artifact
 
 TOKEN_FEATURE = "token"  # the PV feature tag of token positions (beside cls, mask, pooler)
 Words = Sequence[str]
@@ -133,15 +133,7 @@ class MonitoredTagger:
         `token` when it has any, else every PV it holds (a backdoor that collapses every
         position shows the same PV at CLS, so an audit that only watched CLS still
         covers it). A clean model's empty artifact gives a monitor that flags nothing."""
-        from sanitator.guard.pv_artifact import read_pv_artifact
-
-        artifact = read_pv_artifact(path)
-        if revision is not None and not artifact.matches_revision(revision):
-            raise ValueError(f"{path}: the artifact is for {artifact.model} at revision "
-                             f"{artifact.revision}, not {revision}")
-        tokenizer = tokenizer if tokenizer is not None else getattr(model, "tokenizer", None)
-        if tokenizer is None:
-            raise ValueError("pass the tokenizer (the model has no `tokenizer` attribute)")
+        artifact, tokenizer = open_artifact(path, model, tokenizer, revision)
         pvset = artifact.pvset
         if TOKEN_FEATURE in pvset.features:
             pvset = pvset.select(TOKEN_FEATURE)
