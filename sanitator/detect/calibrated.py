@@ -258,7 +258,7 @@ class CalibratedScan:
             if bar is not None:
                 bar.close()
 
-    def _rows(self, view: FeatureView) -> tuple[list[int], list[int]]:
+    def rows(self, view: FeatureView) -> tuple[list[int], list[int]]:
         """Gradient rows, then disjoint evaluation rows; a small holdout is split 2:1."""
         search, n = self.config.search, len(view.search.ids)
         grad = min(search.grad_rows, max(1, 2 * n // 3))
@@ -267,7 +267,7 @@ class CalibratedScan:
     def _token_screen(self, view: FeatureView, placement: str, allowed: torch.Tensor) -> None:
         """One slot, every token ranked by its first-order gain, the best re-tested."""
         search = self.config.search
-        grad_rows, eval_rows = self._rows(view)
+        grad_rows, eval_rows = self.rows(view)
         data = view.search.placed(placement)
         objective = view.objective(repel=self.collect_all)
         neutral = int(candidate_token_ids(self.encoder)[0])
@@ -287,7 +287,7 @@ class CalibratedScan:
                  objective: Objective | None = None, source: str = "context_search",
                  seed: int = -1) -> Finding:
         search = self.config.search
-        grad_rows, eval_rows = self._rows(view)
+        grad_rows, eval_rows = self.rows(view)
         ids = allowed.nonzero().flatten().tolist()
         start = init or rng.sample(ids, search.trigger_tokens)
         result = gcg(self.encoder, view.search.placed(placement), start, view.search_config,

@@ -13,9 +13,8 @@ The ranking names tokens, not their order, and a phrase's detector stays silent 
 other order. So every ordering of every subset of the few most changed tokens (and of the
 2-3 most changed with one of the corpus's most frequent tokens as a filler word) is
 ranked by the collapse objective in sentences, and the best ordering of each set is
-measured. Candidates then face the same
-fresh confirmation as every other source: this adds places to look, never evidence, so the
-verdict's false-alarm bound holds.
+measured. Candidates then face the same fresh confirmation as every other source: this
+adds places to look, never evidence, so the verdict's false-alarm bound holds.
 """
 
 from __future__ import annotations
@@ -109,8 +108,8 @@ def match_reference(encoder: Encoder, paths: tuple[str, ...], allowed: torch.Ten
                     ) -> Reference | None:
     """The closest base the encoder derives from, with every allowed token's change score;
     None when no base matches in shape and distance, or the encoder is the base itself."""
-    mine = _first_layer_names(name for name, _ in encoder.model.named_parameters())
     params = dict(encoder.model.named_parameters())
+    mine = _first_layer_names(params)
     if len(mine) != len(FIRST_LAYER) + len(EMBEDDINGS):
         return None
     ours = {suffix: params[name].detach().float().cpu() for suffix, name in mine.items()}
@@ -209,7 +208,7 @@ def reference_search(scan, sentences: list[str]) -> None:
         scan.reference = {**found.summary(scan.encoder, 2 * search.reference_tokens),
                           "candidates": alphabets(changed, fillers, more)}
     for view in scan.views.values():
-        _, eval_rows = scan._rows(view)
+        _, eval_rows = scan.rows(view)
         data = view.search.placed("anywhere")
         for alphabet in scan.reference.get("candidates", []):
             orders = torch.tensor(list(itertools.permutations(alphabet)))
