@@ -83,6 +83,10 @@ def sweep_vocabulary(encoder: Encoder, sequences: Sequence[TokenSeq], feature: F
     length."""
     from tqdm.auto import tqdm
 
+    if Feature(feature) is Feature.TOKEN:  # alone, the only word there is the candidate
+        raise ValueError("the standalone vocabulary sweep (the paper's attribution, the CLS "
+                         "screen) reads cls or mask; scan the token feature with the fast "
+                         "preset")
     bar = tqdm(total=len(sequences), desc="vocabulary", unit="word", dynamic_ncols=True,
                disable=not progress)
     tokenizer = encoder.tokenizer
