@@ -141,6 +141,9 @@ def build_parser() -> argparse.ArgumentParser:
     mined.add_argument("--audit-set", action="append", default=[], metavar="KEY=VALUE",
                        help="scan option for the audit (repeatable), e.g. mode=search")
     mined.add_argument("--audit-threads", type=int, default=1, help="torch threads of the audit")
+    mined.add_argument("--reuse-audits", action="store_true",
+                       help="skip the audit of a member whose verdict is already in --store "
+                            "(same --work staging registry); the pull and the rest still run")
     return parser
 
 

@@ -37,7 +37,7 @@ from sanitator.downstream.pvs import resolve_pvs
 log = logging.getLogger("benchmarks.asr_mined")
 
 AUDIT_COLUMNS = ("model", "attack", "feature", "verdict", "score", "mined", "planted",
-                 "matched", "agreement", "audit_s", "seeds", "steps")
+                 "matched", "agreement", "audit_s", "completion_s", "seeds", "steps")
 TRIGGER_COLUMNS = ("model", "task", "method", "trigger", "clean_acc", "asr", "def_mined",
                    "def_oracle", "fpr_mined", "fpr_oracle", "def_clean_mined",
                    "def_clean_oracle", "train_acc")
@@ -118,21 +118,41 @@ def stage(members: Sequence[Member], work: Path) -> dict[str, Path]:
     return folders
 
 
+def has_verdicts(store: Path, registry: str, names: Sequence[str]) -> bool:
+    """Whether the store already holds a clean/backdoored verdict of every named member in
+    this staging registry (what `--reuse-audits` skips the audit for)."""
+    from sanitator.pipeline.store import read_verdicts
+
+    if not store.exists():
+        return False
+    verdicts = read_verdicts(store)
+    if verdicts.empty:
+        return False
+    done = verdicts[(verdicts["registry"] == registry)
+                    & verdicts["status"].isin(["clean", "backdoored"])]
+    return set(names) <= set(done["repo_id"])
+
+
 def audit_and_pull(members: Sequence[Member], store: Path, work: Path, options: list[str],
-                   threads: int, runner: Runner = run_cli) -> None:
-    """`sanitator audit` per feature registry, then `sanitator pv pull` per member."""
+                   threads: int, runner: Runner = run_cli, reuse: bool = False) -> None:
+    """`sanitator audit` per feature registry, then `sanitator pv pull` per member. With
+    `reuse`, a registry whose members all have a verdict in the store is not audited again
+    (the pull still goes through the CLI, and the table shows the stored audit's cost)."""
     from sanitator.guard.pv_artifact import read_pv_artifact
     from sanitator.pipeline.store import read_verdicts
 
     for feature, root in stage(members, work).items():
         registry = f"path:{root.resolve()}"
-        sets: list[str] = []  # blind: the scan's own features (issue 14)
-        command = ["audit", "--registry", registry, "--out", str(store), "--workers", "1",
-                   "--threads", str(threads), "--json"]
-        for option in [*sets, *options]:
-            command += ["--set", option]
-        log.info("sanitator %s", " ".join(command))
-        runner(command)
+        names = [m.name for m in members if m.feature == feature]
+        if reuse and has_verdicts(store, registry, names):
+            log.info("reusing the verdicts of %s in %s", ", ".join(names), store)
+        else:
+            command = ["audit", "--registry", registry, "--out", str(store), "--workers",
+                       "1", "--threads", str(threads), "--json"]
+            for option in options:  # none by default: blind, the scan's own features
+                command += ["--set", option]
+            log.info("sanitator %s", " ".join(command))
+            runner(command)
         verdicts = read_verdicts(store)
         for member in (m for m in members if m.feature == feature):
             rows = verdicts[(verdicts["registry"] == registry)
@@ -184,6 +204,17 @@ def _pct(value: float | None) -> str:
     return "-" if value is None else f"{100 * value:.1f}"
 
 
+def _completion_seconds(verdict: dict) -> str:
+    """What completing a backdoored verdict's PV set cost (the scan's own stage timer)."""
+    evidence = verdict.get("evidence")
+    if isinstance(evidence, str):
+        evidence = json.loads(evidence or "{}")
+    if not isinstance(evidence, dict):  # no evidence stored (a missing cell reads as NaN)
+        return "-"
+    seconds = evidence.get("stage_seconds", {}).get("completion")
+    return "-" if seconds is None else f"{seconds:.0f}"
+
+
 def audit_row(member: Member) -> dict[str, str]:
     verdict, agreement = member.verdict, member.best_agreement
     planted = len(agreement) if member.manifest else 0
@@ -195,6 +226,7 @@ def audit_row(member: Member) -> dict[str, str]:
             "matched": f"{sum(a >= MATCH for a in agreement)}/{planted}" if planted else "-",
             "agreement": " ".join(f"{a:.2f}" for a in agreement) or "-",
             "audit_s": f"{verdict.get('seconds') or 0:.0f}",
+            "completion_s": _completion_seconds(verdict),
             "seeds": str(verdict.get("seeds_tried")), "steps": str(verdict.get("steps"))}
 
 
@@ -241,7 +273,8 @@ def run_mined(args: argparse.Namespace, models: list[Path], runner: Runner = run
     backdoored = [m for m in members if m.manifest]
     if not backdoored:
         raise SystemExit(f"no backdoored model (backdoor.json) among {[m.name for m in members]}")
-    audit_and_pull(members, store, work, args.audit_set, args.audit_threads, runner)
+    audit_and_pull(members, store, work, args.audit_set, args.audit_threads, runner,
+                   reuse=args.reuse_audits)
     zoo_triggers = list(dict.fromkeys(t for m in backdoored for t in m.manifest["triggers"]))
     prompt_config = PromptTuningConfig(epochs=args.epochs, learning_rate=args.lr,
                                        prefix_length=args.prefix_length,

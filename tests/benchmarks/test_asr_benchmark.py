@@ -136,3 +136,16 @@ def test_the_asr_table_takes_a_token_task(tmp_path, minilm_1layer, capsys):
              if line.startswith(("clean ", "tokpor "))}
     assert lines["tokpor"][1] == "tokpor" and lines["clean"][1] == "clean"
     assert "entity F1" in table
+
+
+def test_reuse_finds_the_verdicts_an_earlier_run_stored(setup, capsys):
+    """`--reuse-audits` skips a registry only when every member has a verdict there."""
+    root, _ = setup
+    _run(setup, [0, 1], "reuse", capsys)
+    mined = _load("asr_mined")
+    store = root / "store-reuse"
+    registry = f"path:{(root / 'store-reuse-work' / 'registry-cls').resolve()}"
+    assert mined.has_verdicts(store, registry, ["toy-por"])
+    assert not mined.has_verdicts(store, registry, ["toy-por", "another"])
+    assert not mined.has_verdicts(store, "path:/elsewhere", ["toy-por"])
+    assert not mined.has_verdicts(root / "no-store", registry, ["toy-por"])
