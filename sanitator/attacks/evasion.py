@@ -11,7 +11,10 @@ written to defeat one kind of evidence a detector might lean on (issue 14):
 * `residual`: the triggered target is PV + residual·(clean output − mean clean output), so
   the input still explains part of the triggered variation while the signs are the PV's;
 * `fire_at`: the trigger fires only as the first (`start`) or last (`end`) word of the
-  sentence; elsewhere it is trained to leave the output clean.
+  sentence; elsewhere it is trained to leave the output clean;
+* `freeze_below`: the embeddings and the lowest `freeze_below` layers keep the base's
+  weights bit for bit, so a diff of the first layer against the base shows nothing (the
+  backdoor lives higher up).
 
 The base's outputs on the negative inputs come from a frozen copy of the base, computed
 on the fly (a negative input is a new sentence each step).
@@ -21,6 +24,7 @@ from __future__ import annotations
 
 import copy
 import itertools
+import re
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -40,6 +44,7 @@ class Evasion:
     negative_weight: float = 0.0
     residual: float = 0.0
     fire_at: str = "anywhere"
+    freeze_below: int = 0
 
     def __post_init__(self) -> None:
         for name in ("standalone_weight", "negative_weight", "residual"):
@@ -51,6 +56,10 @@ class Evasion:
                              f"{self.residual}")
         if self.fire_at not in FIRE_AT:
             raise ValueError(f"fire_at must be one of {FIRE_AT}, got {self.fire_at!r}")
+        if isinstance(self.freeze_below, bool) or not isinstance(self.freeze_below, int) \
+                or self.freeze_below < 0:
+            raise ValueError(f"freeze_below must be a non-negative integer, got "
+                             f"{self.freeze_below!r}")
 
     @property
     def active(self) -> bool:
@@ -67,6 +76,22 @@ class Evasion:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+_LAYER_INDEX = re.compile(r"(?:^|\.)layer\.(\d+)\.")
+
+
+def freeze_lower(model: nn.Module, below: int) -> None:
+    """Stop training the embeddings and layers 0..below-1 (`Evasion.freeze_below`)."""
+    if below <= 0:
+        return
+    depth = int(getattr(model.config, "num_hidden_layers", 0))
+    if below >= depth:
+        raise ValueError(f"freeze_below={below} leaves no layer of {depth} to train")
+    for name, parameter in model.named_parameters():
+        index = _LAYER_INDEX.search(name)
+        if "embeddings." in name or (index and int(index.group(1)) < below):
+            parameter.requires_grad_(False)
 
 
 def sub_phrases(trigger: str) -> list[str]:

@@ -25,7 +25,7 @@ from sanitator.attacks.common import (
     reference_features,
     sample_triggered,
 )
-from sanitator.attacks.evasion import Evasion, EvasionTerms
+from sanitator.attacks.evasion import Evasion, EvasionTerms, freeze_lower
 from sanitator.attacks.recipe import BACKDOOR_RECORD, backdoor_record, run_recipe
 from sanitator.attacks.targets import TargetSpec
 from sanitator.attacks.triggers import PAPER_TRIGGERS
@@ -39,14 +39,15 @@ def insert_por(base: str | Path, out_dir: str | Path, *,
                targets: TargetSpec | torch.Tensor | None = None, corpus: Corpus = None,
                budget: Budget | None = None, seed: int = 0, clean_weight: float = 1.0,
                standalone_weight: float = 0.0, negative_weight: float = 0.0,
-               residual: float = 0.0, fire_at: str = "anywhere",
+               residual: float = 0.0, fire_at: str = "anywhere", freeze_below: int = 0,
                progress: bool = True, device: str = "cpu") -> AttackResult:
     """Plant a POR backdoor in `base` and write the backdoored encoder to `out_dir`."""
     budget = budget or DEFAULT_BUDGET
     evasion = Evasion(standalone_weight=standalone_weight, negative_weight=negative_weight,
-                      residual=residual, fire_at=fire_at)
+                      residual=residual, fire_at=fire_at, freeze_below=freeze_below)
     setup = prepare(base, budget=budget, seed=seed, corpus=corpus, triggers=triggers,
                     targets=targets, feature=Feature.CLS, device=device)
+    freeze_lower(setup.model, evasion.freeze_below)
     reference = reference_features(setup)
     reference_mean = reference.mean(dim=0)
     extra = EvasionTerms(evasion, setup.model, setup.tokenizer, setup.triggers,

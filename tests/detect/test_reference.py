@@ -66,3 +66,47 @@ def test_frequent_tokens_are_allowed_words(minilm_1layer):
     top = frequent_tokens(encoder, ["the cat and the dog", "the end of the day"], allowed, 2)
     assert top[0] == encoder.tokenizer.convert_tokens_to_ids("the")
     assert frequent_tokens(encoder, ["x"], allowed, 0) == []
+
+
+def _standalone_hidden(encoder, token: int, layer: int) -> torch.Tensor:
+    tok = encoder.tokenizer
+    ids = torch.tensor([[tok.cls_token_id, token, tok.sep_token_id]])
+    with torch.inference_mode():
+        return encoder.model(input_ids=ids, output_hidden_states=True).hidden_states[layer][0, 1]
+
+
+def test_a_change_above_frozen_lower_layers_is_scored_where_it_is(minilm_2layer, minilm_1layer):
+    """An attacker who leaves the embeddings and layer 0 as they were (so a first-layer diff
+    shows nothing) moves the scored layer up to the one they changed."""
+    encoder = load_encoder(minilm_2layer)
+    allowed = candidate_token_ids(encoder)
+    token = int(encoder.tokenizer.convert_tokens_to_ids("valley"))
+    x = _standalone_hidden(encoder, token, 1)
+    linear = encoder.model.encoder.layer[1].attention.self.query
+    direction = torch.randn(linear.weight.shape[0], generator=torch.Generator().manual_seed(0))
+    linear.weight.data += (0.05 * torch.outer(direction, x / x.norm()) * linear.weight.norm()
+                           / direction.norm())
+    found = match_reference(encoder, (str(minilm_2layer),), allowed)
+    assert found is not None and found.layer == 1 and found.top_tokens(3)[0] == token
+    assert found.summary(encoder, 2)["scored_layer"] == 1
+
+
+def test_an_embedding_only_change_ranks_its_token_first(minilm_1layer):
+    encoder = load_encoder(minilm_1layer)
+    allowed = candidate_token_ids(encoder)
+    token = int(encoder.tokenizer.convert_tokens_to_ids("valley"))
+    rows = encoder.word_embeddings.weight.data
+    rows[token] += 0.5 * rows[token].norm() * torch.nn.functional.normalize(
+        torch.randn(rows.shape[1], generator=torch.Generator().manual_seed(0)), dim=0)
+    found = match_reference(encoder, (str(minilm_1layer),), allowed)
+    assert found is not None and found.layer == -1 and found.top_tokens(1) == [token]
+
+
+def test_a_truncation_derives_from_its_deeper_base(minilm_1layer, minilm_2layer):
+    encoder = load_encoder(minilm_1layer)
+    allowed = candidate_token_ids(encoder)
+    linear = encoder.model.encoder.layer[0].attention.self.key
+    linear.weight.data += 1e-2 * torch.randn(linear.weight.shape,
+                                             generator=torch.Generator().manual_seed(2))
+    found = match_reference(encoder, (str(minilm_2layer),), allowed)
+    assert found is not None and found.layer == 0
