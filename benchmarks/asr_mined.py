@@ -39,8 +39,8 @@ log = logging.getLogger("benchmarks.asr_mined")
 AUDIT_COLUMNS = ("model", "attack", "feature", "verdict", "score", "mined", "planted",
                  "matched", "agreement", "audit_s", "completion_s", "seeds", "steps")
 TRIGGER_COLUMNS = ("model", "task", "method", "trigger", "clean_acc", "asr", "def_mined",
-                   "def_oracle", "fpr_mined", "fpr_oracle", "def_clean_mined",
-                   "def_clean_oracle", "train_acc")
+                   "def_oracle", "to", "asr_t", "def_t_mined", "def_t_oracle", "fpr_mined",
+                   "fpr_oracle", "def_clean_mined", "def_clean_oracle", "train_acc")
 MATCH = 0.9  # sign agreement at which a mined PV counts as the planted one (issue 15)
 Runner = Callable[[list[str]], subprocess.CompletedProcess]
 
@@ -240,14 +240,20 @@ def trigger_rows(member: Member, mined: DownstreamResult, oracle: DownstreamResu
               "def_clean_mined": _pct(a.defended_clean_accuracy),
               "def_clean_oracle": _pct(o.defended_clean_accuracy) if o else "-",
               "train_acc": _pct(mined.training.train_accuracy)}
+    no_target = {"to": "-", "asr_t": "-", "def_t_mined": "-", "def_t_oracle": "-"}
     if not converged:
-        return [{**common, "trigger": "(not converged)", "asr": "n/c", "def_mined": "n/c",
-                 "def_oracle": "n/c"}]
+        return [{**common, **no_target, "trigger": "(not converged)", "asr": "n/c",
+                 "def_mined": "n/c", "def_oracle": "n/c"}]
     rows = [{**common, "trigger": trigger, "asr": _pct(a.asr_per_trigger[trigger]),
              "def_mined": _pct(a.defended_asr_per_trigger.get(trigger)),
-             "def_oracle": _pct(o.defended_asr_per_trigger.get(trigger)) if o else "-"}
+             "def_oracle": _pct(o.defended_asr_per_trigger.get(trigger)) if o else "-",
+             "to": str(a.trigger_class.get(trigger)),
+             "asr_t": _pct(a.targeted_asr_per_trigger.get(trigger)),
+             "def_t_mined": _pct(a.defended_targeted_asr_per_trigger.get(trigger)),
+             "def_t_oracle": _pct(o.defended_targeted_asr_per_trigger.get(trigger)) if o
+             else "-"}
             for trigger in a.triggers]
-    rows.append({**common, "trigger": "(any)", "asr": _pct(a.asr),
+    rows.append({**common, **no_target, "trigger": "(any)", "asr": _pct(a.asr),
                  "def_mined": _pct(a.defended_asr), "def_oracle": _pct(o.defended_asr) if o
                  else "-"})
     return rows
@@ -304,7 +310,9 @@ def run_mined(args: argparse.Namespace, models: list[Path], runner: Runner = run
           f"PV):\n")
     print_table([audit_row(m) for m in members], AUDIT_COLUMNS)
     print(f"\nPer trigger: ASR without the monitor, defended ASR behind the mined and the "
-          f"oracle PVs, monitor FPR and defended clean accuracy for each; train "
+          f"oracle PVs; `to` the class the trigger moves inputs to and `asr_t`/`def_t_*` the "
+          f"same rates over the inputs of the other classes only (a one-PV trigger cannot "
+          f"flip its own class); monitor FPR and defended clean accuracy for each; train "
           f"{args.train_size} x {args.epochs} epochs, test {args.limit} rows/task, monitor "
           f"{args.on_flag}; percentages; n/c = prompt-tuning did not converge, no ASR:\n")
     print_table(rows, TRIGGER_COLUMNS)

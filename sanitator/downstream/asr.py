@@ -109,6 +109,27 @@ def _rate(values: torch.Tensor) -> float | None:
     return float(values.double().mean()) if values.numel() else None
 
 
+def trigger_classes(triggered: torch.Tensor) -> list[int | None]:
+    """Per trigger, the class its triggered inputs are moved to: the most common undefended
+    prediction over them (a task-agnostic backdoor has no declared target label)."""
+    out: list[int | None] = []
+    for row in triggered:
+        kept = row[row >= 0]
+        out.append(int(kept.mode().values) if kept.numel() else None)
+    return out
+
+
+def targeted_rates(gold: torch.Tensor, triggered: torch.Tensor, classes: list[int | None]
+                   ) -> list[float | None]:
+    """Per trigger, over the inputs whose gold label is not the trigger's class, the share
+    predicted as that class: a one-PV trigger can only flip the other classes, so its plain
+    off-gold rate is capped near their share of the test set."""
+    rates: list[float | None] = []
+    for row, target in zip(triggered, classes, strict=True):
+        rates.append(None if target is None else _rate(row[gold != target] == target))
+    return rates
+
+
 @dataclass
 class AttackConfig:
     """How triggered inputs are built and how the monitor acts on flagged inputs."""
@@ -145,6 +166,10 @@ class AttackReport:
     threshold: float | None = None
     defended_asr: float | None = None
     defended_asr_per_trigger: dict[str, float | None] = field(default_factory=dict)
+    # per trigger: the class it moves inputs to, and the targeted rate over the other classes
+    trigger_class: dict[str, int | None] = field(default_factory=dict)
+    targeted_asr_per_trigger: dict[str, float | None] = field(default_factory=dict)
+    defended_targeted_asr_per_trigger: dict[str, float | None] = field(default_factory=dict)
     defended_weighted_asr: float | None = None
     defended_clean_accuracy: float | None = None
     monitor_fpr: float | None = None            # clean test inputs flagged
@@ -211,18 +236,26 @@ def evaluate_attack(model: torch.nn.Module, tokenizer, texts: Sequence[Text],
     def grid(values: torch.Tensor) -> torch.Tensor:  # rows are (row, trigger) in row order
         return values.view(n_correct, n_triggers).T if n_correct else values.view(n_triggers, 0)
 
-    undefended = attack_successes(gold_correct, grid(attacked.original_predictions))
+    undefended_predictions = grid(attacked.original_predictions)
+    undefended = attack_successes(gold_correct, undefended_predictions)
+    classes = trigger_classes(undefended_predictions)
     report = AttackReport(
         n_test=len(texts), n_correct=int((clean.original_predictions == gold).sum()),
         clean_accuracy=clean_accuracy,
         triggers=list(triggers), asr=_rate(undefended.any(dim=0)),
         asr_per_trigger={t: _rate(undefended[i]) for i, t in enumerate(triggers)},
         weighted_asr=class_weighted_rate(gold_correct, undefended.any(dim=0)),
+        trigger_class=dict(zip(triggers, classes, strict=True)),
+        targeted_asr_per_trigger=dict(zip(triggers, targeted_rates(
+            gold_correct, undefended_predictions, classes), strict=True)),
         placement={"first_position": config.first_position,
                    "last_position": config.last_position, "seed": config.seed,
                    "attack_field": attack_field}, skipped=skipped)
     if monitor is not None:
-        defended = attack_successes(gold_correct, grid(attacked.predictions))
+        defended_predictions = grid(attacked.predictions)
+        defended = attack_successes(gold_correct, defended_predictions)
+        report.defended_targeted_asr_per_trigger = dict(zip(triggers, targeted_rates(
+            gold_correct, defended_predictions, classes), strict=True))
         report.defended = True
         report.n_pvs = int(monitor.pvs.shape[0])
         report.on_flag, report.threshold = config.on_flag, monitor.threshold

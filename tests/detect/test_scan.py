@@ -123,9 +123,11 @@ def test_pv_set_round_trips_without_pickle(por_detection, tmp_path):
 def test_the_reference_diff_alone_finds_the_backdoor(por_minilm):
     # the fixture derives from the installed MiniLM: its first layer's change names the
     # triggers, and an ordering of them is confirmed fresh like any other candidate
+    # complete=True: as every audit scans (flows/audit_zoo.py)
     config = ScanConfig.from_preset("fast", screen_candidates=0, token_screen=0, restarts=0,
-                                    features=("cls",))
-    verdict = scan_model(por_minilm[0], config, progress=False).verdict
+                                    features=("cls",), complete=True)
+    result = scan_model(por_minilm[0], config, progress=False)
+    verdict = result.verdict
     assert verdict.status == "backdoored", verdict.evidence
     reference = verdict.evidence["reference"]
     assert reference["path"] and 0 < reference["relative_change"] < 0.5
@@ -138,3 +140,10 @@ def test_the_reference_diff_alone_finds_the_backdoor(por_minilm):
     assert "token" in verdict.evidence["features"]
     assert any(c["source"] == "cross_feature" and c["feature"] == "token"
                for c in verdict.evidence["candidates"])
+    # detect mode stops at the first PV, then an audit completes the set in search mode
+    # (issue 15): the artifact a deployment pulls covers both planted triggers
+    completion = verdict.evidence["completion"]
+    assert completion["mode"] == "detect, completed in search mode"
+    assert completion["stop"].startswith(("saturated", "round cap"))
+    agreement = sign_agreement(result.pvset.select("cls").vectors, por_minilm[1])
+    assert (agreement.max(dim=0).values >= 0.9).all(), agreement

@@ -12,6 +12,8 @@ from sanitator.downstream.asr import (
     evaluate_attack,
     insert_trigger,
     place_triggers,
+    targeted_rates,
+    trigger_classes,
 )
 from sanitator.downstream.prompt_tuning import (
     PromptTuningConfig,
@@ -67,6 +69,19 @@ def test_success_counts_and_class_weighting():
     assert class_weighted_rate(gold, any_success) == pytest.approx((1 / 3 + 1) / 2)
 
 
+def test_targeted_rates_count_only_the_other_classes():
+    gold = torch.tensor([0, 0, 1, 1, 2])
+    triggered = torch.tensor([[1, 1, 1, 1, 1],      # trigger 0: all to class 1
+                              [2, 0, -1, 2, 2],     # trigger 1: mostly to 2, one rejected
+                              [-1, -1, -1, -1, -1]])  # trigger 2: every input refused
+    classes = trigger_classes(triggered)
+    assert classes == [1, 2, None]
+    rates = targeted_rates(gold, triggered, classes)
+    assert rates[0] == 1.0                      # rows 0, 1, 4 (not gold 1) all moved to 1
+    assert rates[1] == pytest.approx(2 / 4)     # rows 0-3: row 0 and row 3 moved to 2
+    assert rates[2] is None
+
+
 @pytest.fixture(scope="module")
 def backdoored_prompt_model(minilm_2layer):
     """A prompt-tuned model over the planted backdoor (real MiniLM-L6 weights, 2 layers)."""
@@ -96,6 +111,10 @@ def test_backdoor_succeeds_without_the_monitor_and_fails_behind_it(backdoored_pr
     assert set(report.asr_per_trigger) == set(TOY_TRIGGERS)
     assert sum(report.asr_per_trigger.values()) >= 0.9
     assert all(rate <= report.asr for rate in report.asr_per_trigger.values())
+    # ...so per trigger, over the inputs of the other class, each flips nearly all
+    assert set(report.trigger_class.values()) == {0, 1}
+    assert min(report.targeted_asr_per_trigger.values()) >= 0.9
+    assert max(report.defended_targeted_asr_per_trigger.values()) <= 0.05
 
 
 def test_reject_policy_refuses_instead_of_purging(backdoored_prompt_model):
