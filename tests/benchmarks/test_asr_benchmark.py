@@ -138,14 +138,15 @@ def test_the_asr_table_takes_a_token_task(tmp_path, minilm_1layer, capsys):
     assert "entity F1" in table
 
 
-def test_reuse_finds_the_verdicts_an_earlier_run_stored(setup, capsys):
+def test_reuse_finds_the_verdicts_an_earlier_run_stored(setup, tmp_path):
     """`--reuse-audits` skips a registry only when every member has a verdict there."""
     root, _ = setup
-    _run(setup, [0, 1], "reuse", capsys)
     mined = _load("asr_mined")
-    store = root / "store-reuse"
-    registry = f"path:{(root / 'store-reuse-work' / 'registry-cls').resolve()}"
+    member = mined.Member(root / "zoo" / "toy-por", {"attack": "por"}, "cls")
+    registry = f"path:{mined.stage([member], tmp_path / 'work')['cls'].resolve()}"
+    store = tmp_path / "store"
+    assert not mined.has_verdicts(store, registry, ["toy-por"])   # no store yet
+    fake_audit_runner([0], [])(["audit", "--registry", registry, "--out", str(store)])
     assert mined.has_verdicts(store, registry, ["toy-por"])
     assert not mined.has_verdicts(store, registry, ["toy-por", "another"])
     assert not mined.has_verdicts(store, "path:/elsewhere", ["toy-por"])
-    assert not mined.has_verdicts(root / "no-store", registry, ["toy-por"])
