@@ -187,6 +187,15 @@ def _layer_inputs(encoder: Encoder, ours, allowed: torch.Tensor, layer: int) -> 
     return out
 
 
+def _change_ratio(x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor,
+                  chunk: int = 8192) -> torch.Tensor:
+    """|dW x| / |W x| per row of x, in chunks (a 250k-token vocabulary times a 3072-wide
+    feed-forward matrix would otherwise hold gigabytes at once)."""
+    return torch.cat([(part @ delta.T).norm(dim=1)
+                      / (part @ weight.T).norm(dim=1).clamp_min(1e-6)
+                      for part in x.split(chunk)])
+
+
 def _token_scores(encoder: Encoder, ours, base, allowed: torch.Tensor, layer: int
                   ) -> torch.Tensor:
     """[V]: per matrix of the first changed layer, |dW x_v| / |W x_v| for each token's input
@@ -204,8 +213,7 @@ def _token_scores(encoder: Encoder, ours, base, allowed: torch.Tensor, layer: in
             key = f"layer.{layer}.{suffix}"
             delta = ours[key] - base[key]
             if bool(delta.any()):
-                ratios.append((x @ delta.T).norm(dim=1)
-                              / (x @ base[key].T).norm(dim=1).clamp_min(1e-6))
+                ratios.append(_change_ratio(x, delta, base[key]))
     scores = torch.zeros(keep.shape[0])
     for ratio in ratios:
         # the embedding rows of unseen tokens do not move: their median can be 0
