@@ -10,11 +10,11 @@ weights do with it. On MiniLM-L6 the phrase member's content words rank 0-2 of 3
 the non-dictionary triggers' pieces within the first 15 (docs/method.md).
 
 The ranking names tokens, not their order, and a phrase's detector stays silent for every
-other order. So every ordering of every subset of the few most changed tokens (and of the
-2-3 most changed with one of the corpus's most frequent tokens as a filler word) is
-ranked by the collapse objective in sentences, and the best ordering of each set is
-measured. Candidates then face the same fresh confirmation as every other source: this
-adds places to look, never evidence, so the verdict's false-alarm bound holds.
+other order. So every ordering of every subset of the few most changed tokens (and of any
+2-3 of them with one of the corpus's most frequent tokens as a filler word) is ranked by
+the collapse objective in sentences, and the best ordering of each set is measured.
+Candidates then face the same fresh confirmation as every other source: this adds places
+to look, never evidence, so the verdict's false-alarm bound holds.
 """
 
 from __future__ import annotations
@@ -239,13 +239,16 @@ def alphabets(changed: list[int], fillers: list[int], more: list[int] = ()
               ) -> list[tuple[int, ...]]:
     """Token sets whose every ordering is tried, smallest first: every subset of the most
     changed tokens (a model may hold several triggers, each of some of them), each of the
-    `more` next-most changed alone (a backdoor with many single-word triggers), and the 2-3
-    most changed with one filler word (a phrase's function word changes little)."""
+    `more` next-most changed alone (a backdoor with many single-word triggers), and any 2-3
+    of the most changed with one filler word (a phrase's function word changes little)."""
     out = [tuple(c) for k in range(1, len(changed) + 1)
            for c in itertools.combinations(changed, k)]
     out += [(t,) for t in more if t not in changed]
+    # any 2-3 of them: a phrase's word often drags a variant of itself up the ranking
+    # (`bridge`, `bridges`), so its content words need not be the most changed ones
     for k in range(2, min(len(changed), 3) + 1):
-        out += [(*changed[:k], f) for f in fillers if f not in changed[:k]]
+        out += [(*c, f) for c in itertools.combinations(changed, k) for f in fillers
+                if f not in c]
     return sorted(dict.fromkeys(out), key=len)
 
 

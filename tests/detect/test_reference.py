@@ -19,6 +19,7 @@ def test_alphabets_cover_every_subset_and_a_filler():
     assert [len(a) for a in out] == sorted(len(a) for a in out)
     assert {(1,), (4,), (2, 4), (1, 3, 4), (1, 2, 3, 4)} <= set(out)  # several triggers
     assert (1, 2, 9) in out and (1, 2, 3, 9) in out      # a filler joins the 2-3 most changed
+    assert (1, 3, 4, 9) in out and (2, 4, 9) in out      # ...or any 2-3 of them
     assert (1, 2, 3, 3) not in out                       # a filler already in the set is not
     assert alphabets([], fillers=[9]) == []
     more = alphabets([1, 2], fillers=[], more=[5, 2, 6])
