@@ -109,12 +109,16 @@ def _rate(values: torch.Tensor) -> float | None:
     return float(values.double().mean()) if values.numel() else None
 
 
-def trigger_classes(triggered: torch.Tensor) -> list[int | None]:
-    """Per trigger, the class its triggered inputs are moved to: the most common undefended
-    prediction over them (a task-agnostic backdoor has no declared target label)."""
+def trigger_classes(gold: torch.Tensor, triggered: torch.Tensor) -> list[int | None]:
+    """Per trigger, the class it moves inputs to (a task-agnostic backdoor has no declared
+    target label): the most common prediction among the inputs it moved off their gold
+    label; a trigger that moved none gets the most common prediction (its targeted rate is
+    then 0). Counting all predictions instead would name the majority class of an
+    imbalanced task for a trigger that flips a few of its rows the other way."""
     out: list[int | None] = []
     for row in triggered:
-        kept = row[row >= 0]
+        moved = row[(row >= 0) & (row != gold)]
+        kept = moved if moved.numel() else row[row >= 0]
         out.append(int(kept.mode().values) if kept.numel() else None)
     return out
 
@@ -238,7 +242,7 @@ def evaluate_attack(model: torch.nn.Module, tokenizer, texts: Sequence[Text],
 
     undefended_predictions = grid(attacked.original_predictions)
     undefended = attack_successes(gold_correct, undefended_predictions)
-    classes = trigger_classes(undefended_predictions)
+    classes = trigger_classes(gold_correct, undefended_predictions)
     report = AttackReport(
         n_test=len(texts), n_correct=int((clean.original_predictions == gold).sum()),
         clean_accuracy=clean_accuracy,

@@ -72,14 +72,17 @@ def test_success_counts_and_class_weighting():
 def test_targeted_rates_count_only_the_other_classes():
     gold = torch.tensor([0, 0, 1, 1, 2])
     triggered = torch.tensor([[1, 1, 1, 1, 1],      # trigger 0: all to class 1
-                              [2, 0, -1, 2, 2],     # trigger 1: mostly to 2, one rejected
-                              [-1, -1, -1, -1, -1]])  # trigger 2: every input refused
-    classes = trigger_classes(triggered)
-    assert classes == [1, 2, None]
+                              [2, 0, -1, 2, 2],     # trigger 1: two moved to 2, one refused
+                              [-1, -1, -1, -1, -1],  # trigger 2: every input refused
+                              [0, 0, 1, 1, 0],      # trigger 3: one row moved, to 0
+                              [0, 0, 1, 1, 2]])     # trigger 4: moved nothing
+    classes = trigger_classes(gold, triggered)
+    assert classes == [1, 2, None, 0, 0]  # trigger 3: not 1, however many rows stay 1
     rates = targeted_rates(gold, triggered, classes)
     assert rates[0] == 1.0                      # rows 0, 1, 4 (not gold 1) all moved to 1
     assert rates[1] == pytest.approx(2 / 4)     # rows 0-3: row 0 and row 3 moved to 2
     assert rates[2] is None
+    assert rates[3] == pytest.approx(1 / 3) and rates[4] == 0.0
 
 
 @pytest.fixture(scope="module")
