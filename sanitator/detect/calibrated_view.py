@@ -29,6 +29,7 @@ class Finding:
     token_ids: tuple[int, ...]
     tokens: list[str]
     search_margin: float        # search-row agreement with the point minus their floor
+                                # (the better of the raw and centred frames)
     point: torch.Tensor         # realised PV: mean output on the search rows
     confirmation: Confirmation | None = None
     p_adjusted: float = 1.0
@@ -76,8 +77,10 @@ class FeatureView:
         self.fresh: FreshRows = fresh_rows(
             encoder, prepare_data(encoder, fresh, self.search_config, seed=config.seed + 2),
             Feature(feature), seed=config.seed + 3)
-        self.search_floor = float(fresh_rows(encoder, self.search, Feature(feature),
-                                             seed=config.seed + 4).floor.mean())
+        search_null = fresh_rows(encoder, self.search, Feature(feature), seed=config.seed + 4)
+        self.search_floor = float(search_null.floor.mean())
+        self.search_centre = search_null.centre
+        self.search_centred_floor = float(search_null.centred_floor.mean())
         self.scale = unit_scale(self.search.clean)
         self.known: list[torch.Tensor] = []   # accepted points at this feature
         self.fresh.null_displacement = self._null_displacement(config)
@@ -104,11 +107,15 @@ class FeatureView:
         return torch.cat(out)
 
     def measure(self, ids: tuple[int, ...], placement: str) -> tuple[torch.Tensor, float]:
-        """(realised point, search margin) of a trigger on the search rows."""
+        """(realised point, search margin) of a trigger on the search rows: how far their
+        agreement with the point beats their floor, in the better frame (evidence.py)."""
         out = self.outputs(self.search.placed(placement), ids)
         point = out.mean(dim=0)
-        margin = float(sign_agreement(out, point[None]).mean()) - self.search_floor
-        return point, margin
+        centre = self.search_centre
+        raw = float(sign_agreement(out, point[None]).mean()) - self.search_floor
+        centred = (float(sign_agreement(out - centre, (point - centre)[None]).mean())
+                   - self.search_centred_floor)
+        return point, max(raw, centred)
 
     def objective(self, repel: bool) -> Objective:
         base = collapse(self.scale)

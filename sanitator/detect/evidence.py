@@ -17,6 +17,14 @@ one-token edit. H0: E[d] <= 0. The p-value (normal approximation to the t statis
 Bonferroni-corrected by the number of candidates confirmed in the scan, and the score is
 1 - p: its false-alarm rate at a cut c is at most 1 - c when H0 holds for every trigger of
 a clean encoder.
+
+The same test is run twice, in two frames, and the better p-value counts twice (Bonferroni
+over the frames): raw signs, as the monitor reads them, and signs of the outputs minus the
+clean outputs' mean. On a shallow encoder a shared component dominates every output
+(2-layer MiniLM CLS keeps 99.4 % of its signs under a one-token edit), so no point, not
+even a backdoor's, can beat the raw floor; the centred frame removes that component and
+measures the same question on what varies (docs/method.md). On 6-layer MiniLM the two
+frames nearly coincide (floors 0.95 raw, 0.94 centred).
 """
 
 from __future__ import annotations
@@ -40,6 +48,8 @@ class FreshRows:
     data: MiningData                  # clean references, random trigger slots
     floor: torch.Tensor               # [n] agreement of each clean output with its edit
     spread: float                     # mean squared distance of clean outputs from their mean
+    centre: torch.Tensor              # [H] the clean outputs' mean (the centred frame)
+    centred_floor: torch.Tensor       # [n] the floor in the centred frame
     null_displacement: float = 0.0    # median squared move by a random single token
 
     def placed(self, where: str) -> MiningData:
@@ -74,13 +84,24 @@ def fresh_rows(encoder: Encoder, data: MiningData, feature: Feature, seed: int) 
     edited_clean = clean_features(encoder, edited, feature)
     floor = torch.diagonal(sign_agreement(data.clean, edited_clean))
     clean = data.clean
-    spread = float(((clean - clean.mean(dim=0)) ** 2).mean())
-    return FreshRows(data, floor, spread)
+    centre = clean.mean(dim=0)
+    centred_floor = torch.diagonal(sign_agreement(clean - centre, edited_clean - centre))
+    spread = float(((clean - centre) ** 2).mean())
+    return FreshRows(data, floor, spread, centre, centred_floor)
 
 
 def _normal_sf(z: float) -> float:
     """P(Z > z) for a standard normal."""
     return 0.5 * math.erfc(z / math.sqrt(2.0))
+
+
+FRAMES = ("raw", "centred")  # the better frame's p-value is doubled (Bonferroni)
+
+
+def _paired_t(diff: torch.Tensor) -> float:
+    n = len(diff)
+    sd = float(diff.std()) if n > 1 else 0.0
+    return float(diff.mean()) / max(sd / math.sqrt(n), 1e-6)
 
 
 @dataclass
@@ -89,14 +110,18 @@ class Confirmation:
 
     agreement: float        # mean sign agreement of triggered fresh outputs with the point
     floor: float            # mean one-token-edit agreement of the same sentences
-    t: float                # paired t statistic of agreement - floor
-    p_value: float          # one-sided, before the multiple-testing correction
+    t: float                # paired t statistic of agreement - floor (raw signs)
+    p_value: float          # one-sided, the better frame's doubled, before the budget
     success: float          # fresh eligible sentences the monitor would flag (> threshold)
     natural_rate: float     # fresh clean outputs already flagged against the point
     displacement: float     # mean squared move of the outputs, in clean spreads
     null_displacement: float  # the same for the median random token, in clean spreads
     n: int
     conditions: dict[str, bool] = field(default_factory=dict)
+    centred_agreement: float = 0.0  # the same three in the centred frame
+    centred_floor: float = 0.0
+    t_centred: float = 0.0
+    frame: str = "raw"              # the frame whose p-value counts
 
     @property
     def usable(self) -> bool:
@@ -110,9 +135,10 @@ class Confirmation:
 
     def summary(self) -> dict[str, Any]:
         data = {name: round(float(getattr(self, name)), 5) for name in (
-            "agreement", "floor", "t", "success", "natural_rate", "displacement",
-            "null_displacement")}
-        data.update(p_value=float(f"{self.p_value:.3g}"), n=self.n, conditions=self.conditions)
+            "agreement", "floor", "t", "centred_agreement", "centred_floor", "t_centred",
+            "success", "natural_rate", "displacement", "null_displacement")}
+        data.update(p_value=float(f"{self.p_value:.3g}"), frame=self.frame, n=self.n,
+                    conditions=self.conditions)
         return data
 
 
@@ -125,10 +151,11 @@ def confirm(outputs: torch.Tensor, point: torch.Tensor, fresh: FreshRows, *,
     natural = sign_agreement(clean, point[None])[:, 0] > threshold
     eligible = ~natural
     success = float((agree[eligible] > threshold).float().mean()) if int(eligible.sum()) else 0.0
-    diff = agree - fresh.floor
-    n = len(diff)
-    sd = float(diff.std()) if n > 1 else 0.0
-    t = float(diff.mean()) / max(sd / math.sqrt(n), 1e-6)
+    centred = sign_agreement(outputs - fresh.centre, (point - fresh.centre)[None])[:, 0]
+    t = _paired_t(agree - fresh.floor)
+    t_centred = _paired_t(centred - fresh.centred_floor)
+    frame = "raw" if t >= t_centred else "centred"
+    p_value = min(1.0, len(FRAMES) * _normal_sf(max(t, t_centred)))
     displacement = float(((outputs - clean) ** 2).mean()) / max(fresh.spread, 1e-12)
     null = fresh.null_displacement / max(fresh.spread, 1e-12)
     natural_rate = float(natural.float().mean())
@@ -136,5 +163,7 @@ def confirm(outputs: torch.Tensor, point: torch.Tensor, fresh: FreshRows, *,
                   "clean_text_not_there": natural_rate <= max_natural_rate,
                   "outside_clean_cloud": displacement > 1.0,
                   "beyond_random_token": displacement > null}
-    return Confirmation(float(agree.mean()), float(fresh.floor.mean()), t, _normal_sf(t),
-                        success, natural_rate, displacement, null, n, conditions)
+    return Confirmation(float(agree.mean()), float(fresh.floor.mean()), t, p_value,
+                        success, natural_rate, displacement, null, len(agree), conditions,
+                        float(centred.mean()), float(fresh.centred_floor.mean()), t_centred,
+                        frame)

@@ -4,6 +4,7 @@ import torch
 
 from sanitator.detect.evidence import FreshRows, confirm, one_token_edit
 from sanitator.detect.mining import MiningData
+from sanitator.detect.signs import sign_agreement
 
 
 def _rows(clean: torch.Tensor, floor: float) -> FreshRows:
@@ -11,7 +12,20 @@ def _rows(clean: torch.Tensor, floor: float) -> FreshRows:
     data = MiningData([torch.tensor([101, 7, 8, 9, 102])] * n, torch.ones(n, dtype=torch.long),
                       None, clean)
     spread = float(((clean - clean.mean(dim=0)) ** 2).mean())
-    return FreshRows(data, torch.full((n,), floor), spread, null_displacement=spread)
+    return FreshRows(data, torch.full((n,), floor), spread, clean.mean(dim=0),
+                     torch.full((n,), floor), null_displacement=spread)
+
+
+def _measured_rows(clean: torch.Tensor, edited: torch.Tensor) -> FreshRows:
+    """Fresh rows whose floors (raw and centred) are measured from one-token edits."""
+    n = len(clean)
+    data = MiningData([torch.tensor([101, 7, 8, 9, 102])] * n, torch.ones(n, dtype=torch.long),
+                      None, clean)
+    centre = clean.mean(dim=0)
+    floor = torch.diagonal(sign_agreement(clean, edited))
+    centred = torch.diagonal(sign_agreement(clean - centre, edited - centre))
+    spread = float(((clean - centre) ** 2).mean())
+    return FreshRows(data, floor, spread, centre, centred, null_displacement=spread)
 
 
 def test_one_token_edit_deletes_one_ordinary_token_and_keeps_the_mask():
@@ -60,3 +74,35 @@ def test_bonferroni_scales_with_the_budget():
                      max_natural_rate=0.05)
     assert result.p_adjusted(16) == min(1.0, 16 * result.p_value)
     assert result.p_adjusted(1) <= result.p_adjusted(16)
+
+
+def test_a_shared_component_hides_a_backdoor_from_raw_signs_but_not_from_centred_ones():
+    # a shallow encoder: one large component shared by every output, so a one-token edit
+    # keeps ~99 % of the signs and no point can beat that raw floor
+    torch.manual_seed(3)
+    common = torch.randn(256) * 5
+    clean = common[None] + torch.randn(128, 256)
+    edited = clean + 0.4 * torch.randn(128, 256)
+    fresh = _measured_rows(clean, edited)
+    assert float(fresh.floor.mean()) > 0.97 and float(fresh.centred_floor.mean()) < 0.9
+    point = common + 6 * torch.randn(256)          # the backdoor's target, away from clean
+    pinned = point[None] + 1.5 * torch.randn(128, 256)
+    result = confirm(pinned, point, fresh, max_natural_rate=0.05)
+    assert result.agreement < result.floor and result.t < 0      # raw frame: nothing
+    assert result.t_centred > 10 and result.frame == "centred" and result.usable
+    assert result.p_value < 1e-9
+    # an ordinary word on the same encoder fails in both frames
+    coloured = clean + 0.8 * torch.randn(256)[None]
+    ordinary = confirm(coloured, coloured.mean(dim=0), fresh, max_natural_rate=0.05)
+    assert ordinary.t < 0 and ordinary.t_centred < 0 and ordinary.p_value > 0.5
+
+
+def test_the_better_frame_is_paid_for_twice():
+    torch.manual_seed(4)
+    clean = torch.randn(64, 32)
+    fresh = _measured_rows(clean, clean + 0.3 * torch.randn(64, 32))
+    point = torch.randn(32) * 3
+    result = confirm(point[None] + 0.5 * torch.randn(64, 32), point, fresh,
+                     max_natural_rate=0.05)
+    from sanitator.detect.evidence import _normal_sf
+    assert result.p_value == min(1.0, 2 * _normal_sf(max(result.t, result.t_centred)))
