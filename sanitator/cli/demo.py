@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -44,8 +45,9 @@ def register(subparsers) -> None:
                     "encoders and audit it through the real pipeline.")
     parser.add_argument("--out", default="sanitator-demo",
                         help="working folder: zoo/, store/ (default ./sanitator-demo)")
-    parser.add_argument("--workers", type=int, default=1,
-                        help="Dask worker processes (default 1: all cores to one audit)")
+    parser.add_argument("--workers", type=int, default=min(3, os.cpu_count() or 1),
+                        help="Dask worker processes, one audit each at cores / workers torch "
+                             "threads (default: one per core, at most one per demo model)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     parser.set_defaults(func=run)
 
