@@ -104,6 +104,9 @@ class SearchConfig(_Stage):
     n_null: int = 16                # random tokens whose median move is the displacement null
     reference_tokens: int = 4       # most changed tokens vs a known base (reference.py); 0 = off
     reference_fillers: int = 2      # frequent corpus tokens tried as a phrase's filler words
+    chain_tokens: int = 16          # most changed tokens a trigger chain is grown from; 0 = off
+    chain_width: int = 4            # chains kept per length (beam width)
+    chain_length: int = 6           # longest chain grown (a 6-piece non-dictionary string)
 
 
 @dataclass(frozen=True)

@@ -13,6 +13,9 @@ The ranking names tokens, not their order, and a phrase's detector stays silent 
 other order. So every ordering of every subset of the few most changed tokens (and of any
 2-3 of them with one of the corpus's most frequent tokens as a filler word) is ranked by
 the collapse objective in sentences, and the best ordering of each set is measured.
+Longer triggers (a non-dictionary string of five or six pieces, whose pieces rank anywhere
+in the first 16 and interleave with another trigger's) are grown as chains: a beam over the
+most changed tokens, one piece added at either end per step, kept by the same objective.
 Candidates then face the same fresh confirmation as every other source: this adds places
 to look, never evidence, so the verdict's false-alarm bound holds.
 """
@@ -252,12 +255,33 @@ def alphabets(changed: list[int], fillers: list[int], more: list[int] = ()
     return sorted(dict.fromkeys(out), key=len)
 
 
+def grow_chains(score, pool: list[int], width: int, max_length: int
+                ) -> list[tuple[int, ...]]:
+    """The best chain of each length 2..max_length, grown from the tokens of `pool` one
+    piece at either end per step, `width` chains kept per length by `score` (a callable
+    from [S, L] token ids to [S] values, higher better). No token repeats in a chain."""
+    if width <= 0 or len(pool) < 2:
+        return []
+    beams = [(t,) for t in pool]
+    best: list[tuple[int, ...]] = []
+    for length in range(1, min(max_length, len(pool)) + 1):
+        if length > 1:
+            grown = {(*b, t) for b in beams for t in pool if t not in b}
+            grown |= {(t, *b) for b in beams for t in pool if t not in b}
+            beams = sorted(grown)
+        values = score(torch.tensor(beams))
+        order = values.argsort(descending=True)[:width].tolist()
+        beams = [beams[i] for i in order]
+        if length > 1:
+            best.append(beams[0])
+    return best
+
+
 def reference_search(scan, sentences: list[str]) -> None:
     """The calibrated scan's reference stage: per token set, every ordering ranked by the
     collapse objective on the evaluation rows, the best one measured and, when it pins the
     search rows past their floor, judged like any other candidate."""
     from sanitator.detect.attribution import candidate_token_ids
-    from sanitator.detect.hardsearch import evaluate
 
     config, search = scan.config, scan.config.search
     if search.reference_tokens <= 0:
@@ -269,23 +293,45 @@ def reference_search(scan, sentences: list[str]) -> None:
         if found is None:
             scan.reference = {"path": None, "note": "no installed or given base matches"}
             return
-        ranked = found.top_tokens(2 * search.reference_tokens)
-        changed, more = ranked[:search.reference_tokens], ranked[search.reference_tokens:]
+        ranked = found.top_tokens(max(2 * search.reference_tokens, search.chain_tokens))
+        changed = ranked[:search.reference_tokens]
+        more = ranked[search.reference_tokens:2 * search.reference_tokens]
         fillers = frequent_tokens(scan.encoder, sentences[:200], allowed,
                                   search.reference_fillers)
         scan.reference = {**found.summary(scan.encoder, 2 * search.reference_tokens),
-                          "candidates": alphabets(changed, fillers, more)}
+                          "candidates": alphabets(changed, fillers, more),
+                          "chain_pool": ranked[:search.chain_tokens]}
     for view in scan.views.values():
-        _, eval_rows = scan.rows(view)
-        data = view.search.placed("anywhere")
+        score = _scorer(scan, view)
         for alphabet in scan.reference.get("candidates", []):
             orders = torch.tensor(list(itertools.permutations(alphabet)))
-            values = evaluate(scan.encoder, data, eval_rows, orders,
-                              replace(view.search_config, trigger_len=len(alphabet)),
-                              view.objective(repel=scan.collect_all))
-            scan.searches += 1
-            best = tuple(orders[int(values.argmax())].tolist())
-            if view.measure(best, "anywhere")[1] > 0:
-                scan.consider("reference", view.feature, "anywhere", best)
-                if scan.done:
-                    return
+            if _judge(scan, view, tuple(orders[int(score(orders).argmax())].tolist())):
+                return
+        for chain in grow_chains(score, scan.reference.get("chain_pool", []),
+                                 search.chain_width, search.chain_length):
+            if _judge(scan, view, chain):
+                return
+
+
+def _scorer(scan, view):
+    """The collapse objective (repelled from known PVs when collecting) of [S, L] hard
+    triggers on the view's evaluation rows, each placed anywhere."""
+    from sanitator.detect.hardsearch import evaluate
+
+    _, eval_rows = scan.rows(view)
+    data = view.search.placed("anywhere")
+    objective = view.objective(repel=scan.collect_all)
+
+    def score(orders: torch.Tensor) -> torch.Tensor:
+        scan.searches += 1
+        return evaluate(scan.encoder, data, eval_rows, orders,
+                        replace(view.search_config, trigger_len=orders.shape[1]), objective)
+    return score
+
+
+def _judge(scan, view, ids: tuple[int, ...]) -> bool:
+    """Consider `ids` when it pins the search rows past their floor; True once the scan
+    is done."""
+    if view.measure(ids, "anywhere")[1] > 0:
+        scan.consider("reference", view.feature, "anywhere", ids)
+    return scan.done

@@ -9,6 +9,7 @@ from sanitator.detect.attribution import candidate_token_ids
 from sanitator.detect.encoders import load_encoder
 from sanitator.detect.reference import (
     alphabets,
+    grow_chains,
     frequent_tokens,
     match_reference,
 )
@@ -31,6 +32,31 @@ def _first_layer_input(encoder, token: int) -> torch.Tensor:
     x = emb.word_embeddings.weight[token] + emb.position_embeddings.weight[1:21].mean(0) \
         + emb.token_type_embeddings.weight[0]
     return torch.nn.functional.layer_norm(x, x.shape, emb.LayerNorm.weight, emb.LayerNorm.bias)
+
+
+def test_a_chain_grows_a_long_trigger_whose_pieces_interleave_with_others():
+    # a six-piece string planted among other changed tokens; partial chains score by how
+    # long a contiguous piece of it they hold (the slope the objective gives in sentences)
+    target = (7, 3, 11, 5, 2, 13)
+    pool = [2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13]
+
+    def score(orders):
+        def held(chain):
+            best = 0
+            for i in range(len(chain)):
+                for j in range(i + 1, len(chain) + 1):
+                    part = chain[i:j]
+                    if any(target[k:k + len(part)] == part for k in range(len(target))):
+                        best = max(best, len(part))
+            return best - 0.01 * len(chain)
+        return torch.tensor([held(tuple(o.tolist())) for o in orders])
+
+    chains = grow_chains(score, pool, width=3, max_length=6)
+    assert [len(c) for c in chains] == [2, 3, 4, 5, 6]
+    assert chains[-1] == target
+    assert all(len(set(c)) == len(c) for c in chains)           # no token repeats
+    assert grow_chains(score, [4], width=3, max_length=6) == []  # nothing to chain
+    assert grow_chains(score, pool, width=0, max_length=6) == []
 
 
 def test_the_token_the_change_acts_on_ranks_first(minilm_1layer):
