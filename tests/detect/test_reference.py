@@ -9,8 +9,8 @@ from sanitator.detect.attribution import candidate_token_ids
 from sanitator.detect.encoders import load_encoder
 from sanitator.detect.reference import (
     alphabets,
-    grow_chains,
     frequent_tokens,
+    grow_chains,
     match_reference,
 )
 
