@@ -92,11 +92,13 @@ class CalibratedScan:
     # -- judging ---------------------------------------------------------------------------
 
     def consider(self, source: str, feature: str, placement: str, ids: tuple[int, ...], *,
-                 force: bool = False, seed: int = -1) -> Finding:
-        """Measure a candidate on the search rows; confirm it on fresh rows when its search
-        rows pin tighter than their noise floor (or when `force`d)."""
+                 force: bool = False, seed: int = -1,
+                 measured: tuple[torch.Tensor, float] | None = None) -> Finding:
+        """Measure a candidate on the search rows (unless the caller already did:
+        `measured`); confirm it on fresh rows when its search rows pin tighter than their
+        noise floor (or when `force`d)."""
         view = self.views[feature]
-        point, margin = view.measure(ids, placement)
+        point, margin = measured or view.measure(ids, placement)
         if margin > 0 and len(ids) > 1:
             ids, point, margin = self._shortest(view, tuple(ids), placement, point, margin)
         finding = Finding(source, feature, placement, tuple(ids), self.words(ids), margin,

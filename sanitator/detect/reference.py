@@ -332,6 +332,7 @@ def _scorer(scan, view):
 def _judge(scan, view, ids: tuple[int, ...]) -> bool:
     """Consider `ids` when it pins the search rows past their floor; True once the scan
     is done."""
-    if view.measure(ids, "anywhere")[1] > 0:
-        scan.consider("reference", view.feature, "anywhere", ids)
+    measured = view.measure(ids, "anywhere")
+    if measured[1] > 0:
+        scan.consider("reference", view.feature, "anywhere", ids, measured=measured)
     return scan.done
