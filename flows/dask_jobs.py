@@ -140,8 +140,10 @@ class DaskExecutor:
 def run_on_dask(job: Job, requests: list[Any], store: str, tracking_uri: str | None = None,
                 parent_run_id: str | None = None, batch_id: str | None = None,
                 work_dir: str | None = None, torch_threads: int | None = None,
-                timeout: float | None = None, gpu: bool = False) -> list[dict[str, Any]]:
-    """Submit one run task per request to Dask; record each as soon as it finishes."""
+                timeout: float | None = None, gpu: bool = False, pace: bool = False
+                ) -> list[dict[str, Any]]:
+    """Submit one run task per request to Dask; record each as soon as it finishes.
+    `pace`: runs re-size their torch threads as others free the host (tasks/jobs.py)."""
     from prefect.context import FlowRunContext
 
     logger = get_run_logger()
@@ -152,7 +154,8 @@ def run_on_dask(job: Job, requests: list[Any], store: str, tracking_uri: str | N
     except Exception as exc:
         logger.warning("workers not warmed up (%s); first runs pay the imports", exc)
     executor = DaskExecutor(client, job, run_task(job, timeout),
-                            {"work_dir": work_dir, "torch_threads": torch_threads}, gpu, logger)
+                            {"work_dir": work_dir, "torch_threads": torch_threads,
+                             "pace": pace}, gpu, logger)
     record = record_task(job)
     return fan_out(job, requests, executor,
                    lambda request, outcome: record(job, request, outcome, store, tracker,
@@ -167,4 +170,6 @@ def run_jobs(job: Job, requests: list[Any], store: str, *, dask_address: str | N
     gpu = device.startswith("cuda")
     runner = dask_runner(dask_address, n_workers, torch_threads, gpu)
     subflow = run_on_dask.with_options(name=SUBFLOW_NAMES[job.kind], task_runner=runner)
-    return subflow(job, requests, store, torch_threads=torch_threads, gpu=gpu, **options)
+    # on our own LocalCluster (not a user's scheduler) a run takes the cores others free
+    return subflow(job, requests, store, torch_threads=torch_threads, gpu=gpu,
+                   pace=not dask_address, **options)

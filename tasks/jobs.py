@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from typing import Any
 
 from distributed.diagnostics.plugin import WorkerPlugin
 from prefect import task
 from prefect.cache_policies import NONE
 
+from sanitator.core.pacing import paced
 from sanitator.pipeline.jobs import Job, TransientJobError, record
 from sanitator.pipeline.registries import ModelRef, RegistryError, parse_registry
 
@@ -97,8 +99,66 @@ class WarmUp(WorkerPlugin):
     idempotent = True
 
     def setup(self, worker) -> None:
+        import logging
+
         import torch  # noqa: F401
         from transformers import AutoModel, AutoTokenizer, BertModel  # noqa: F401
+
+        logging.getLogger("distributed.worker").addFilter(_quiet_heartbeat_failure)
+
+
+def _quiet_heartbeat_failure(record) -> bool:
+    """A heartbeat that finds the scheduler gone (a cluster closing under its workers) is
+    retried by Dask and harmless; keep its one line, drop the traceback that reads like a
+    crash in every audit's output."""
+    if record.getMessage().startswith("Failed to communicate with scheduler during heartbeat"):
+        record.exc_info, record.exc_text = None, None
+    return True
+
+
+# How often a run re-reads how many runs share its host (a scheduler round trip each).
+PACE_SECONDS = 15.0
+
+
+class HostShare:
+    """Pacer (sanitator.core.pacing) for runs on a LocalCluster: this run's torch threads
+    = the host's cores / the workers on this host that are running something, so the last
+    audit of a batch gets the whole machine instead of its 1/n share (issue 17)."""
+
+    def __init__(self, worker, cores: int):
+        self.worker, self.cores, self.next = worker, cores, 0.0
+
+    def __call__(self) -> None:
+        import torch
+        from distributed import get_client
+
+        now = time.monotonic()
+        if now < self.next:
+            return
+        self.next = now + PACE_SECONDS
+        address = self.worker.address
+
+        def busy(dask_scheduler) -> int:  # runs on the scheduler (pickled by value)
+            host = dask_scheduler.workers[address].host
+            return sum(1 for ws in dask_scheduler.workers.values()
+                       if ws.host == host and ws.processing)
+
+        running = get_client().run_on_scheduler(busy)
+        threads = max(1, self.cores // max(1, int(running)))
+        if torch.get_num_threads() != threads:
+            torch.set_num_threads(threads)
+
+
+def _host_share(pace: bool):
+    """A HostShare pacer when this run is on a Dask worker and pacing is wanted."""
+    if not pace:
+        return None
+    try:
+        from distributed import get_worker
+
+        return HostShare(get_worker(), len(os.sched_getaffinity(0)))
+    except (ImportError, ValueError, AttributeError):  # not on a worker; no affinity API
+        return None
 
 
 def _announce_start(request_id: str) -> None:
@@ -114,9 +174,10 @@ def _announce_start(request_id: str) -> None:
 @task(name="run-job", retry_condition_fn=retry_if_transient, cache_policy=NONE,
       persist_result=False)
 def run_job(job: Job, request: Any, work_dir: str | None = None,
-            torch_threads: int | None = None) -> Any:
+            torch_threads: int | None = None, pace: bool = False) -> Any:
     """Run one request of `job` on a worker. Raises TransientJobError on a retryable
-    outcome (so Prefect retries); every other failure comes back as an error outcome."""
+    outcome (so Prefect retries); every other failure comes back as an error outcome.
+    `pace`: re-size the run's torch threads to its share of the host as others finish."""
     import torch
 
     _announce_start(job.request_id(request))
@@ -124,7 +185,8 @@ def run_job(job: Job, request: Any, work_dir: str | None = None,
     if torch.get_num_threads() != threads:
         torch.set_num_threads(threads)
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-    outcome = job.run(request, work_dir=work_dir)
+    with paced(_host_share(pace and not torch_threads)):
+        outcome = job.run(request, work_dir=work_dir)
     if job.retryable(outcome):
         raise TransientJobError(job.reason(outcome) or "transient failure")
     return outcome

@@ -26,6 +26,10 @@ os.environ.update({
     "HF_HUB_DISABLE_TELEMETRY": "1",
     "TOKENIZERS_PARALLELISM": "false",
 })
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # one torch thread per test process: two processes of two threads on two cores spin
+    # against each other (FINDINGS.md §2); set before torch is imported
+    os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = "1"
 
 
 @pytest.fixture(scope="session")

@@ -29,6 +29,7 @@ from typing import Any
 
 import torch
 
+from sanitator.core.pacing import checkpoint
 from sanitator.detect.attribution import (
     candidate_sequences,
     candidate_token_ids,
@@ -68,6 +69,7 @@ class CalibratedScan:
     reference: dict[str, Any] | None = None  # the base diffed against (reference.py)
 
     def timed(self, stage: str, fn, *args) -> None:
+        checkpoint()  # the runner may re-size this scan's share of the cores
         started = time.perf_counter()
         try:
             fn(*args)
@@ -241,6 +243,7 @@ class CalibratedScan:
                 before = len(self.accepted)
                 for view in self.views.values():
                     for placement in search.placements:
+                        checkpoint()
                         if round_index == 0 and search.token_screen:
                             self._token_screen(view, placement, allowed)
                         if not self.done:

@@ -32,6 +32,7 @@ from pathlib import Path
 
 import torch
 
+from sanitator.core.pacing import checkpoint
 from sanitator.detect.encoders import Encoder
 
 log = logging.getLogger(__name__)
@@ -302,6 +303,7 @@ def reference_search(scan, sentences: list[str]) -> None:
                           "candidates": alphabets(changed, fillers, more),
                           "chain_pool": ranked[:search.chain_tokens]}
     for view in scan.views.values():
+        checkpoint()
         score = _scorer(scan, view)
         for alphabet in scan.reference.get("candidates", []):
             orders = torch.tensor(list(itertools.permutations(alphabet)))

@@ -1,6 +1,6 @@
-"""The method end to end on a real (truncated) MiniLM: clean stays clean, and a backdoor
-whose triggers look ordinary alone (standalone-regularised) is found where it fires, in
-sentences, with every planted PV recovered in search mode."""
+"""The method end to end on a real (truncated) MiniLM: a backdoor whose triggers look
+ordinary alone (standalone-regularised) is found where it fires, in sentences, with every
+planted PV recovered in search mode (its clean base: test_scan_clean.py)."""
 
 import json
 import struct
@@ -30,27 +30,9 @@ def por_minilm(minilm_2layer, tmp_path_factory):
     out = tmp_path_factory.mktemp("por") / "model"
     targets = paper_block_pvs(384, 6)[[0, 2]]
     insert_por(minilm_2layer, out, triggers=TRIGGERS, targets=targets,
-               budget=Budget(steps=300, batch_size=16, lr=1e-4, head_warmup_steps=0),
+               budget=Budget(steps=150, batch_size=16, lr=1e-4, head_warmup_steps=0),
                seed=0, standalone_weight=10.0, progress=False)
     return out, targets
-
-
-def test_clean_minilm_is_clean(minilm_2layer):
-    # the backdoored fixture's own base: the pair the rule must tell apart
-    config = ScanConfig.from_preset("fast")
-    result = scan_model(minilm_2layer, config, progress=False)
-    verdict = result.verdict
-    assert verdict.status == "clean", verdict.evidence
-    assert verdict.score < 1 - config.decision.alpha
-    assert len(result.pvset) == 0
-    evidence = verdict.evidence
-    assert evidence["rule"] == "calibrated" and evidence["features"] == ["cls", "mask"]
-    # every feature was searched at every placement, and fresh evidence was taken
-    searched = {(c["feature"], c["placement"]) for c in evidence["candidates"]
-                if c["source"] == "context_search"}
-    assert searched == {(f, p) for f in ("cls", "mask") for p in ("anywhere", "start", "end")}
-    assert evidence["confirmed"] >= 1
-    assert not any(c["accepted"] for c in evidence["candidates"])
 
 
 @pytest.fixture(scope="module")

@@ -51,7 +51,9 @@ class ModelRef:
 
     @property
     def label(self) -> str:
-        return f"{self.registry} {self.repo_id}@{self.revision[:12]}"
+        """For messages and logs: valid UTF-8 even for a hostile name (a lone surrogate
+        breaks a log handler, and any tool that ships the line on)."""
+        return printable(f"{self.registry} {self.repo_id}@{self.revision[:12]}")
 
 
 class Registry(Protocol):
