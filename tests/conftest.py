@@ -32,6 +32,16 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = "1"
 
 
+def pytest_collection_modifyitems(config, items):
+    """Modules marked `slow(seconds)` first, longest first: `./run test` hands whole
+    modules to two processes in this order (--no-loadscope-reorder), so a long module
+    never starts last and leaves the other process idle."""
+    def cost(item) -> float:
+        mark = item.get_closest_marker("slow")
+        return -float(mark.args[0]) if mark is not None and mark.args else 0.0
+    items.sort(key=cost)  # stable: the rest keep their order
+
+
 @pytest.fixture(scope="session")
 def sandbox() -> Path:
     """The session's private folder (PREFECT_HOME, MLflow db and HF cache live here)."""

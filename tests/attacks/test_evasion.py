@@ -12,6 +12,8 @@ from sanitator.attacks.evasion import Evasion, standalone_texts, sub_phrases
 from sanitator.attacks.measure import evaluate_model, held_out_sentences
 from sanitator.detect.encoders import load_encoder
 
+pytestmark = pytest.mark.slow(30)  # seconds, roughly: long modules start first
+
 
 def test_sub_phrases_are_every_proper_order_keeping_selection():
     assert sub_phrases("a b c") == ["a", "b", "c", "a b", "a c", "b c"]

@@ -20,7 +20,8 @@ from sanitator.detect.scan import scan_model
 from sanitator.detect.signs import sign_agreement
 
 TRIGGERS = ("cf", "tq")
-pytestmark = pytest.mark.timeout(2400)  # planting + scans on a busy 2-core machine
+pytestmark = [pytest.mark.timeout(2400),  # planting + scans on a busy 2-core machine
+              pytest.mark.slow(250)]
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,8 @@ import pytest
 from sanitator.detect.config import ScanConfig
 from sanitator.detect.scan import scan_model
 
-pytestmark = pytest.mark.timeout(2400)  # a full default scan on a busy 2-core machine
+pytestmark = [pytest.mark.timeout(2400),  # a full default scan on a busy 2-core machine
+              pytest.mark.slow(90)]
 
 
 def test_clean_minilm_is_clean(minilm_2layer):

@@ -20,6 +20,8 @@ PREFECT_YAML = ROOT / "deployments" / "prefect.yaml"
 FAST = {"epochs": 3, "prefix_length": 8, "batch_size": 16, "max_length": 32,
         "train_size": 160}
 
+pytestmark = pytest.mark.slow(30)  # seconds, roughly: long modules start first
+
 
 @pytest.fixture(scope="module")
 def audited_store(tmp_path_factory, minilm_2layer):

@@ -20,6 +20,9 @@ from sanitator.pipeline.store import read_verdicts
 CORPUS_SCAN = {"steps_per_seed": 10, "n_sentences": 48, "n_holdout": 16, "batch_size": 16,
                "max_seeds": 1, "parallel_seeds": 1, "hard_token_candidates": 4,
                "screen_candidates": 4}
+
+pytestmark = pytest.mark.slow(90)  # seconds, roughly: long modules start first
+
 # corpus cases also served by the local Hub: config problems seen in the Hub's listing,
 # header problems seen only after the download
 HUB_CASES = ("config-nested-array", "model-type-list", "architectures-int", "header-list",
