@@ -99,8 +99,6 @@ class WarmUp(WorkerPlugin):
     idempotent = True
 
     def setup(self, worker) -> None:
-        import logging
-
         import torch  # noqa: F401
         from transformers import AutoModel, AutoTokenizer, BertModel  # noqa: F401
 

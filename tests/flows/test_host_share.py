@@ -1,5 +1,7 @@
-"""HostShare on a real Dask cluster: a run's torch threads follow how many workers on its
-host are busy, so the last run of a batch gets the whole machine."""
+"""Worker-side helpers of tasks/jobs.py. HostShare, on a real Dask cluster: a run's torch
+threads follow how many workers on its host are busy, so the last run of a batch gets the
+whole machine. The heartbeat filter: a scheduler gone at shutdown is one line, not a
+traceback."""
 
 import threading
 
@@ -38,3 +40,23 @@ def test_a_lone_run_takes_every_core_and_two_runs_split_them(client):
     both = client.gather([client.submit(_share, 4, True, pure=False) for _ in range(2)])
     assert alone == 4
     assert both == [2, 2]
+
+
+def test_a_heartbeat_that_finds_the_scheduler_gone_logs_one_line_without_a_traceback():
+    import logging
+    import sys
+
+    from tasks.jobs import _quiet_heartbeat_failure
+
+    try:
+        raise OSError("Stream is closed")
+    except OSError:
+        info = sys.exc_info()
+    heartbeat = logging.LogRecord("distributed.worker", logging.ERROR, __file__, 1,
+                                  "Failed to communicate with scheduler during heartbeat.",
+                                  None, info)
+    other = logging.LogRecord("distributed.worker", logging.ERROR, __file__, 1,
+                              "Compute Failed", None, info)
+    assert _quiet_heartbeat_failure(heartbeat) and _quiet_heartbeat_failure(other)
+    assert heartbeat.exc_info is None and "Traceback" not in logging.Formatter().format(heartbeat)
+    assert other.exc_info is info  # every other record keeps its traceback
