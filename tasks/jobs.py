@@ -93,7 +93,8 @@ def worker_threads(requested: int | None) -> int:
 class WarmUp(WorkerPlugin):
     """Dask worker plugin: import what every run needs (torch, transformers' model code,
     seconds of imports) when a worker starts, restarted workers included, so that a run's
-    timeout measures the run and not the imports."""
+    timeout measures the run and not the imports; and quiet the harmless heartbeat failure
+    of a cluster shutting down (`_quiet_heartbeat_failure`)."""
 
     name = "sanitator-warm-up"
     idempotent = True
@@ -154,8 +155,9 @@ def _host_share(pace: bool):
     try:
         from distributed import get_worker
 
-        return HostShare(get_worker(), len(os.sched_getaffinity(0)))
-    except (ImportError, ValueError, AttributeError):  # not on a worker; no affinity API
+        # the same count of cores as worker_threads and the LocalCluster's split
+        return HostShare(get_worker(), os.cpu_count() or 1)
+    except (ImportError, ValueError):  # not on a Dask worker
         return None
 
 
