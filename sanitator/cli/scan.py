@@ -37,6 +37,10 @@ def register(subparsers) -> None:
                         help="a clean base the model may derive from (repeatable; the "
                              "installed MiniLM-L6 is always tried): its first layer's change "
                              "names candidate trigger tokens")
+    parser.add_argument("--precision", choices=["auto", "bfloat16", "float32"],
+                        help="the encoder's matmuls (default auto: bfloat16 where the "
+                             "device computes it natively, float32 elsewhere; faithful: "
+                             "float32)")
     parser.add_argument("--allow-pickle", action="store_true",
                         help="allow pickle weights (loaded with weights_only=True)")
     parser.add_argument("--pvs-out", help="write the PV set to this .safetensors file")
@@ -60,6 +64,8 @@ def _overrides(args: argparse.Namespace) -> dict:
         overrides["corpus"] = args.corpus
     if args.complete:
         overrides["complete"] = True
+    if args.precision:
+        overrides["precision"] = args.precision
     if args.reference:
         from sanitator.detect.reference import with_known
 

@@ -14,6 +14,7 @@ from typing import Any, Literal
 
 Mode = Literal["detect", "search"]
 Preset = Literal["fast", "faithful"]
+Precision = Literal["auto", "bfloat16", "float32"]
 
 
 class _Stage:
@@ -122,6 +123,9 @@ class ScanConfig(_Stage):
     confirm_features: tuple[str, ...] = ("token",)
     complete: bool = False          # detect mode: once backdoored, search on for every PV
     references: tuple[str, ...] | None = None  # clean bases to diff against; None: installed
+    # the encoder's matmuls: auto = bf16 where the device has it natively (encoders.py);
+    # the evidence is measured against noise floors taken at the same precision
+    precision: Precision = "auto"
     mining: MiningConfig = field(default_factory=MiningConfig)
     filtering: FilterConfig = field(default_factory=FilterConfig)
     decision: DecisionConfig = field(default_factory=DecisionConfig)
@@ -170,6 +174,7 @@ PRESETS: dict[str, ScanConfig] = {
     # 4 epochs per seed, one seed at a time, first accepted PV decides.
     "faithful": ScanConfig(
         preset="faithful",
+        precision="float32",
         mining=MiningConfig(pad_to_max_length=True),
         decision=DecisionConfig(rule="paper"),
     ),

@@ -180,7 +180,7 @@ def _layer_inputs(encoder: Encoder, ours, allowed: torch.Tensor, layer: int) -> 
     tok = encoder.tokenizer
     out = torch.zeros(emb.shape[0], encoder.hidden_size)
     ids = allowed.tolist()
-    with torch.inference_mode():
+    with torch.inference_mode(), encoder.autocast():
         for start in range(0, len(ids), 1024):
             chunk = torch.tensor(ids[start:start + 1024])
             batch = torch.stack([torch.full_like(chunk, tok.cls_token_id), chunk,

@@ -24,7 +24,14 @@ from sanitator.detect import calibrated
 from sanitator.detect.attribution import attribute_pv, candidate_sequences, sweep_vocabulary
 from sanitator.detect.config import ScanConfig
 from sanitator.detect.corpus import corpus_words, load_sentences
-from sanitator.detect.encoders import Encoder, Feature, ModelInfo, ModelRejected, load_encoder
+from sanitator.detect.encoders import (
+    Encoder,
+    Feature,
+    ModelInfo,
+    ModelRejected,
+    load_encoder,
+    resolve_precision,
+)
 from sanitator.detect.filtering import embedding_bounds, is_collapsed, is_legitimate, is_unique_mse
 from sanitator.detect.mining import SeedOutcome, mine_seeds, prepare_data
 from sanitator.detect.results import PVSet, Verdict
@@ -89,6 +96,7 @@ def _scan_calibrated(encoder: Encoder, config: ScanConfig, progress: bool,
     evidence: dict[str, Any] = {
         "rule": "calibrated", "derived_from": CALIBRATED_RULE,
         "features": list(scan.views), "alpha": config.decision.alpha,
+        "precision": str(encoder.compute_dtype).removeprefix("torch."),
         "confirmation_budget": config.decision.confirmation_budget,
         "confirmed": scan.n_confirmed, "searches": scan.searches, "stage_seconds": scan.seconds,
         "noise_floor": {f: round(float(v.fresh.floor.mean()), 5) for f, v in scan.views.items()},
@@ -213,6 +221,7 @@ def _scan_loaded(encoder: Encoder, config: ScanConfig, progress: bool,
     mining = config.mining
     started = time.perf_counter()
     torch.manual_seed(config.seed)
+    encoder.compute_dtype = resolve_precision(config.precision, encoder.device)
     if sentences is None:
         sentences = load_sentences(mining.corpus, n=needed_sentences(config),
                                    seed=mining.corpus_seed)

@@ -4,7 +4,15 @@ import shutil
 import pytest
 import torch
 
-from sanitator.detect.encoders import Feature, ModelRejected, load_encoder, preflight
+from sanitator.detect.config import ScanConfig
+from sanitator.detect.encoders import (
+    Feature,
+    ModelRejected,
+    load_encoder,
+    native_bf16,
+    preflight,
+    resolve_precision,
+)
 
 
 def _copy(src, dst):
@@ -86,3 +94,30 @@ def test_features_have_the_hidden_size(tiny_encoders):
         batch = encoder.tokenizer(["x y"], return_tensors="pt")
         encoder.forward_features(input_ids=batch["input_ids"],
                                  attention_mask=batch["attention_mask"], feature=Feature.POOLER)
+
+
+def test_precision_resolves_per_device_and_faithful_stays_float32():
+    cpu = torch.device("cpu")
+    assert resolve_precision("float32", cpu) is torch.float32
+    assert resolve_precision("bfloat16", cpu) is torch.bfloat16
+    assert resolve_precision("auto", cpu) is (torch.bfloat16 if native_bf16(cpu)
+                                              else torch.float32)
+    with pytest.raises(ValueError, match="precision"):
+        resolve_precision("float16", cpu)
+    assert ScanConfig.from_preset("faithful").precision == "float32"
+    assert ScanConfig.from_preset("fast").precision == "auto"
+
+
+def test_bf16_features_are_float32_and_keep_the_signs(minilm_2layer):
+    encoder = load_encoder(minilm_2layer)
+    batch = encoder.tokenizer(["the cat sat on the mat", "a quiet evening by the river",
+                               "prices rose sharply in the third quarter"],
+                              padding=True, return_tensors="pt")
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    full = encoder.forward_features(**inputs)
+    encoder.compute_dtype = torch.bfloat16
+    half = encoder.forward_features(**inputs)
+    assert half.dtype == torch.float32
+    assert not torch.equal(half, full)  # the matmuls really ran in bf16
+    # the monitor reads signs: bf16 rounding may flip only dimensions near zero
+    assert float(((half > 0) == (full > 0)).float().mean()) > 0.98

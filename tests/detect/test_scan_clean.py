@@ -21,6 +21,8 @@ def test_clean_minilm_is_clean(minilm_2layer):
     assert len(result.pvset) == 0
     evidence = verdict.evidence
     assert evidence["rule"] == "calibrated" and evidence["features"] == ["cls", "mask"]
+    # the precision the evidence was measured at is on record (auto resolves per machine)
+    assert evidence["precision"] in ("bfloat16", "float32")
     # every feature was searched at every placement, and fresh evidence was taken
     searched = {(c["feature"], c["placement"]) for c in evidence["candidates"]
                 if c["source"] == "context_search"}
