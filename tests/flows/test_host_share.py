@@ -60,3 +60,20 @@ def test_a_heartbeat_that_finds_the_scheduler_gone_logs_one_line_without_a_trace
     assert _quiet_heartbeat_failure(heartbeat) and _quiet_heartbeat_failure(other)
     assert heartbeat.exc_info is None and "Traceback" not in logging.Formatter().format(heartbeat)
     assert other.exc_info is info  # every other record keeps its traceback
+
+
+def test_prefects_worker_thread_timeout_warning_is_dropped_and_nothing_else():
+    import logging
+
+    from tasks.jobs import _quiet_thread_timeout_warning
+
+    # the message as prefect.task_engine logs it (its %s is the task's timeout)
+    thread = logging.LogRecord(
+        "prefect.task_runs", logging.WARNING, __file__, 1,
+        "Timeout of %s seconds configured for this task, but the task is running in a "
+        "worker thread. Timeouts in worker threads cannot interrupt blocking operations",
+        (3600.0,), None)
+    other = logging.LogRecord("prefect.task_runs", logging.WARNING, __file__, 1,
+                              "Task run %s timed out", ("audit x",), None)
+    assert not _quiet_thread_timeout_warning(thread)
+    assert _quiet_thread_timeout_warning(other)
