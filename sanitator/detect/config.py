@@ -15,6 +15,7 @@ from typing import Any, Literal
 Mode = Literal["detect", "search"]
 Preset = Literal["fast", "faithful"]
 Precision = Literal["auto", "bfloat16", "float32"]
+PRECISIONS: tuple[str, ...] = ("auto", "bfloat16", "float32")
 
 
 class _Stage:
@@ -130,6 +131,12 @@ class ScanConfig(_Stage):
     filtering: FilterConfig = field(default_factory=FilterConfig)
     decision: DecisionConfig = field(default_factory=DecisionConfig)
     search: SearchConfig = field(default_factory=SearchConfig)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.precision not in PRECISIONS:  # `--set precision=...` is checked up front
+            raise ValueError(f"unknown precision {self.precision!r}; choose from "
+                             f"{', '.join(PRECISIONS)}")
 
     @classmethod
     def from_preset(cls, preset: Preset = "fast", **overrides: Any) -> ScanConfig:

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from sanitator.core.status import Status
+from sanitator.detect.config import PRECISIONS
 from sanitator.safety.model_policy import SUPPORTED_MODEL_TYPES, ModelRejected, short
 from sanitator.safety.preflight import ModelInfo, inspect_model, preflight
 
@@ -118,9 +119,9 @@ def resolve_precision(precision: str, device: torch.device) -> torch.dtype:
     (about 2.4x faster on this project's CPUs), float32 elsewhere."""
     if precision == "auto":
         return torch.bfloat16 if native_bf16(device) else torch.float32
-    if precision in ("bfloat16", "float32"):
+    if precision in PRECISIONS:
         return getattr(torch, precision)
-    raise ValueError(f"unknown precision {precision!r}; choose auto, bfloat16 or float32")
+    raise ValueError(f"unknown precision {precision!r}; choose from {', '.join(PRECISIONS)}")
 
 
 def select_feature(output, feature: Feature | str, mask_positions: torch.Tensor | None = None

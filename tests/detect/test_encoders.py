@@ -104,6 +104,8 @@ def test_precision_resolves_per_device_and_faithful_stays_float32():
                                               else torch.float32)
     with pytest.raises(ValueError, match="precision"):
         resolve_precision("float16", cpu)
+    with pytest.raises(ValueError, match="precision"):  # refused with the config, not later
+        ScanConfig.from_preset("fast", precision="bf16")
     assert ScanConfig.from_preset("faithful").precision == "float32"
     assert ScanConfig.from_preset("fast").precision == "auto"
 
