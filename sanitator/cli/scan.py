@@ -8,6 +8,7 @@ import sys
 
 from sanitator.cli import exits
 from sanitator.core.status import VERDICT_STATUSES, Status
+from sanitator.detect.config import PRECISIONS
 
 
 def register(subparsers) -> None:
@@ -37,7 +38,7 @@ def register(subparsers) -> None:
                         help="a clean base the model may derive from (repeatable; the "
                              "installed MiniLM-L6 is always tried): its first layer's change "
                              "names candidate trigger tokens")
-    parser.add_argument("--precision", choices=["auto", "bfloat16", "float32"],
+    parser.add_argument("--precision", choices=PRECISIONS,
                         help="the encoder's matmuls (default auto: bfloat16 where the "
                              "device computes it natively, float32 elsewhere; faithful: "
                              "float32)")

@@ -10,12 +10,12 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import asdict, dataclass, field, fields, replace
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 Mode = Literal["detect", "search"]
 Preset = Literal["fast", "faithful"]
 Precision = Literal["auto", "bfloat16", "float32"]
-PRECISIONS: tuple[str, ...] = ("auto", "bfloat16", "float32")
+PRECISIONS: tuple[str, ...] = get_args(Precision)
 
 
 class _Stage:
