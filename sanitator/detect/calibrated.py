@@ -21,7 +21,6 @@ triggers are confirmed at every other feature too, so each feature keeps its own
 
 from __future__ import annotations
 
-import logging
 import random
 import time
 from dataclasses import dataclass, field
@@ -38,15 +37,15 @@ from sanitator.detect.attribution import (
 )
 from sanitator.detect.calibrated_view import FeatureView, Finding, scan_features
 from sanitator.detect.config import ScanConfig
-from sanitator.detect.corpus import corpus_words, load_sentences
+from sanitator.detect.corpus import corpus_words
 from sanitator.detect.encoders import Encoder, Feature
 from sanitator.detect.evidence import confirm
+from sanitator.detect.false_alarms import false_alarm_text, monitor_check
 from sanitator.detect.hardsearch import Objective, evaluate, gcg, token_gradients, toward
 from sanitator.detect.mining import MiningData, mine_seeds, prepare_data
 from sanitator.detect.reference import reference_search
-from sanitator.detect.signs import MONITOR_THRESHOLD, sign_agreement
-
-log = logging.getLogger(__name__)
+from sanitator.detect.refine import refine_accepted
+from sanitator.detect.signs import sign_agreement
 
 
 @dataclass
@@ -58,7 +57,8 @@ class CalibratedScan:
     views: dict[str, FeatureView]
     progress: bool = False
     findings: list[Finding] = field(default_factory=list)
-    n_confirmed: int = 0
+    n_confirmed: int = 0            # fresh confirmations before the verdict was settled
+    n_completed: int = 0            # and after (decision.completion_budget)
     searches: int = 0
     search_steps: int = 0
     mining: dict[str, Any] = field(default_factory=dict)
@@ -110,9 +110,30 @@ class CalibratedScan:
                > self.config.filtering.unique_agreement for known in view.known):
             finding.note = "reaches an accepted point"
             return finding
+        rest = self._without_accepted(finding)
+        if rest != finding.token_ids:
+            # two triggers together land between their PVs: a blend, not another PV; what
+            # is left once the accepted trigger is taken out may be the next trigger
+            finding.note = "holds an accepted trigger"
+            if rest and not any(f.token_ids == rest and f.feature == feature
+                                and f.placement == placement for f in self.findings):
+                return self.consider(source, feature, placement, rest, seed=seed)
+            return finding
         if margin > 0 or force:
             self._confirm(finding)
         return finding
+
+    def _without_accepted(self, finding: Finding) -> tuple[int, ...]:
+        """The candidate's tokens with every (shorter) accepted trigger of its feature
+        taken out."""
+        ids = finding.token_ids
+        for held in sorted({f.token_ids for f in self.accepted if f.feature == finding.feature
+                            and len(f.token_ids) < len(finding.token_ids)}, key=len,
+                           reverse=True):
+            for start in range(len(ids) - len(held), -1, -1):
+                if ids[start:start + len(held)] == held:
+                    ids = ids[:start] + ids[start + len(held):]
+        return ids
 
     def _shortest(self, view: FeatureView, ids: tuple[int, ...], placement: str,
                   point: torch.Tensor, margin: float
@@ -132,25 +153,34 @@ class CalibratedScan:
 
     def _confirm(self, finding: Finding) -> None:
         decision = self.config.decision
-        if self.n_confirmed >= decision.confirmation_budget:
+        # the verdict's budget until a trigger is accepted; then the PV set's own
+        settled = bool(self.accepted)
+        budget = decision.completion_budget if settled else decision.confirmation_budget
+        if (self.n_completed if settled else self.n_confirmed) >= budget:
             finding.note = "confirmation budget spent"
             return
         view = self.views[finding.feature]
         out = view.outputs(view.fresh.placed(finding.placement), finding.token_ids)
         finding.confirmation = confirm(out, finding.point, view.fresh,
                                        max_natural_rate=decision.max_natural_rate)
-        self.n_confirmed += 1
+        finding.after_verdict = settled
+        if settled:
+            self.n_completed += 1
+        else:
+            self.n_confirmed += 1
         # Bonferroni over the whole budget, fixed in advance: each decision is final
-        finding.p_adjusted = finding.confirmation.p_adjusted(decision.confirmation_budget)
+        finding.p_adjusted = finding.confirmation.p_adjusted(budget)
         finding.accepted = (finding.confirmation.usable
                             and finding.p_adjusted <= decision.alpha)
         if finding.accepted:
             view.known.append(finding.point)
 
     def score(self) -> float:
-        """1 - adjusted p of the strongest usable confirmation (0 when none is usable)."""
+        """1 - adjusted p of the strongest usable confirmation made before the verdict was
+        settled (0 when none is usable): the PV set's later ones bound no false alarm."""
         usable = [f.p_adjusted for f in self.findings
-                  if f.confirmation is not None and f.confirmation.usable]
+                  if f.confirmation is not None and f.confirmation.usable
+                  and not f.after_verdict]
         return round(1.0 - min(usable), 6) if usable else 0.0
 
     def confirm_best_unconfirmed(self) -> None:
@@ -167,24 +197,6 @@ class CalibratedScan:
     def published(self) -> list[Finding]:
         """The accepted PVs the artifact ships: not those that false-alarm on clean text."""
         return [f for f in self.accepted if not f.withheld]
-
-    def monitor_check(self, sentences: list[str], corpus: str) -> None:
-        """Each accepted PV's flag rate on clean text from another corpus than the scan's;
-        a PV above `max_false_alarms` is withheld from the artifact and reported (issue 15:
-        a monitor that flags clean traffic must never ship silently)."""
-        decision = self.config.decision
-        self.completion["false_alarm_corpus"] = corpus
-        for feature, view in self.views.items():
-            mine = [f for f in self.accepted if f.feature == feature]
-            if not mine:
-                continue
-            data = prepare_data(self.encoder, sentences, view.search_config,
-                                seed=self.config.seed + 11)
-            points = torch.stack([f.point for f in mine])
-            flagged = sign_agreement(data.clean, points) > MONITOR_THRESHOLD   # [n, K]
-            for finding, rate in zip(mine, flagged.float().mean(dim=0).tolist(), strict=True):
-                finding.false_alarms = rate
-                finding.withheld = rate > decision.max_false_alarms
 
     def cross_features(self, search_rows: list[str], fresh: list[str]) -> None:
         """Every accepted trigger judged at the other features (and the confirm-only ones,
@@ -371,24 +383,11 @@ def run(encoder: Encoder, config: ScanConfig, sentences: list[str], progress: bo
         train = {f: prepare_data(encoder, train_rows, v.mining, seed=config.seed)
                  for f, v in views.items()}
         scan.timed("mining", scan.realise_mined, train)
+    if scan.accepted and scan.collect_all:
+        scan.timed("refine", refine_accepted, scan)   # partial triggers grown to full ones
     scan.timed("confirmation", scan.confirm_best_unconfirmed)
     scan.timed("cross_features", scan.cross_features, search_rows, fresh)
     if scan.accepted:
         check_corpus, check_rows = false_alarm_text(config, fresh)
-        scan.timed("false_alarms", scan.monitor_check, check_rows, check_corpus)
+        scan.timed("false_alarms", monitor_check, scan, check_rows, check_corpus)
     return scan
-
-
-def false_alarm_text(config: ScanConfig, fallback: list[str]) -> tuple[str, list[str]]:
-    """Clean text from another corpus than the scan's, for the monitor's false alarms (the
-    scan's own fresh rows, said so, where no other corpus is on this machine)."""
-    decision, mining = config.decision, config.mining
-    for corpus in decision.false_alarm_corpora:
-        if corpus == (mining.corpus or "wikitext"):
-            continue
-        try:
-            return corpus, load_sentences(corpus, n=decision.false_alarm_sentences,
-                                          seed=config.seed)
-        except (OSError, ValueError) as exc:  # DataNotFoundError, CorpusError
-            log.warning("false-alarm corpus %s unavailable: %s", corpus, exc)
-    return "the scan's own fresh sentences (no other corpus available)", fallback

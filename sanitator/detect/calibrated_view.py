@@ -38,6 +38,7 @@ class Finding:
     note: str = ""
     false_alarms: float | None = None  # flag rate on clean text of another corpus
     withheld: bool = False      # accepted, but kept out of the artifact (false alarms)
+    after_verdict: bool = False  # confirmed on the PV set's budget, not the verdict's
 
     def summary(self) -> dict[str, Any]:
         data: dict[str, Any] = {
@@ -48,6 +49,7 @@ class Finding:
             data["seed"] = self.seed
         if self.confirmation is not None:
             data["fresh"] = self.confirmation.summary()
+            data["budget"] = "completion" if self.after_verdict else "verdict"
         if self.false_alarms is not None:
             data["false_alarm_rate"] = round(self.false_alarms, 5)
             data["withheld"] = self.withheld

@@ -72,7 +72,9 @@ class DecisionConfig(_Stage):
     """How evidence becomes a verdict. `paper` = first accepted PV; `calibrated` = ours
     (docs/method.md): a hard trigger that pins fresh sentences to one sign pattern more
     tightly than a one-token edit keeps a sentence at its own, at significance `alpha`
-    after a Bonferroni correction over `confirmation_budget` fresh confirmations."""
+    after a Bonferroni correction over `confirmation_budget` fresh confirmations. Once a
+    trigger is accepted the verdict is settled; the PVs collected after it (completion,
+    search mode) draw on `completion_budget`, corrected over that budget instead."""
 
     rule: Literal["paper", "calibrated"] = "calibrated"
     hard_token_candidates: int = 32  # vocabulary tokens re-tested per PV (faithful attribution)
@@ -80,6 +82,7 @@ class DecisionConfig(_Stage):
     screen_features: tuple[str, ...] = ("cls",)  # features the standalone screen sweeps
     alpha: float = 0.01             # false-alarm bound of the confirmation test
     confirmation_budget: int = 16   # fresh confirmations a scan may spend (Bonferroni)
+    completion_budget: int = 64     # more of them once a trigger is accepted (the PV set)
     max_natural_rate: float = 0.05  # clean fresh outputs allowed at a PV already
     max_false_alarms: float = 0.01  # a PV flagging more clean text is withheld (issue 15)
     false_alarm_corpora: tuple[str, ...] = ("sst2", "ag_news")  # the first unlike the scan's

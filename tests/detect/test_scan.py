@@ -14,7 +14,12 @@ import torch
 from sanitator.attacks.common import Budget
 from sanitator.attacks.por import insert_por
 from sanitator.attacks.targets import paper_block_pvs
+from sanitator.detect.calibrated import CalibratedScan
+from sanitator.detect.calibrated_view import FeatureView, Finding
 from sanitator.detect.config import ScanConfig
+from sanitator.detect.corpus import load_sentences
+from sanitator.detect.encoders import load_encoder
+from sanitator.detect.refine import refine_accepted
 from sanitator.detect.results import PVSet
 from sanitator.detect.scan import scan_model
 from sanitator.detect.signs import sign_agreement
@@ -55,7 +60,8 @@ def test_backdoor_that_looks_ordinary_alone_is_found_in_context(por_minilm, por_
     accepted = [c for c in verdict.evidence["candidates"]
                 if c["accepted"] and c["feature"] == "cls"]
     assert accepted
-    assert {c["source"] for c in accepted} <= {"token_screen", "context_search"}
+    # (search mode grows each accepted trigger at the end: refine.py)
+    assert {c["source"] for c in accepted} <= {"token_screen", "context_search", "refine"}
     found = accepted[0]["fresh"]
     assert found["agreement"] > found["floor"] and found["success"] >= 0.5
     assert any(token.startswith(TRIGGERS) for tokens in por_detection.pvset.trigger_tokens
@@ -117,8 +123,9 @@ def test_the_reference_diff_alone_finds_the_backdoor(por_minilm):
     assert set(TRIGGERS) <= set(reference["most_changed"])
     accepted = [c for c in verdict.evidence["candidates"]
                 if c["accepted"] and c["feature"] == "cls"]
-    assert {c["source"] for c in accepted} == {"reference"}
-    assert all(set(c["hard_trigger"]) <= set(TRIGGERS) for c in accepted)
+    assert {c["source"] for c in accepted} - {"refine"} == {"reference"}
+    assert all(set(c["hard_trigger"]) <= set(TRIGGERS)
+               for c in accepted if c["source"] == "reference")
     # the token feature is not searched, but the accepted trigger is judged there too
     assert "token" in verdict.evidence["features"]
     assert any(c["source"] == "cross_feature" and c["feature"] == "token"
@@ -130,3 +137,32 @@ def test_the_reference_diff_alone_finds_the_backdoor(por_minilm):
     assert completion["stop"].startswith(("saturated", "round cap"))
     agreement = sign_agreement(result.pvset.select("cls").vectors, por_minilm[1])
     assert (agreement.max(dim=0).values >= 0.9).all(), agreement
+
+
+def test_refine_grows_a_trigger_part_into_one_that_reaches_a_planted_pv(por_minilm):
+    # completion's last step (refine.py) starting from a part that barely fires: the
+    # ordinary word "house", taken as if accepted. One more slot and a coordinate search
+    # on the collapse objective must reach a planted trigger, judged fresh like any
+    # candidate, and its point must match a planted PV where the part's did not.
+    model, targets = por_minilm
+    config = ScanConfig.from_preset("fast", features=("cls",))
+    encoder = load_encoder(model)
+    sentences = load_sentences(None, n=400, seed=config.mining.corpus_seed)
+    view = FeatureView(encoder, config, "cls", sentences[:64], sentences[-128:])
+    scan = CalibratedScan(encoder, config, {"cls": view})
+    part = tuple(encoder.tokenizer.convert_tokens_to_ids(["house"]))
+    point, margin = view.measure(part, "anywhere")
+    assert sign_agreement(point[None], targets).max() < 0.9
+    seed = Finding("test", "cls", "anywhere", part, ["house"], margin, point, accepted=True)
+    scan.findings.append(seed)
+    view.known.append(point)
+    scan.n_confirmed = config.decision.confirmation_budget  # spent: the PV set has its own
+    refine_accepted(scan)
+    grown = [f for f in scan.findings if f.source == "refine"]
+    assert len(grown) == 1 and grown[0].note == "grown from house"
+    assert grown[0].accepted and grown[0].after_verdict, grown[0].summary()
+    assert len(grown[0].token_ids) == 2 and set(grown[0].tokens) & set(TRIGGERS)
+    assert grown[0].search_margin > margin
+    assert sign_agreement(grown[0].point[None], targets).max() >= 0.9
+    # the verdict's score reads only the verdict's own confirmations
+    assert scan.n_completed == 1 and scan.score() == 0.0

@@ -1,0 +1,48 @@
+"""The monitor's false alarms, measured before a PV set ships (issue 15): each accepted PV's
+flag rate on clean text from another corpus than the scan's; a PV above
+`max_false_alarms` is withheld from the artifact and reported, never shipped silently."""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from sanitator.detect.config import ScanConfig
+from sanitator.detect.corpus import load_sentences
+from sanitator.detect.mining import prepare_data
+from sanitator.detect.signs import MONITOR_THRESHOLD, sign_agreement
+
+log = logging.getLogger(__name__)
+
+
+def monitor_check(scan, sentences: list[str], corpus: str) -> None:
+    """Set `false_alarms` and `withheld` on every accepted finding of the calibrated scan."""
+    decision = scan.config.decision
+    scan.completion["false_alarm_corpus"] = corpus
+    for feature, view in scan.views.items():
+        mine = [f for f in scan.accepted if f.feature == feature]
+        if not mine:
+            continue
+        data = prepare_data(scan.encoder, sentences, view.search_config,
+                            seed=scan.config.seed + 11)
+        points = torch.stack([f.point for f in mine])
+        flagged = sign_agreement(data.clean, points) > MONITOR_THRESHOLD   # [n, K]
+        for finding, rate in zip(mine, flagged.float().mean(dim=0).tolist(), strict=True):
+            finding.false_alarms = rate
+            finding.withheld = rate > decision.max_false_alarms
+
+
+def false_alarm_text(config: ScanConfig, fallback: list[str]) -> tuple[str, list[str]]:
+    """Clean text from another corpus than the scan's (the scan's own fresh rows, said so,
+    where no other corpus is on this machine)."""
+    decision, mining = config.decision, config.mining
+    for corpus in decision.false_alarm_corpora:
+        if corpus == (mining.corpus or "wikitext"):
+            continue
+        try:
+            return corpus, load_sentences(corpus, n=decision.false_alarm_sentences,
+                                          seed=config.seed)
+        except (OSError, ValueError) as exc:  # DataNotFoundError, CorpusError
+            log.warning("false-alarm corpus %s unavailable: %s", corpus, exc)
+    return "the scan's own fresh sentences (no other corpus available)", fallback
