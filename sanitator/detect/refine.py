@@ -35,8 +35,9 @@ def refine_accepted(scan) -> None:
     search = scan.config.search
     base = torch.zeros(scan.encoder.word_embeddings.num_embeddings, dtype=torch.bool)
     base[candidate_token_ids(scan.encoder)] = True
-    for finding in scan.accepted:                 # other triggers' tokens are not growth
-        base[list(finding.token_ids)] = False
+    for finding in scan.accepted:                 # another trigger is not growth (a blend);
+        if len(finding.token_ids) == 1:           # a piece of a longer one may be
+            base[finding.token_ids[0]] = False
     neutral = int(candidate_token_ids(scan.encoder)[0])
     tried: set[tuple[str, str, tuple[int, ...]]] = set()
     for finding in list(scan.accepted):
