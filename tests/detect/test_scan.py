@@ -47,8 +47,9 @@ def por_detection(por_minilm):
     # both working inside sentences, must find every trigger and so every planted PV
     # (planted at CLS; the mask feature's search is the clean test's business)
     # (and without the reference diff, which has its own test below)
+    # (three rounds: two triggers; the audit's cap of 8 is for six-trigger encoders)
     config = ScanConfig.from_preset("fast", mode="search", max_seeds=0, screen_candidates=0,
-                                    features=("cls",), reference_tokens=0)
+                                    features=("cls",), reference_tokens=0, search_restarts=3)
     return scan_model(por_minilm[0], config, progress=False)
 
 
