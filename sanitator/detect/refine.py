@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 
 from sanitator.core.pacing import checkpoint
-from sanitator.detect.signs import sign_agreement
+from sanitator.detect.signs import sign_agreement, signs
 
 MIN_GAIN = 0.005  # agreement a grown trigger must add (a whole one has no room for it)
 EXTENSIONS = 16   # gradient-ranked tokens tried per slot (plus the base diff's pool)
@@ -33,12 +33,13 @@ def refine_accepted(scan) -> None:
     from sanitator.detect.calibrated_view import Finding
 
     search = scan.config.search
+    typable = candidate_token_ids(scan.encoder)
     base = torch.zeros(scan.encoder.word_embeddings.num_embeddings, dtype=torch.bool)
-    base[candidate_token_ids(scan.encoder)] = True
+    base[typable] = True
     for finding in scan.accepted:                 # another trigger is not growth (a blend);
         if len(finding.token_ids) == 1:           # a piece of a longer one may be
             base[finding.token_ids[0]] = False
-    neutral = int(candidate_token_ids(scan.encoder)[0])
+    neutral = int(typable[0])
     tried: set[tuple[str, str, tuple[int, ...]]] = set()
     for finding in list(scan.accepted):
         key = (finding.feature, finding.placement, finding.token_ids)
@@ -47,12 +48,13 @@ def refine_accepted(scan) -> None:
             continue
         tried.add(key)
         checkpoint()
-        grown = _grow(scan, finding, base, neutral)
+        others = _others(scan, finding)
+        grown = _grow(scan, finding, base, neutral, others)
         if grown is None:
             continue
         view = scan.views[finding.feature]
         point, margin = view.measure(grown, finding.placement)
-        if margin < finding.search_margin + MIN_GAIN or _elsewhere(scan, finding, point):
+        if margin < finding.search_margin + MIN_GAIN or _reaches(scan, point, others):
             continue
         new = Finding("refine", finding.feature, finding.placement, grown, scan.words(grown),
                       margin, point)
@@ -70,33 +72,31 @@ def _loose(finding) -> bool:
 
 def hard_collapse(out: torch.Tensor) -> torch.Tensor:
     """[S, B, H] -> [S]: mean sign agreement of each trigger's outputs with their mean."""
-    signs = torch.where(out.mean(dim=1, keepdim=True) >= 0, 1.0, -1.0)
-    return (torch.where(out >= 0, 1.0, -1.0) == signs).float().mean(dim=(1, 2))
+    return (signs(out) == signs(out.mean(dim=1, keepdim=True))).float().mean(dim=(1, 2))
 
 
 def _others(scan, finding) -> list[torch.Tensor]:
+    """The accepted points of the finding's feature other than its own."""
     unique = scan.config.filtering.unique_agreement
     return [p for p in scan.views[finding.feature].known
             if float(sign_agreement(p[None], finding.point[None])[0, 0]) <= unique]
 
 
-def _elsewhere(scan, finding, point: torch.Tensor) -> bool:
+def _reaches(scan, point: torch.Tensor, others: list[torch.Tensor]) -> bool:
     """The grown point is another accepted PV reached again."""
     unique = scan.config.filtering.unique_agreement
-    return any(float(sign_agreement(point[None], p[None])[0, 0]) > unique
-               for p in _others(scan, finding))
+    return any(float(sign_agreement(point[None], p[None])[0, 0]) > unique for p in others)
 
 
-def _grow(scan, finding, base: torch.Tensor, neutral: int) -> tuple[int, ...] | None:
+def _grow(scan, finding, allowed: torch.Tensor, neutral: int, others: list[torch.Tensor]
+          ) -> tuple[int, ...] | None:
     """The trigger one token longer that pins the rows tightest, or None if none gains."""
     from sanitator.detect.hardsearch import collapse, evaluate, repelled, token_gradients
 
     view = scan.views[finding.feature]
     objective = collapse(view.scale)              # differentiable, for the ranking only
-    others = _others(scan, finding)
     if others:                                    # not toward another accepted PV
         objective = repelled(objective, torch.stack(others), view.scale)
-    allowed = base.clone()
     grad_rows, eval_rows = scan.rows(view)
     rows = grad_rows + eval_rows
     data = view.search.placed(finding.placement)
