@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import logging
 import os
-from contextlib import nullcontext
+import threading
+from contextlib import nullcontext, suppress
 from typing import Any
 
 import distributed
@@ -32,24 +33,81 @@ def _api_url() -> str | None:
         return str(client.api_url)
 
 
+def local_cluster_kwargs(n_workers: int, torch_threads: int | None, gpu: bool,
+                    api_url: str | None) -> dict[str, Any]:
+    """A LocalCluster of processes with one task thread each and cores / processes torch
+    threads (FINDINGS.md §2), its workers reporting to `api_url`."""
+    threads = torch_threads or max(1, (os.cpu_count() or 1) // max(1, n_workers))
+    env = {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
+           "TOKENIZERS_PARALLELISM": "false"}
+    if api_url:
+        env["PREFECT_API_URL"] = api_url
+    kwargs: dict[str, Any] = {"n_workers": n_workers, "threads_per_worker": 1,
+                              "processes": True, "dashboard_address": None, "env": env}
+    if gpu:
+        kwargs["resources"] = {"GPU": 1}
+    return kwargs
+
+
 def dask_runner(dask_address: str | None, n_workers: int, torch_threads: int | None,
                 gpu: bool):
-    """A DaskTaskRunner on an existing scheduler, or on a LocalCluster of processes with
-    one task thread each and cores / processes torch threads (FINDINGS.md §2)."""
+    """A DaskTaskRunner on an existing scheduler, or on a new LocalCluster."""
     from prefect_dask import DaskTaskRunner
 
     if dask_address:
         return DaskTaskRunner(address=dask_address)
-    threads = torch_threads or max(1, (os.cpu_count() or 1) // max(1, n_workers))
-    env = {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
-           "TOKENIZERS_PARALLELISM": "false"}
-    if not os.environ.get("PREFECT_API_URL"):
-        env["PREFECT_API_URL"] = _api_url() or ""
-    cluster_kwargs: dict[str, Any] = {"n_workers": n_workers, "threads_per_worker": 1,
-                                      "processes": True, "dashboard_address": None, "env": env}
-    if gpu:
-        cluster_kwargs["resources"] = {"GPU": 1}
-    return DaskTaskRunner(cluster_class="distributed.LocalCluster", cluster_kwargs=cluster_kwargs)
+    # without it each worker process would start a temporary Prefect server of its own
+    api_url = os.environ.get("PREFECT_API_URL") or _api_url()
+    return DaskTaskRunner(cluster_class="distributed.LocalCluster",
+                          cluster_kwargs=local_cluster_kwargs(n_workers, torch_threads, gpu,
+                                                         api_url))
+
+
+# addresses of the clusters LocalDask started in this process: runs there are paced like
+# runs on a LocalCluster the flow starts itself (the host is ours)
+_OWN_ADDRESSES: set[str] = set()
+
+
+class LocalDask:
+    """A LocalCluster started in a background thread, its workers importing torch and the
+    model code (WarmUp) while the caller starts the rest: the Prefect API, the flow's
+    imports, MLflow, the crawl. Those start-up seconds used to come one after another
+    before the first scan (docs/pipeline.md, What the pipeline costs around the scans).
+    `cluster_kwargs`: LocalCluster's, usually `local_cluster_kwargs(...)`."""
+
+    def __init__(self, cluster_kwargs: dict[str, Any]):
+        self._kwargs = cluster_kwargs
+        self._cluster = None
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._start, name="sanitator-local-dask",
+                                        daemon=True)
+        self._thread.start()
+
+    def _start(self) -> None:
+        try:
+            self._cluster = distributed.LocalCluster(**self._kwargs)
+            with distributed.Client(self._cluster) as client:
+                client.register_plugin(WarmUp())
+        except BaseException as exc:  # raised to the caller by `address`
+            self._error = exc
+
+    def address(self) -> str:
+        """The scheduler's address once the workers are warm; raises what the start raised."""
+        self._thread.join()
+        if self._error is not None:
+            raise RuntimeError(f"the local Dask cluster did not start: {self._error}"
+                               ) from self._error
+        address = self._cluster.scheduler_address
+        _OWN_ADDRESSES.add(address)
+        return address
+
+    def close(self) -> None:
+        self._thread.join()
+        cluster, self._cluster = self._cluster, None
+        if cluster is not None:
+            with suppress(Exception):  # closing is best effort: the results are written
+                _OWN_ADDRESSES.discard(cluster.scheduler_address)
+                cluster.close()
 
 
 def _executing(client) -> dict[str, str]:
@@ -170,6 +228,7 @@ def run_jobs(job: Job, requests: list[Any], store: str, *, dask_address: str | N
     gpu = device.startswith("cuda")
     runner = dask_runner(dask_address, n_workers, torch_threads, gpu)
     subflow = run_on_dask.with_options(name=SUBFLOW_NAMES[job.kind], task_runner=runner)
-    # on our own LocalCluster (not a user's scheduler) a run takes the cores others free
+    # on a LocalCluster of our own (not a user's scheduler) a run takes the cores others free
+    own = not dask_address or dask_address in _OWN_ADDRESSES
     return subflow(job, requests, store, torch_threads=torch_threads, gpu=gpu,
-                   pace=not dask_address, **options)
+                   pace=own, **options)

@@ -18,22 +18,55 @@ failing on a lock and no other process can share it; and its output goes to a lo
 beside the store instead of the terminal. The history of the run is lost when it ends; the
 store and MLflow hold the audit's record. A configured API (PREFECT_API_URL, a real
 `prefect server start`, as the deployments use) is used as it is.
+
+`flow_backend` is what the CLI runs a flow on: that API and, unless a Dask scheduler is
+given, a LocalCluster started while the API boots (flows.dask_jobs.LocalDask).
 """
 
 from __future__ import annotations
 
+import importlib
 import os
 import socket
 import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager, suppress
 from pathlib import Path
 
 MEMORY_DATABASE = "sqlite+aiosqlite:///:memory:"
 STOP_SECONDS = 15.0
+
+
+@contextmanager
+def flow_backend(log_file: str | Path, *, dask_address: str | None, n_workers: int,
+                 torch_threads: int | None, device: str, flow_module: str
+                 ) -> Iterator[str | None]:
+    """The Prefect API (`private_prefect_api`) and, without `dask_address`, a LocalCluster
+    of our own (flows.dask_jobs.LocalDask), started together; `flow_module` is imported
+    meanwhile. Yields the Dask address to run the flow's jobs on."""
+    clusters = []
+
+    def start(url: str) -> None:
+        if not dask_address:
+            from flows.dask_jobs import LocalDask, local_cluster_kwargs
+
+            clusters.append(LocalDask(local_cluster_kwargs(
+                n_workers, torch_threads, device.startswith("cuda"), url)))
+        importlib.import_module(flow_module)
+
+    try:
+        with private_prefect_api(log_file, while_starting=start):
+            try:
+                yield clusters[0].address() if clusters else dask_address
+            finally:  # before the API stops: the workers still report to it
+                for cluster in clusters:
+                    cluster.close()
+    finally:  # the API did not start: the cluster may have
+        for cluster in clusters:
+            cluster.close()
 
 
 def _free_port() -> int:
@@ -110,10 +143,16 @@ def _use_api(url: str) -> Iterator[None]:
 
 
 @contextmanager
-def private_prefect_api(log_file: str | Path) -> Iterator[str | None]:
+def private_prefect_api(log_file: str | Path,
+                        while_starting: Callable[[str], object] | None = None
+                        ) -> Iterator[str | None]:
     """Run the body against a private Prefect API (see the module doc); yields its URL,
-    or None when an API is configured and used instead."""
-    if _configured_api_url():
+    or None when an API is configured and used instead. `while_starting(url)` runs while
+    the server boots (about 20 s on a 2-core machine), with the URL it will answer at."""
+    configured = _configured_api_url()
+    if configured:
+        if while_starting is not None:
+            while_starting(configured)
         yield None
         return
     log_file = Path(log_file)
@@ -134,6 +173,8 @@ def private_prefect_api(log_file: str | Path) -> Iterator[str | None]:
             stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
             start_new_session=True)  # a Ctrl-C reaches the audit, which stops it
     try:
+        if while_starting is not None:
+            while_starting(url)
         _wait_ready(process, url, log_file, timeout)
         with _use_api(url):
             yield url

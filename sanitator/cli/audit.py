@@ -99,19 +99,22 @@ def run(args: argparse.Namespace) -> int:
         print(f"sanitator audit: bad scan option: {exc}", file=sys.stderr)
         return exits.USAGE
 
-    from flows.prefect_backend import private_prefect_api
+    from flows.prefect_backend import flow_backend
 
     unavailable = None
     try:
-        # without a configured Prefect API, a private one (docs/pipeline.md, Bookkeeping)
-        with private_prefect_api(Path(args.out) / PREFECT_LOG):
+        # without a configured Prefect API, a private one (docs/pipeline.md, Bookkeeping);
+        # without --dask, a LocalCluster started beside it
+        with flow_backend(Path(args.out) / PREFECT_LOG, dask_address=args.dask,
+                          n_workers=args.workers, torch_threads=args.threads,
+                          device=args.device, flow_module="flows.audit_zoo") as address:
             from flows.audit_zoo import RegistryUnavailable, audit_zoo
 
             if not getattr(args, "verbose", 0):  # Dask's INFO chatter (with tracebacks
                 logging.getLogger("distributed").setLevel(logging.WARNING)  # at shutdown)
             try:
                 summary = audit_zoo(
-                    args.registry, args.out, dask_address=args.dask, n_workers=args.workers,
+                    args.registry, args.out, dask_address=address, n_workers=args.workers,
                     torch_threads=args.threads, mlflow_uri=args.mlflow_uri,
                     track=not args.no_mlflow, preset=args.preset, scan_options=options,
                     device=args.device, per_model_timeout=args.timeout or None,

@@ -72,16 +72,19 @@ def run(args: argparse.Namespace) -> int:
     build_zoo(parse_spec(DEMO_SPEC, source="demo"), zoo_dir, progress=not args.quiet)
     built = time.perf_counter()
 
-    from flows.prefect_backend import private_prefect_api
+    from flows.prefect_backend import flow_backend
 
     print(f"[demo] auditing {zoo_dir / 'models'} with the nightly flow "
           f"(Dask LocalCluster, {args.workers} worker(s))")
     # the same private Prefect API as `sanitator audit` when none is configured
-    with private_prefect_api(store / "prefect-server.log"):
+    with flow_backend(store / "prefect-server.log", dask_address=None,
+                      n_workers=args.workers, torch_threads=None, device="cpu",
+                      flow_module="flows.audit_zoo") as address:
         from flows.audit_zoo import audit_zoo
 
         logging.getLogger("distributed").setLevel(logging.WARNING)  # cluster chatter
-        summary = audit_zoo([f"path:{zoo_dir / 'models'}"], store, n_workers=args.workers)
+        summary = audit_zoo([f"path:{zoo_dir / 'models'}"], store, dask_address=address,
+                            n_workers=args.workers)
     audited = time.perf_counter()
 
     manifest = read_manifest(zoo_dir).set_index("path")
