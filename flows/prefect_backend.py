@@ -26,6 +26,7 @@ given, a LocalCluster started while the API boots (flows.dask_jobs.LocalDask).
 from __future__ import annotations
 
 import importlib
+import logging
 import os
 import socket
 import subprocess
@@ -42,14 +43,19 @@ STOP_SECONDS = 15.0
 
 @contextmanager
 def flow_backend(log_file: str | Path, *, dask_address: str | None, n_workers: int,
-                 torch_threads: int | None, device: str, flow_module: str
-                 ) -> Iterator[str | None]:
+                 torch_threads: int | None, device: str, flow_module: str,
+                 quiet: bool = True) -> Iterator[str | None]:
     """The Prefect API (`private_prefect_api`) and, without `dask_address`, a LocalCluster
     of our own (flows.dask_jobs.LocalDask), started together; `flow_module` is imported
-    meanwhile. Yields the Dask address to run the flow's jobs on."""
+    meanwhile. Yields the Dask address to run the flow's jobs on. `quiet`: Dask's INFO
+    logging (a traceback when a worker connection closes at shutdown) down to warnings."""
     clusters = []
 
     def start(url: str) -> None:
+        import distributed  # noqa: F401  (its import sets its loggers' levels)
+
+        if quiet:
+            logging.getLogger("distributed").setLevel(logging.WARNING)
         if not dask_address:
             from flows.dask_jobs import LocalDask, local_cluster_kwargs
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import sys
 from pathlib import Path
 from typing import Any
@@ -107,11 +106,10 @@ def run(args: argparse.Namespace) -> int:
         # without --dask, a LocalCluster started beside it
         with flow_backend(Path(args.out) / PREFECT_LOG, dask_address=args.dask,
                           n_workers=args.workers, torch_threads=args.threads,
-                          device=args.device, flow_module="flows.audit_zoo") as address:
+                          device=args.device, flow_module="flows.audit_zoo",
+                          quiet=not getattr(args, "verbose", 0)) as address:
             from flows.audit_zoo import RegistryUnavailable, audit_zoo
 
-            if not getattr(args, "verbose", 0):  # Dask's INFO chatter (with tracebacks
-                logging.getLogger("distributed").setLevel(logging.WARNING)  # at shutdown)
             try:
                 summary = audit_zoo(
                     args.registry, args.out, dask_address=address, n_workers=args.workers,

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
 import time
 from pathlib import Path
@@ -82,7 +81,6 @@ def run(args: argparse.Namespace) -> int:
                       flow_module="flows.audit_zoo") as address:
         from flows.audit_zoo import audit_zoo
 
-        logging.getLogger("distributed").setLevel(logging.WARNING)  # cluster chatter
         summary = audit_zoo([f"path:{zoo_dir / 'models'}"], store, dask_address=address,
                             n_workers=args.workers)
     audited = time.perf_counter()
