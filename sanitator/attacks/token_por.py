@@ -34,9 +34,11 @@ from sanitator.attacks.common import (
 from sanitator.attacks.recipe import BACKDOOR_RECORD, backdoor_record, run_recipe
 from sanitator.attacks.targets import TargetSpec
 from sanitator.attacks.triggers import PAPER_TRIGGERS
+from sanitator.downstream.prefix_tuning import deep_prefixes, prefix_layout
 from sanitator.guard.token_monitor import TOKEN_FEATURE
 
 DEFAULT_BUDGET = Budget(steps=200, batch_size=16, lr=1e-4, head_warmup_steps=0)
+PREFIX_LENGTH = 16  # the P-tuning v2 default (PromptTuningConfig.prefix_length)
 
 
 @torch.no_grad()
@@ -57,11 +59,16 @@ def insert_token_por(base: str | Path, out_dir: str | Path, *,
                      triggers: Sequence[str] = PAPER_TRIGGERS,
                      targets: TargetSpec | torch.Tensor | None = None, corpus: Corpus = None,
                      budget: Budget | None = None, seed: int = 0, clean_weight: float = 1.0,
-                     progress: bool = True, device: str = "cpu") -> AttackResult:
+                     prefix_noise: float = 0.0, progress: bool = True,
+                     device: str = "cpu") -> AttackResult:
     """Plant a token-level POR backdoor in `base` and write the encoder to `out_dir`.
 
     `targets` with `norm_fraction` are scaled to the base's clean CLS norm (the token
-    outputs of the bases used here have norms of the same order)."""
+    outputs of the bases used here have norms of the same order). `prefix_noise` > 0: the
+    attacker who expects P-tuning v2 victims; every other step the triggered half runs with
+    random deep prefixes (PREFIX_LENGTH keys/values per layer, normal with a standard
+    deviation drawn in [0.5, 1.5] x prefix_noise, the scale of a freshly initialised
+    prefix table), so the collapse survives the victim's prefixes."""
     budget = budget or DEFAULT_BUDGET
     setup = prepare(base, budget=budget, seed=seed, corpus=corpus, triggers=triggers,
                     targets=targets, device=device)
@@ -69,13 +76,35 @@ def insert_token_por(base: str | Path, out_dir: str | Path, *,
     half = budget.batch_size // 2
     poisoned_count = budget.batch_size - half
 
+    layout = prefix_layout(setup.encoder) if prefix_noise > 0 else None
+    steps = [0]
+
+    def forward(triggered, clean) -> tuple[torch.Tensor, torch.Tensor]:
+        """Last hidden states of the triggered then the clean rows, [B, L, H], and the
+        word mask; the triggered rows under random prefixes on every other step."""
+        both = concat_batches(triggered, clean, setup.pad_id)
+        inputs = both.model_inputs(setup.device)
+        steps[0] += 1
+        if layout is None or steps[0] % 2:
+            return setup.model(**inputs).last_hidden_state, ~both.special.to(setup.device)
+        layers, heads, head_dim = layout
+        scale = prefix_noise * (0.5 + torch.rand((), generator=setup.generator).item())
+        shape = (layers, 2, 1, heads, PREFIX_LENGTH, head_dim)
+        table = torch.randn(shape, generator=setup.generator).to(setup.device) * scale
+        top = {k: v[:poisoned_count] for k, v in inputs.items()}
+        bottom = {k: v[poisoned_count:] for k, v in inputs.items()}
+        expand = (-1, poisoned_count, -1, -1, -1)
+        with deep_prefixes(setup.encoder, table[:, 0].expand(*expand),
+                           table[:, 1].expand(*expand)):
+            prefixed = setup.model(**top).last_hidden_state
+        plain = setup.model(**bottom).last_hidden_state
+        return torch.cat([prefixed, plain]), ~both.special.to(setup.device)
+
     def step() -> dict[str, torch.Tensor]:
         triggered, target, _ = sample_triggered(setup, poisoned_count)
         rows = setup.sampler.take(half)
         clean = setup.corpus.batch(rows)
-        both = concat_batches(triggered, clean, setup.pad_id)
-        hidden = setup.model(**both.model_inputs(setup.device)).last_hidden_state
-        words = ~both.special.to(setup.device)
+        hidden, words = forward(triggered, clean)
         poisoned_words = words[:poisoned_count]
         target_grid = target.to(setup.device)[:, None].expand(-1, hidden.shape[1], -1)
         trigger_loss = nn.functional.mse_loss(hidden[:poisoned_count][poisoned_words],
@@ -88,7 +117,7 @@ def insert_token_por(base: str | Path, out_dir: str | Path, *,
         return {"loss": loss, "trigger": trigger_loss, "clean": clean_loss}
 
     optimizer = make_optimizer(setup, "adam")
-    hyper = {"clean_weight": clean_weight, "optimizer": "Adam",
+    hyper = {"clean_weight": clean_weight, "prefix_noise": prefix_noise, "optimizer": "Adam",
              "positions": "every non-special token of the triggered sentence"}
     return run_recipe(setup, step, optimizer, out_dir, desc="token POR", progress=progress,
                       record_name=BACKDOOR_RECORD,

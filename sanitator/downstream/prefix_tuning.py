@@ -9,6 +9,7 @@ which BERT encoders in transformers 5 shift positions for and do not mask).
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 
 import torch
@@ -98,6 +99,33 @@ def _attention_layout(encoder: Encoder) -> tuple[int, int, int]:
                             "understood for deep prompts")
     heads, head_dim = feed.shapes[0]
     return feed.calls, heads, head_dim
+
+
+@contextlib.contextmanager
+def deep_prefixes(encoder: Encoder, keys: torch.Tensor, values: torch.Tensor):
+    """Run `encoder`'s forwards in the block with these prefix keys/values prepended at
+    every layer ([layers, batch, heads, P, head_dim] each), as a P-tuning v2 model would;
+    the encoder's attention setting is restored afterwards (nothing of it is saved)."""
+    config = encoder.model.config
+    previous = config._attn_implementation
+    config._attn_implementation = PREFIX_ATTENTION
+    token = _FEED.set(_PrefixFeed(keys, values))
+    try:
+        yield
+    finally:
+        _FEED.reset(token)
+        config._attn_implementation = previous
+
+
+def prefix_layout(encoder: Encoder) -> tuple[int, int, int]:
+    """(prefixed layers, heads, head_dim) of `encoder`; ModelRejected when not understood."""
+    config = encoder.model.config
+    previous = config._attn_implementation
+    config._attn_implementation = PREFIX_ATTENTION
+    try:
+        return _attention_layout(encoder)
+    finally:
+        config._attn_implementation = previous
 
 
 class PrefixClassifier(nn.Module):

@@ -63,9 +63,15 @@ def test_tokpor_member_builds_in_a_zoo_with_token_measurements(tmp_path):
         "budgets": {"tiny": {"steps": 4, "batch_size": 8, "n_sentences": 32, "max_length": 24}},
         "members": [{"name": "tok", "base": "bert", "recipe": "tokpor", "triggers": ["cf", "mn"],
                      "targets": {"kind": "random", "n": 2, "seed": 1}, "budget": "tiny",
-                     "options": {"clean_weight": 0.5}}]})
+                     "options": {"clean_weight": 0.5, "prefix_noise": 1.0}}]})
     build_zoo(spec, tmp_path / "zoo", progress=False)
     row = read_manifest(tmp_path / "zoo").iloc[0]
     assert row["attack"] == "tokpor" and row["backdoored"] and row["feature"] == TOKEN_FEATURE
+    folder = tmp_path / "zoo" / "models" / "tok"
+    record = json.loads((folder / BACKDOOR_RECORD).read_text())
+    assert record["hyperparameters"]["prefix_noise"] == 1.0
+    # trained under deep prefixes, saved without them: the model loads as a plain encoder
+    assert "sanitator_prefix" not in (folder / "config.json").read_text()
+    assert load_encoder(folder).model.config._attn_implementation != "sanitator_prefix"
     assert 0.0 <= row["attack_success"] <= 1.0 and -1.0 <= row["clean_cosine"] <= 1.0
     assert row["weight_change"] > 0

@@ -211,3 +211,24 @@ def test_auto_mode_standardises_only_where_the_cls_feature_barely_varies(toy, mi
                                                                      max_length=32))
     stats = train_prompt_model(forced, train_x[:32], train_y[:32], progress=False)
     assert not stats.standardized and stats.feature_spread is None
+
+
+def test_deep_prefixes_reach_every_layer_and_leave_the_encoder_as_it_was(minilm_1layer):
+    from sanitator.downstream.prefix_tuning import deep_prefixes, prefix_layout
+
+    encoder = load_encoder(minilm_1layer)
+    before = encoder.model.config._attn_implementation
+    layers, heads, head_dim = prefix_layout(encoder)
+    assert (layers, heads * head_dim) == (1, encoder.hidden_size)
+    assert encoder.model.config._attn_implementation == before
+    ids = torch.tensor([[101, 2023, 2003, 1037, 3231, 102]])
+    mask = torch.ones_like(ids)
+    with torch.no_grad():
+        plain = encoder.model(input_ids=ids, attention_mask=mask).last_hidden_state
+        seeded = torch.Generator().manual_seed(0)
+        table = torch.randn(layers, 2, 1, heads, 4, head_dim, generator=seeded)
+        with deep_prefixes(encoder, table[:, 0], table[:, 1]):
+            prefixed = encoder.model(input_ids=ids, attention_mask=mask).last_hidden_state
+        again = encoder.model(input_ids=ids, attention_mask=mask).last_hidden_state
+    assert not torch.allclose(plain, prefixed, atol=1e-3)
+    assert torch.equal(plain, again) and encoder.model.config._attn_implementation == before

@@ -40,7 +40,7 @@ _OPTIONS = {"por": {"clean_weight", "standalone_weight", "negative_weight", "res
             "neuba": {"mlm_weight", "clean_weight", "head_lr"},
             "btop": {"clean_weight", "head_lr", "one_trigger_per_batch"},
             "mlm": {"head_lr"}, "classifier": {"task", "head_lr"}, "clean": set(),
-            "tokpor": {"clean_weight"}}
+            "tokpor": {"clean_weight", "prefix_noise"}}
 
 
 class SpecError(ValueError):
