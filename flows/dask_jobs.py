@@ -78,6 +78,8 @@ class LocalDask:
     def __init__(self, cluster_kwargs: dict[str, Any]):
         self._kwargs = cluster_kwargs
         self._cluster = None
+        self._closing = False
+        self._lock = threading.Lock()
         self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._start, name="sanitator-local-dask",
                                         daemon=True)
@@ -85,8 +87,12 @@ class LocalDask:
 
     def _start(self) -> None:
         try:
-            self._cluster = distributed.LocalCluster(**self._kwargs)
-            with distributed.Client(self._cluster) as client:
+            cluster = distributed.LocalCluster(**self._kwargs)
+            with self._lock:
+                self._cluster = cluster
+                if self._closing:  # nothing to run after all: `close` closes it
+                    return
+            with distributed.Client(cluster) as client:
                 client.register_plugin(WarmUp())
         except BaseException as exc:  # raised to the caller by `address`
             self._error = exc
@@ -102,8 +108,13 @@ class LocalDask:
         return address
 
     def close(self) -> None:
-        self._thread.join()
-        cluster, self._cluster = self._cluster, None
+        """Close the cluster; one closed before its workers started skips their warm-up
+        (a run with nothing to audit does not wait for imports it will never use)."""
+        with self._lock:
+            self._closing = True
+        self._thread.join()  # a warm-up under way finishes: cutting it short is noisy
+        with self._lock:
+            cluster, self._cluster = self._cluster, None
         if cluster is not None:
             with suppress(Exception):  # closing is best effort: the results are written
                 _OWN_ADDRESSES.discard(cluster.scheduler_address)
