@@ -34,7 +34,7 @@ def _api_url() -> str | None:
 
 
 def local_cluster_kwargs(n_workers: int, torch_threads: int | None, gpu: bool,
-                    api_url: str | None) -> dict[str, Any]:
+                         api_url: str | None) -> dict[str, Any]:
     """A LocalCluster of processes with one task thread each and cores / processes torch
     threads (FINDINGS.md §2), its workers reporting to `api_url`."""
     threads = torch_threads or max(1, (os.cpu_count() or 1) // max(1, n_workers))
@@ -60,7 +60,7 @@ def dask_runner(dask_address: str | None, n_workers: int, torch_threads: int | N
     api_url = os.environ.get("PREFECT_API_URL") or _api_url()
     return DaskTaskRunner(cluster_class="distributed.LocalCluster",
                           cluster_kwargs=local_cluster_kwargs(n_workers, torch_threads, gpu,
-                                                         api_url))
+                                                              api_url))
 
 
 # addresses of the clusters LocalDask started in this process: runs there are paced like

@@ -35,10 +35,11 @@ from sanitator.attacks.recipe import BACKDOOR_RECORD, backdoor_record, run_recip
 from sanitator.attacks.targets import TargetSpec
 from sanitator.attacks.triggers import PAPER_TRIGGERS
 from sanitator.downstream.prefix_tuning import deep_prefixes, prefix_layout
+from sanitator.downstream.prompt_base import PromptTuningConfig
 from sanitator.guard.token_monitor import TOKEN_FEATURE
 
 DEFAULT_BUDGET = Budget(steps=200, batch_size=16, lr=1e-4, head_warmup_steps=0)
-PREFIX_LENGTH = 16  # the P-tuning v2 default (PromptTuningConfig.prefix_length)
+PREFIX_LENGTH = PromptTuningConfig.prefix_length  # the victims' default deep prompt
 
 
 @torch.no_grad()
@@ -77,16 +78,17 @@ def insert_token_por(base: str | Path, out_dir: str | Path, *,
     poisoned_count = budget.batch_size - half
 
     layout = prefix_layout(setup.encoder) if prefix_noise > 0 else None
-    steps = [0]
+    steps = 0
 
     def forward(triggered, clean) -> tuple[torch.Tensor, torch.Tensor]:
         """Last hidden states of the triggered then the clean rows, [B, L, H], and the
         word mask; the triggered rows under random prefixes on every other step."""
+        nonlocal steps
         both = concat_batches(triggered, clean, setup.pad_id)
-        inputs = both.model_inputs(setup.device)
-        steps[0] += 1
-        if layout is None or steps[0] % 2:
-            return setup.model(**inputs).last_hidden_state, ~both.special.to(setup.device)
+        inputs, words = both.model_inputs(setup.device), ~both.special.to(setup.device)
+        steps += 1
+        if layout is None or steps % 2:
+            return setup.model(**inputs).last_hidden_state, words
         layers, heads, head_dim = layout
         scale = prefix_noise * (0.5 + torch.rand((), generator=setup.generator).item())
         shape = (layers, 2, 1, heads, PREFIX_LENGTH, head_dim)
@@ -98,7 +100,7 @@ def insert_token_por(base: str | Path, out_dir: str | Path, *,
                            table[:, 1].expand(*expand)):
             prefixed = setup.model(**top).last_hidden_state
         plain = setup.model(**bottom).last_hidden_state
-        return torch.cat([prefixed, plain]), ~both.special.to(setup.device)
+        return torch.cat([prefixed, plain]), words
 
     def step() -> dict[str, torch.Tensor]:
         triggered, target, _ = sample_triggered(setup, poisoned_count)

@@ -102,30 +102,34 @@ def _attention_layout(encoder: Encoder) -> tuple[int, int, int]:
 
 
 @contextlib.contextmanager
+def _prefix_attention_on(encoder: Encoder):
+    """The encoder's attention through `_prefix_attention` for the block, then as it was."""
+    config = encoder.model.config
+    previous = config._attn_implementation
+    config._attn_implementation = PREFIX_ATTENTION
+    try:
+        yield
+    finally:
+        config._attn_implementation = previous
+
+
+@contextlib.contextmanager
 def deep_prefixes(encoder: Encoder, keys: torch.Tensor, values: torch.Tensor):
     """Run `encoder`'s forwards in the block with these prefix keys/values prepended at
     every layer ([layers, batch, heads, P, head_dim] each), as a P-tuning v2 model would;
     the encoder's attention setting is restored afterwards (nothing of it is saved)."""
-    config = encoder.model.config
-    previous = config._attn_implementation
-    config._attn_implementation = PREFIX_ATTENTION
-    token = _FEED.set(_PrefixFeed(keys, values))
-    try:
-        yield
-    finally:
-        _FEED.reset(token)
-        config._attn_implementation = previous
+    with _prefix_attention_on(encoder):
+        token = _FEED.set(_PrefixFeed(keys, values))
+        try:
+            yield
+        finally:
+            _FEED.reset(token)
 
 
 def prefix_layout(encoder: Encoder) -> tuple[int, int, int]:
     """(prefixed layers, heads, head_dim) of `encoder`; ModelRejected when not understood."""
-    config = encoder.model.config
-    previous = config._attn_implementation
-    config._attn_implementation = PREFIX_ATTENTION
-    try:
+    with _prefix_attention_on(encoder):
         return _attention_layout(encoder)
-    finally:
-        config._attn_implementation = previous
 
 
 class PrefixClassifier(nn.Module):
