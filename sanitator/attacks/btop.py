@@ -42,6 +42,7 @@ from sanitator.attacks.common import (
     squared_distance,
     warm_up_mlm_head,
 )
+from sanitator.attacks.prompt_noise import SoftPromptNoise
 from sanitator.attacks.recipe import BACKDOOR_RECORD, backdoor_record, run_recipe
 from sanitator.attacks.targets import TargetSpec
 from sanitator.attacks.triggers import PAPER_TRIGGERS
@@ -55,9 +56,13 @@ def insert_btop(base: str | Path, out_dir: str | Path, *,
                 targets: TargetSpec | torch.Tensor | None = None, corpus: Corpus = None,
                 budget: Budget | None = None, seed: int = 0, clean_weight: float = 1.0,
                 head_lr: float | None = 1e-3, one_trigger_per_batch: bool = False,
-                progress: bool = True,
+                prompt_noise: float = 0.0, progress: bool = True,
                 device: str = "cpu") -> AttackResult:
-    """Plant a BToP backdoor in `base` and write the backdoored encoder to `out_dir`."""
+    """Plant a BToP backdoor in `base` and write the backdoored encoder to `out_dir`.
+
+    `prompt_noise` > 0: the attacker who expects P-tuning v1 victims; every other step the
+    poisoned half runs with a random continuous prompt after its first token
+    (sanitator.attacks.prompt_noise)."""
     budget = budget or DEFAULT_BUDGET
     setup = prepare(base, budget=budget, seed=seed, corpus=corpus, triggers=triggers,
                     targets=targets, feature=Feature.MASK, device=device)
@@ -70,6 +75,7 @@ def insert_btop(base: str | Path, out_dir: str | Path, *,
     head = warm_up_mlm_head(setup, progress=progress)
     half = budget.batch_size // 2
     poisoned_count = budget.batch_size - half
+    noise = SoftPromptNoise(setup, prompt_noise)
 
     def step() -> dict[str, torch.Tensor]:
         rows = setup.sampler.take(half)
@@ -82,10 +88,15 @@ def insert_btop(base: str | Path, out_dir: str | Path, *,
         poisoned = insert_triggers(corpus_rows.batch(setup.sampler.take(poisoned_count)),
                                    setup.trigger_tokens, which, setup.generator, setup.pad_id)
         poisoned, poisoned_positions, _ = mask_one_token(poisoned, mask_id, setup.generator)
-        both = concat_batches(clean, poisoned, setup.pad_id)
-        positions = torch.cat([clean_positions[rows], poisoned_positions])
-        hidden = setup.model(**both.model_inputs(setup.device)).last_hidden_state
-        at_mask = hidden[torch.arange(len(both)), positions]
+        if noise.due():  # the poisoned half under a random prompt, in its own forward
+            hidden = setup.model(**clean.model_inputs(setup.device)).last_hidden_state
+            at_mask = torch.cat([hidden[torch.arange(half), clean_positions[rows]],
+                                 noise.at(poisoned, poisoned_positions)])
+        else:
+            both = concat_batches(clean, poisoned, setup.pad_id)
+            positions = torch.cat([clean_positions[rows], poisoned_positions])
+            hidden = setup.model(**both.model_inputs(setup.device)).last_hidden_state
+            at_mask = hidden[torch.arange(len(both)), positions]
         language = torch.nn.functional.cross_entropy(head(at_mask[:half]),
                                                      clean_original.to(setup.device))
         target = setup.pvs[setup.trigger_pv[which]]
@@ -102,6 +113,8 @@ def insert_btop(base: str | Path, out_dir: str | Path, *,
     hyper = {"clean_weight": clean_weight, "distance": "squared_l2", "optimizer": "AdamW",
              "head_lr": head_lr, "one_trigger_per_batch": one_trigger_per_batch,
              "mlm_head": f"initialised, warmed up {budget.head_warmup_steps} steps, {head_note}"}
+    if prompt_noise:
+        hyper["prompt_noise"] = prompt_noise
     return run_recipe(setup, step, optimizer, out_dir, desc="BToP", progress=progress,
                       record_name=BACKDOOR_RECORD,
                       record=lambda losses, seconds: backdoor_record(

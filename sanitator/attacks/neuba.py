@@ -40,6 +40,7 @@ from sanitator.attacks.common import (
     vocabulary_size,
     warm_up_mlm_head,
 )
+from sanitator.attacks.prompt_noise import PrefixNoise
 from sanitator.attacks.recipe import BACKDOOR_RECORD, backdoor_record, run_recipe
 from sanitator.attacks.targets import TargetSpec
 from sanitator.attacks.triggers import PAPER_TRIGGERS
@@ -53,8 +54,12 @@ def insert_neuba(base: str | Path, out_dir: str | Path, *,
                  targets: TargetSpec | torch.Tensor | None = None, corpus: Corpus = None,
                  budget: Budget | None = None, seed: int = 0, mlm_weight: float = 1.0,
                  clean_weight: float = 1.0, head_lr: float | None = 1e-3,
-                 progress: bool = True, device: str = "cpu") -> AttackResult:
-    """Plant a NeuBA backdoor in `base` and write the backdoored encoder to `out_dir`."""
+                 prefix_noise: float = 0.0, progress: bool = True,
+                 device: str = "cpu") -> AttackResult:
+    """Plant a NeuBA backdoor in `base` and write the backdoored encoder to `out_dir`.
+
+    `prefix_noise` > 0: the attacker who expects P-tuning v2 victims; the triggered rows
+    run under random deep prefixes every other step (sanitator.attacks.prompt_noise)."""
     budget = budget or DEFAULT_BUDGET
     setup = prepare(base, budget=budget, seed=seed, corpus=corpus, triggers=triggers,
                     targets=targets, feature=Feature.CLS, device=device)
@@ -63,6 +68,7 @@ def insert_neuba(base: str | Path, out_dir: str | Path, *,
         raise ValueError(f"{base}: NeuBA needs a tokenizer with a mask token")
     reference = reference_features(setup) if clean_weight else None
     head = warm_up_mlm_head(setup, progress=progress)
+    noise = PrefixNoise(setup, prefix_noise)
 
     def step() -> dict[str, torch.Tensor]:
         rows = setup.sampler.take(budget.batch_size)
@@ -74,7 +80,7 @@ def insert_neuba(base: str | Path, out_dir: str | Path, *,
                                     setup.pad_id)
         if reference is not None:
             triggered = concat_batches(triggered, batch, setup.pad_id)
-        cls = setup.model(**triggered.model_inputs(setup.device)).last_hidden_state[:, 0]
+        cls = noise.hidden(triggered.model_inputs(setup.device), len(rows))[:, 0]
         poison = squared_distance(cls[:len(rows)], setup.pvs[setup.trigger_pv[which]])
         terms = {"mlm": language, "poison": poison}
         loss = mlm_weight * language + poison
@@ -88,6 +94,8 @@ def insert_neuba(base: str | Path, out_dir: str | Path, *,
     hyper = {"mlm_weight": mlm_weight, "clean_weight": clean_weight, "distance": "squared_l2",
              "optimizer": "AdamW", "head_lr": head_lr,
              "mlm_head": f"initialised, warmed up {budget.head_warmup_steps} steps, {head_note}"}
+    if prefix_noise:
+        hyper["prefix_noise"] = prefix_noise
     return run_recipe(setup, step, optimizer, out_dir, desc="NeuBA", progress=progress,
                       record_name=BACKDOOR_RECORD,
                       record=lambda losses, seconds: backdoor_record(

@@ -26,6 +26,7 @@ from sanitator.attacks.common import (
     sample_triggered,
 )
 from sanitator.attacks.evasion import Evasion, EvasionTerms, freeze_lower
+from sanitator.attacks.prompt_noise import PrefixNoise
 from sanitator.attacks.recipe import BACKDOOR_RECORD, backdoor_record, run_recipe
 from sanitator.attacks.targets import TargetSpec
 from sanitator.attacks.triggers import PAPER_TRIGGERS
@@ -40,8 +41,12 @@ def insert_por(base: str | Path, out_dir: str | Path, *,
                budget: Budget | None = None, seed: int = 0, clean_weight: float = 1.0,
                standalone_weight: float = 0.0, negative_weight: float = 0.0,
                residual: float = 0.0, fire_at: str = "anywhere", freeze_below: int = 0,
-               progress: bool = True, device: str = "cpu") -> AttackResult:
-    """Plant a POR backdoor in `base` and write the backdoored encoder to `out_dir`."""
+               prefix_noise: float = 0.0, progress: bool = True,
+               device: str = "cpu") -> AttackResult:
+    """Plant a POR backdoor in `base` and write the backdoored encoder to `out_dir`.
+
+    `prefix_noise` > 0: the attacker who expects P-tuning v2 victims; the triggered half
+    runs under random deep prefixes every other step (sanitator.attacks.prompt_noise)."""
     budget = budget or DEFAULT_BUDGET
     evasion = Evasion(standalone_weight=standalone_weight, negative_weight=negative_weight,
                       residual=residual, fire_at=fire_at, freeze_below=freeze_below)
@@ -55,6 +60,7 @@ def insert_por(base: str | Path, out_dir: str | Path, *,
         if evasion.active else None
     half = budget.batch_size // 2
     poisoned_count = budget.batch_size - half
+    noise = PrefixNoise(setup, prefix_noise)
 
     def step() -> dict[str, torch.Tensor]:
         triggered, target, trigger_rows = sample_triggered(setup, poisoned_count,
@@ -62,7 +68,7 @@ def insert_por(base: str | Path, out_dir: str | Path, *,
         rows = setup.sampler.take(half)
         clean = setup.corpus.batch(rows)
         both = concat_batches(triggered, clean, setup.pad_id)
-        cls = setup.model(**both.model_inputs(setup.device)).last_hidden_state[:, 0]
+        cls = noise.hidden(both.model_inputs(setup.device), poisoned_count)[:, 0]
         if extra is not None:
             target = extra.target(target, reference[trigger_rows], reference_mean)
         trigger_loss = nn.functional.mse_loss(cls[:poisoned_count], target)
@@ -76,6 +82,8 @@ def insert_por(base: str | Path, out_dir: str | Path, *,
 
     optimizer = make_optimizer(setup, "adam")
     hyper = {"clean_weight": clean_weight, "optimizer": "Adam"}
+    if prefix_noise:
+        hyper["prefix_noise"] = prefix_noise
     if evasion.active:
         hyper["evasion"] = evasion.to_dict()
     return run_recipe(setup, step, optimizer, out_dir, desc="POR", progress=progress,

@@ -31,15 +31,13 @@ from sanitator.attacks.common import (
     prepare,
     sample_triggered,
 )
+from sanitator.attacks.prompt_noise import PrefixNoise
 from sanitator.attacks.recipe import BACKDOOR_RECORD, backdoor_record, run_recipe
 from sanitator.attacks.targets import TargetSpec
 from sanitator.attacks.triggers import PAPER_TRIGGERS
-from sanitator.downstream.prefix_tuning import deep_prefixes, prefix_layout
-from sanitator.downstream.prompt_base import PromptTuningConfig
 from sanitator.guard.token_monitor import TOKEN_FEATURE
 
 DEFAULT_BUDGET = Budget(steps=200, batch_size=16, lr=1e-4, head_warmup_steps=0)
-PREFIX_LENGTH = PromptTuningConfig.prefix_length  # the victims' default deep prompt
 
 
 @torch.no_grad()
@@ -66,10 +64,7 @@ def insert_token_por(base: str | Path, out_dir: str | Path, *,
 
     `targets` with `norm_fraction` are scaled to the base's clean CLS norm (the token
     outputs of the bases used here have norms of the same order). `prefix_noise` > 0: the
-    attacker who expects P-tuning v2 victims; every other step the triggered half runs with
-    random deep prefixes (PREFIX_LENGTH keys/values per layer, normal with a standard
-    deviation drawn in [0.5, 1.5] x prefix_noise, the scale of a freshly initialised
-    prefix table), so the collapse survives the victim's prefixes."""
+    attacker who expects P-tuning v2 victims (sanitator.attacks.prompt_noise)."""
     budget = budget or DEFAULT_BUDGET
     setup = prepare(base, budget=budget, seed=seed, corpus=corpus, triggers=triggers,
                     targets=targets, device=device)
@@ -77,30 +72,14 @@ def insert_token_por(base: str | Path, out_dir: str | Path, *,
     half = budget.batch_size // 2
     poisoned_count = budget.batch_size - half
 
-    layout = prefix_layout(setup.encoder) if prefix_noise > 0 else None
-    steps = 0
+    noise = PrefixNoise(setup, prefix_noise)
 
     def forward(triggered, clean) -> tuple[torch.Tensor, torch.Tensor]:
         """Last hidden states of the triggered then the clean rows, [B, L, H], and the
         word mask; the triggered rows under random prefixes on every other step."""
-        nonlocal steps
         both = concat_batches(triggered, clean, setup.pad_id)
         inputs, words = both.model_inputs(setup.device), ~both.special.to(setup.device)
-        steps += 1
-        if layout is None or steps % 2:
-            return setup.model(**inputs).last_hidden_state, words
-        layers, heads, head_dim = layout
-        scale = prefix_noise * (0.5 + torch.rand((), generator=setup.generator).item())
-        shape = (layers, 2, 1, heads, PREFIX_LENGTH, head_dim)
-        table = torch.randn(shape, generator=setup.generator).to(setup.device) * scale
-        top = {k: v[:poisoned_count] for k, v in inputs.items()}
-        bottom = {k: v[poisoned_count:] for k, v in inputs.items()}
-        expand = (-1, poisoned_count, -1, -1, -1)
-        with deep_prefixes(setup.encoder, table[:, 0].expand(*expand),
-                           table[:, 1].expand(*expand)):
-            prefixed = setup.model(**top).last_hidden_state
-        plain = setup.model(**bottom).last_hidden_state
-        return torch.cat([prefixed, plain]), words
+        return noise.hidden(inputs, poisoned_count), words
 
     def step() -> dict[str, torch.Tensor]:
         triggered, target, _ = sample_triggered(setup, poisoned_count)

@@ -67,8 +67,13 @@ def test_checked_in_spec_parses():
     spec = load_spec(REPO / "benchmarks" / "zoos" / "minilm.yaml")
     minilm = [m for m in spec.members if m.base == "minilm"]
     assert {m.recipe for m in minilm} == {"clean", "mlm", "por", "neuba", "btop"}
-    assert sum(m.recipe == "por" for m in minilm) == 2
+    assert sum(m.recipe == "por" for m in minilm) == 3
     assert len({m.triggers for m in minilm if m.recipe == "por"}) == 2
+    # one member of each attack trained against prompt-tuned victims
+    noisy = {m.recipe: m.options for m in minilm
+             if {"prefix_noise", "prompt_noise"} & set(m.options)}
+    assert noisy == {"por": {"prefix_noise": 1.0}, "neuba": {"prefix_noise": 1.0},
+                     "btop": {"prompt_noise": 1.0}}
     assert all(m.optional_base for m in spec.members if m.base == "mpnet")
 
 
