@@ -75,10 +75,15 @@ def flow_backend(log_file: str | Path, *, dask_address: str | None, n_workers: i
             cluster.close()
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+def _listening_socket() -> socket.socket:
+    """A loopback socket already bound and listening, handed to the server by descriptor:
+    a port chosen here and bound by the server later could be taken in between (by a Dask
+    worker of the cluster starting beside it, or another run), and the API would not start."""
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(128)
+    sock.set_inheritable(True)
+    return sock
 
 
 def _configured_api_url() -> str | None:
@@ -163,20 +168,21 @@ def private_prefect_api(log_file: str | Path,
         return
     log_file = Path(log_file)
     log_file.parent.mkdir(parents=True, exist_ok=True)
-    port = _free_port()
-    url = f"http://127.0.0.1:{port}/api"
+    sock = _listening_socket()
+    url = f"http://127.0.0.1:{sock.getsockname()[1]}/api"
     env = {**os.environ, "PREFECT_API_DATABASE_CONNECTION_URL": MEMORY_DATABASE,
            # what Prefect's own temporary server sets: no UI, ephemeral services only
            "PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1",
            "PREFECT__SERVER_FINAL": "1"}
     env.pop("PREFECT_API_URL", None)
     timeout = float(os.environ.get("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS") or 120)
-    with log_file.open("ab") as log:
+    with log_file.open("ab") as log, sock:
         process = subprocess.Popen(
             [sys.executable, "-m", "uvicorn", "--factory",
-             "prefect.server.api.server:create_app", "--host", "127.0.0.1", "--port",
-             str(port), "--log-level", "error", "--lifespan", "on"],
+             "prefect.server.api.server:create_app", "--fd", str(sock.fileno()),
+             "--log-level", "error", "--lifespan", "on"],
             stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
+            pass_fds=(sock.fileno(),),
             start_new_session=True)  # a Ctrl-C reaches the audit, which stops it
     try:
         if while_starting is not None:
