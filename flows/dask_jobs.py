@@ -173,8 +173,12 @@ class DaskExecutor:
         return list(done)
 
     def outcome(self, handle):
+        # the future is released once read: a held one keeps its result on the worker, and
+        # a worker restarted later (a hung run) would recompute every run it had finished
+        future = self.futures.pop(handle)
+        self.ids.pop(handle, None)
         try:
-            return self.futures[handle].result(raise_on_failure=False)
+            return future.result(raise_on_failure=False)
         except Exception as exc:  # KilledWorker, CancelledError, lost scheduler
             return exc
 
@@ -196,8 +200,9 @@ class DaskExecutor:
         workers = sorted({addr for key, addr in _executing(self.client).items() if key in keys})
         for handle in handles:
             handle.cancel()
-            _mark_failed(self.futures[handle].task_run_id,
+            _mark_failed(self.futures.pop(handle).task_run_id,
                          "hung past its timeout; worker restarted")
+            self.ids.pop(handle, None)
         try:
             if workers:
                 self.client.restart_workers(workers)

@@ -29,7 +29,8 @@ class Executor(Protocol):
         """The handles that finished, waiting at most `timeout` s for the first one."""
 
     def outcome(self, handle: Hashable) -> Any:
-        """The run's outcome, or the exception it ended with (never raises)."""
+        """The run's outcome, or the exception it ended with (never raises). Read once per
+        handle: the executor may release the run then."""
 
     def running(self, handles: Sequence[Hashable]) -> dict[Hashable, float]:
         """Handles executing now on the worker where they announced their start, with that
