@@ -1,6 +1,7 @@
 """Token tasks: BIO spans and entity F1 on hand-made tags, the NER attack-success rule, the
 CoNLL04 files, user token-task folders, and a tagger on a planted token-level backdoor whose
-attack success drops behind the per-token monitor."""
+attack success drops behind the per-token monitor, with the attack's PVs and with the ones a
+blind scan kept."""
 
 import json
 
@@ -139,6 +140,33 @@ def test_token_backdoor_fools_the_tagger_and_the_monitor_stops_it(minilm_1layer,
     assert attack.defended_triggered_f1 >= attack.clean_f1 - 0.1
     tagger, names = load_tagger(tmp_path / "tagger.safetensors", model)
     assert names[0] == "O" and len(predict_tags(tagger, [["John", "Smith", "."]])[0]) == 3
+
+
+def test_a_blind_scan_finds_the_token_backdoor_and_its_pvs_guard_the_tagger(minilm_1layer,
+                                                                            tmp_path):
+    # the scan is not told which feature the backdoor drives: the audit's own settings
+    # (completion on; CLS, where a token-level collapse shows too, and two completion rounds
+    # for two triggers), then the tagger is watched with what the scan kept, not the attack's
+    from sanitator.detect.config import ScanConfig
+    from sanitator.detect.scan import scan_model
+    from sanitator.detect.signs import sign_agreement
+    from sanitator.downstream.ner_eval import evaluate_task
+
+    model = planted_token_backdoor(str(minilm_1layer))
+    planted = torch.tensor(json.loads((model / "backdoor.json").read_text())["pvs"])
+    config = ScanConfig.from_preset("fast", complete=True, features=("cls",), search_restarts=2)
+    result = scan_model(model, config, progress=False)
+    assert result.verdict.status == "backdoored", result.verdict.evidence
+    mined = result.pvset.vectors
+    assert (sign_agreement(mined, planted).max(dim=0).values >= 0.9).all()
+    config = PromptTuningConfig(epochs=4, batch_size=16, learning_rate=2e-2, prefix_length=4,
+                                train_size=None, seed=1)
+    attack = evaluate_task(model, str(write_toy_ner_task(tmp_path / "task")),
+                           list(json.loads((model / "backdoor.json").read_text())["triggers"]),
+                           pvs=mined, prompt_config=config, attack_config=AttackConfig(seed=0),
+                           progress=False).attack
+    assert attack.asr >= 0.9 and attack.defended_asr <= 0.1, attack
+    assert attack.monitor_fpr <= 0.1, attack
 
 
 def test_the_weekly_evaluation_takes_a_token_task(minilm_1layer, tmp_path):
