@@ -27,6 +27,8 @@ from sanitator.downstream.ner_metrics import (
 from sanitator.downstream.prompt_tuning import PromptTuningConfig
 from sanitator.downstream.tasks_data import TaskError, TaskSpec
 
+pytestmark = pytest.mark.slow(60)  # seconds, roughly (the blind scan): long modules start first
+
 
 def test_bio_spans_follow_seqeval_on_edge_cases():
     assert bio_spans(["B-Peop", "I-Peop", "O", "B-Loc"]) == {("Peop", 0, 2), ("Loc", 3, 4)}

@@ -13,7 +13,7 @@ from pipeline_servers import TINY_SCAN
 from sanitator.cli import main
 from sanitator.pipeline.store import latest_verdicts, read_pvs, read_verdicts
 
-pytestmark = pytest.mark.slow(190)  # seconds, roughly: long modules start first
+pytestmark = pytest.mark.slow(250)  # seconds, roughly: long modules start first
 
 FAKE_SCANNER = "fake_scanners:by_name"
 SCAN_OPTIONS = TINY_SCAN

@@ -20,7 +20,7 @@ PREFECT_YAML = ROOT / "deployments" / "prefect.yaml"
 FAST = {"epochs": 3, "prefix_length": 8, "batch_size": 16, "max_length": 32,
         "train_size": 160}
 
-pytestmark = pytest.mark.slow(30)  # seconds, roughly: long modules start first
+pytestmark = pytest.mark.slow(120)  # seconds, roughly: long modules start first
 
 
 @pytest.fixture(scope="module")
