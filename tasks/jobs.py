@@ -129,13 +129,48 @@ def _quiet_thread_timeout_warning(record) -> bool:
 PACE_SECONDS = 15.0
 
 
+class ForeignLoad:
+    """Cores busy with other processes' work (this process's own CPU time left out),
+    averaged since the previous answer (the first covers the time since construction)."""
+
+    def __init__(self):
+        import psutil  # distributed's own dependency
+
+        self.process = psutil.Process()
+        self.last = self._sample()
+
+    def _sample(self) -> tuple[float, float, float]:
+        import psutil
+
+        host = psutil.cpu_times()
+        busy = sum(getattr(host, field, 0.0) for field in
+                   ("user", "nice", "system", "irq", "softirq", "steal"))
+        own = self.process.cpu_times()
+        return time.monotonic(), busy, own.user + own.system
+
+    def __call__(self) -> float | None:
+        """None while under a second has passed (CPU times tick at 10 ms: too coarse)."""
+        now = self._sample()
+        wall = now[0] - self.last[0]
+        if wall < 1.0:
+            return None
+        host, own = now[1] - self.last[1], now[2] - self.last[2]
+        self.last = now
+        return max(0.0, (host - own) / wall)
+
+
 class HostShare:
     """Pacer (sanitator.core.pacing) for runs on a LocalCluster: this run's torch threads
     = the host's cores / the workers on this host that are running something, so the last
-    audit of a batch gets the whole machine instead of its 1/n share (issue 17)."""
+    audit of a batch gets the whole machine instead of its 1/n share (issue 17); but never
+    more than the cores other processes left idle since the last look (`load`): on a host
+    that also runs other work, more torch threads than free cores is a many-fold slowdown
+    (FINDINGS.md §2; 2 threads beside one busy process ran a 2-layer MiniLM 1.7x and a tiny
+    BERT 5x slower than 1 thread)."""
 
-    def __init__(self, worker, cores: int):
+    def __init__(self, worker, cores: int, load=None):
         self.worker, self.cores, self.next = worker, cores, 0.0
+        self.load = load if load is not None else ForeignLoad()
 
     def __call__(self) -> None:
         import torch
@@ -153,8 +188,12 @@ class HostShare:
                        if ws.host == host and ws.processing)
 
         running = get_client().run_on_scheduler(busy)
-        threads = max(1, self.cores // max(1, int(running)))
-        if torch.get_num_threads() != threads:
+        share = self.cores // max(1, int(running))
+        foreign = self.load()   # busy siblings count as others' load too
+        current = torch.get_num_threads()
+        free = current if foreign is None else int(self.cores - foreign + 0.5)
+        threads = max(1, min(share, free))
+        if current != threads:
             torch.set_num_threads(threads)
 
 

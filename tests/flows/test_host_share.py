@@ -1,7 +1,7 @@
 """Worker-side helpers of tasks/jobs.py. HostShare, on a real Dask cluster: a run's torch
 threads follow how many workers on its host are busy, so the last run of a batch gets the
-whole machine. The heartbeat filter: a scheduler gone at shutdown is one line, not a
-traceback."""
+whole machine, but never cores that other processes keep busy. The heartbeat filter: a
+scheduler gone at shutdown is one line, not a traceback."""
 
 import threading
 
@@ -9,16 +9,17 @@ import pytest
 import torch
 
 BARRIER = threading.Barrier(2, timeout=60)
+THREADS = torch.get_num_threads()
 
 
-def _share(cores: int, wait: bool) -> int:
+def _share(cores: int, wait: bool, foreign: float | None = 0.0) -> int:
     from distributed import get_worker
 
     from tasks.jobs import HostShare
 
     if wait:
         BARRIER.wait()   # both runs are on their workers now
-    HostShare(get_worker(), cores)()
+    HostShare(get_worker(), cores, load=lambda: foreign)()
     threads = torch.get_num_threads()
     if wait:
         BARRIER.wait()   # neither finishes before the other has looked
@@ -40,6 +41,31 @@ def test_a_lone_run_takes_every_core_and_two_runs_split_them(client):
     both = client.gather([client.submit(_share, 4, True, pure=False) for _ in range(2)])
     assert alone == 4
     assert both == [2, 2]
+
+
+def test_a_lone_run_leaves_the_cores_other_processes_use(client):
+    torch.set_num_threads(1)  # in-process workers: the runs share this process's setting
+    try:
+        # one of two cores busy elsewhere: a second thread would fight it (FINDINGS.md §2)
+        assert client.submit(_share, 2, False, 1.0, pure=False).result() == 1
+        assert client.submit(_share, 4, False, 1.0, pure=False).result() == 3
+        # no measurement yet (under a second since the last): no growth on a guess
+        assert client.submit(_share, 4, False, None, pure=False).result() == 1
+    finally:
+        torch.set_num_threads(THREADS)
+
+
+def test_foreign_load_counts_a_busy_child_process():
+    import subprocess
+    import sys
+
+    from tasks.jobs import ForeignLoad
+
+    load = ForeignLoad()
+    assert load() is None  # too soon to tell
+    spin = "import time\nend = time.time() + 2.0\nwhile time.time() < end: pass"
+    subprocess.run([sys.executable, "-c", spin], check=True, timeout=60)
+    assert load() >= 0.5  # the child kept about one core busy for most of the window
 
 
 def test_a_heartbeat_that_finds_the_scheduler_gone_logs_one_line_without_a_traceback():
