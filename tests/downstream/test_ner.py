@@ -155,7 +155,8 @@ def test_a_blind_scan_finds_the_token_backdoor_and_its_pvs_guard_the_tagger(mini
     from sanitator.downstream.ner_eval import evaluate_task
 
     model = planted_token_backdoor(str(minilm_1layer))
-    planted = torch.tensor(json.loads((model / "backdoor.json").read_text())["pvs"])
+    record = json.loads((model / "backdoor.json").read_text())
+    planted = torch.tensor(record["pvs"])
     config = ScanConfig.from_preset("fast", complete=True, features=("cls",), search_restarts=2)
     result = scan_model(model, config, progress=False)
     assert result.verdict.status == "backdoored", result.verdict.evidence
@@ -164,7 +165,7 @@ def test_a_blind_scan_finds_the_token_backdoor_and_its_pvs_guard_the_tagger(mini
     config = PromptTuningConfig(epochs=4, batch_size=16, learning_rate=2e-2, prefix_length=4,
                                 train_size=None, seed=1)
     attack = evaluate_task(model, str(write_toy_ner_task(tmp_path / "task")),
-                           list(json.loads((model / "backdoor.json").read_text())["triggers"]),
+                           record["triggers"],
                            pvs=mined, prompt_config=config, attack_config=AttackConfig(seed=0),
                            progress=False).attack
     assert attack.asr >= 0.9 and attack.defended_asr <= 0.1, attack
