@@ -173,14 +173,18 @@ class DaskExecutor:
         return list(done)
 
     def outcome(self, handle):
-        # the future is released once read: a held one keeps its result on the worker, and
-        # a worker restarted later (a hung run) would recompute every run it had finished
         future = self.futures.pop(handle)
         self.ids.pop(handle, None)
         try:
             return future.result(raise_on_failure=False)
         except Exception as exc:  # KilledWorker, CancelledError, lost scheduler
             return exc
+        finally:
+            # the scheduler forgets the run once read. Dropping our references is not
+            # enough (Prefect keeps its own), and a result still held on a worker that is
+            # restarted later (a hung run) is recomputed elsewhere: a second scan.
+            with suppress(Exception):
+                handle.cancel()
 
     def running(self, handles):
         executing = _executing(self.client)

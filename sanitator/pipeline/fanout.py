@@ -66,19 +66,27 @@ def fan_out(job: Job, requests: Iterable[Any], executor: Executor,
     logger = logger or log
     pending = {executor.submit(request): request for request in requests}
     rows: list[dict[str, Any]] = []
-    while pending:
-        for handle in executor.wait(list(pending), poll_seconds(timeout)):
+
+    def record_finished(wait_seconds: float) -> None:
+        for handle in executor.wait(list(pending), wait_seconds):
             request = pending.pop(handle)
             outcome = executor.outcome(handle)
             if isinstance(outcome, BaseException):
                 outcome = job.failure(outcome, timeout)
             rows.append(record(request, outcome))
+
+    while pending:
+        record_finished(poll_seconds(timeout))
         stuck = hung(executor, list(pending), timeout, clock())
+        if not stuck:
+            continue
         for handle in stuck:
             request = pending.pop(handle)
             logger.error("%s still running %ss past its timeout; recorded as error",
                          job.label(request), HANG_GRACE_SECONDS)
             rows.append(record(request, job.hung(timeout)))
-        if stuck:
-            executor.abandon(stuck)
+        # read what finished meanwhile first: a result left on a worker being restarted
+        # is lost, and Dask would run it again
+        record_finished(0)
+        executor.abandon(stuck)
     return rows

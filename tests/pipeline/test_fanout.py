@@ -85,6 +85,46 @@ def test_a_hung_run_ends_as_an_error_row_while_the_others_finish(monkeypatch):
     assert len(rows) == 4
 
 
+class LateExecutor(FakeExecutor):
+    """`late*` runs finish just after the hung run was found and before its worker's
+    restart, on that same worker."""
+
+    def __init__(self):
+        super().__init__()
+        self.events, self.late_done = [], False
+
+    def wait(self, handles, timeout):
+        self.now += 40.0 if timeout else 0.0
+        return [h for h in handles if not h.startswith("stuck")
+                and (self.late_done or not h.startswith("late"))]
+
+    def running(self, handles):
+        found = super().running(handles)
+        self.late_done = self.late_done or any(self.now - t > 90.0 for t in found.values())
+        return found
+
+    def outcome(self, handle):
+        self.events.append(("read", handle))
+        return super().outcome(handle)
+
+    def abandon(self, handles):
+        self.events.append(("restart", list(handles)))
+        super().abandon(handles)
+
+
+def test_runs_finished_when_a_hung_worker_restarts_are_read_first(monkeypatch):
+    """A result still unread on a restarted worker is lost and Dask would scan it again."""
+    monkeypatch.setattr(fanout, "HANG_GRACE_SECONDS", 60.0)
+    executor = LateExecutor()
+    rows = fanout.fan_out(EchoJob(), ["late-1", "stuck-1"], executor,
+                          lambda request, outcome: {"request": request,
+                                                    "status": outcome.status},
+                          timeout=30.0, clock=executor.clock)
+    assert executor.events == [("read", "late-1"), ("restart", ["stuck-1"])]
+    assert {row["request"]: row["status"] for row in rows} == {"late-1": "ok",
+                                                               "stuck-1": "error"}
+
+
 def test_without_a_timeout_nothing_counts_as_hung():
     executor = FakeExecutor()
     executor.submit("stuck-1")
