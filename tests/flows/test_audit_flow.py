@@ -175,8 +175,8 @@ def test_killed_worker_timeouts_and_hangs_still_account_for_every_model(
     assert "hung" in by_repo.loc["stuck-1", "reason"]
     assert summary["counts"]["clean"] == 2 and summary["counts"]["error"] == 2
     assert not pd.isna(by_repo.loc["slow-1", "seconds"])
-    # the killed run ran again elsewhere; the other finished once, and the restart of the
-    # hung run's worker did not recompute what that worker had finished (released futures)
+    # the killed run ran again elsewhere; the other finished once: the restart of the hung
+    # run's worker did not recompute what that worker had finished (read, then forgotten)
     scans = [marker.name.partition("-")[2] for marker in markers.iterdir()]
     other = ({"slow-1", "slow-2"} - set(killed)).pop()
     assert scans.count(killed[0]) == 2 and scans.count(other) == 1, sorted(scans)
