@@ -10,6 +10,7 @@ import threading
 from contextlib import nullcontext, suppress
 from typing import Any
 
+import dask
 import distributed
 from prefect import flow, get_run_logger
 
@@ -20,6 +21,13 @@ from sanitator.pipeline.jobs import Job
 from tasks.jobs import JOB_START_TOPIC, WarmUp, record_task, run_task
 
 log = logging.getLogger(__name__)
+
+# Dask's nannies start workers with MALLOC_TRIM_THRESHOLD_=65536 (to hand freed memory back
+# to the OS). Any explicit threshold turns off glibc's adaptive mmap threshold, so every
+# tensor over 128 KiB is a fresh mmap, page-faulted and zeroed by the kernel again each
+# time: a quarter of a scanning worker's CPU went to the kernel (docs/pipeline.md). Workers
+# of the clusters started here keep glibc's defaults, like a plain `sanitator scan`.
+dask.config.set({"distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": None})
 
 # the subflow's name per kind of job, as the Prefect UI has always shown it
 SUBFLOW_NAMES = {"audit": "audit-models-on-dask", "evaluation": "evaluate-pairs-on-dask"}
