@@ -1,6 +1,7 @@
 """What waiting OpenMP threads cost: the same scan run by P processes side by side, each
-with T torch threads, under each OMP_WAIT_POLICY (libgomp spins by default; `sanitator`
-sets PASSIVE for itself and its LocalCluster workers, sanitator/core/pacing.py).
+with T torch threads, under each OMP_WAIT_POLICY (libgomp's threads spin while they wait
+by default; PASSIVE makes them sleep). docs/pipeline.md, Scaling out, has the figures and
+why the pipeline leaves the default alone.
 
     ./run python benchmarks/openmp_wait.py [--processes 2] [--threads 2] [--layers 2] \
         [--policies default,PASSIVE]

@@ -21,8 +21,6 @@ cores=$(nproc)
 threads=$(( cores / mode )); [ "$threads" -ge 1 ] || threads=1
 export OMP_NUM_THREADS="$threads" MKL_NUM_THREADS="$threads"
 # as on the LocalCluster `sanitator audit` starts (flows/dask_jobs.py): glibc keeps its own
-# malloc thresholds (Dask's MALLOC_TRIM_THRESHOLD_ made scans ~30 % slower), and waiting
-# OpenMP threads sleep instead of spinning (sanitator/core/pacing.py)
+# malloc thresholds (Dask's MALLOC_TRIM_THRESHOLD_ made scans ~30 % slower)
 export DASK_DISTRIBUTED__NANNY__PRE_SPAWN_ENVIRON="{'MALLOC_TRIM_THRESHOLD_': None}"
-export OMP_WAIT_POLICY="${OMP_WAIT_POLICY:-PASSIVE}"
 exec dask worker "$scheduler" --nworkers "$mode" --nthreads 1 --name "$(hostname)"

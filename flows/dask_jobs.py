@@ -14,7 +14,6 @@ import dask
 import distributed
 from prefect import flow, get_run_logger
 
-from sanitator.core.pacing import openmp_env
 from sanitator.pipeline.audit_tracking import open_tracker
 from sanitator.pipeline.fanout import fan_out
 from sanitator.pipeline.jobs import Job
@@ -45,11 +44,10 @@ def _api_url() -> str | None:
 def local_cluster_kwargs(n_workers: int, torch_threads: int | None, gpu: bool,
                          api_url: str | None) -> dict[str, Any]:
     """A LocalCluster of processes with one task thread each and cores / processes torch
-    threads (FINDINGS.md §2) that sleep while they wait, its workers reporting to
-    `api_url`."""
+    threads (FINDINGS.md §2), its workers reporting to `api_url`."""
     threads = torch_threads or max(1, (os.cpu_count() or 1) // max(1, n_workers))
     env = {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
-           "TOKENIZERS_PARALLELISM": "false", **openmp_env()}
+           "TOKENIZERS_PARALLELISM": "false"}
     if api_url:
         env["PREFECT_API_URL"] = api_url
     kwargs: dict[str, Any] = {"n_workers": n_workers, "threads_per_worker": 1,

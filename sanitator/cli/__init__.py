@@ -10,12 +10,10 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
-import os
 import sys
 
 from sanitator import __version__
 from sanitator.cli import exits
-from sanitator.core.pacing import openmp_env
 
 # subcommand -> (module under sanitator.cli, one-line help)
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
@@ -65,7 +63,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    os.environ.update(openmp_env())  # before any subcommand loads torch (pacing.py)
     parser = build_parser()
     args, unknown = parser.parse_known_args(argv)
     if unknown and not getattr(args, "accepts_anything", False):

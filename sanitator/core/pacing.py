@@ -10,24 +10,11 @@ checkpoint does nothing: the method never learns who runs it.
 
 from __future__ import annotations
 
-import os
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 _local = threading.local()
-
-# torch's OpenMP threads sleep while they wait for work instead of spinning (libgomp's
-# default). A spinning thread holds a core: beside another busy process on 2 cores, two
-# 2-thread scans took 139-145 s each spinning and 66 s passive (docs/pipeline.md).
-# libgomp reads it once, when torch loads: set it in a process's environment before that.
-OPENMP_ENV = {"OMP_WAIT_POLICY": "PASSIVE"}
-
-
-def openmp_env(environ: dict[str, str] | None = None) -> dict[str, str]:
-    """OPENMP_ENV, except what `environ` (default: this process's) sets already."""
-    environ = os.environ if environ is None else environ
-    return {key: environ.get(key) or value for key, value in OPENMP_ENV.items()}
 
 
 def checkpoint() -> None:

@@ -30,9 +30,3 @@ def test_a_failing_pacer_is_dropped_and_the_work_goes_on():
         checkpoint()  # dropped after the first failure
     assert calls == [1]
 
-
-def test_openmp_threads_sleep_unless_the_user_chose_otherwise():
-    from sanitator.core.pacing import openmp_env
-
-    assert openmp_env({}) == {"OMP_WAIT_POLICY": "PASSIVE"}
-    assert openmp_env({"OMP_WAIT_POLICY": "ACTIVE"}) == {"OMP_WAIT_POLICY": "ACTIVE"}

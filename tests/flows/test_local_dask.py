@@ -19,11 +19,10 @@ def test_local_dask_starts_warm_workers_in_the_background_and_is_ours(monkeypatc
         with distributed.Client(address) as client:
             assert len(client.scheduler_info()["workers"]) == 1
             env = client.run(lambda: {key: os.environ.get(key) for key in (
-                "OMP_NUM_THREADS", "OMP_WAIT_POLICY", "PREFECT_API_URL",
+                "OMP_NUM_THREADS", "PREFECT_API_URL",
                 "MALLOC_TRIM_THRESHOLD_")})
             # glibc's own malloc thresholds, not Dask's trim setting (a 30 % slower scan)
             assert list(env.values()) == [{"OMP_NUM_THREADS": "1",
-                                           "OMP_WAIT_POLICY": "PASSIVE",
                                            "PREFECT_API_URL": "http://127.0.0.1:9/api",
                                            "MALLOC_TRIM_THRESHOLD_": None}]
             # the warm-up ran before the address was handed out
