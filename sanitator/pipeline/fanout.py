@@ -26,7 +26,8 @@ class Executor(Protocol):
         """Start one run; returns its handle."""
 
     def wait(self, handles: Sequence[Hashable], timeout: float) -> Iterable[Hashable]:
-        """The handles that finished, waiting at most `timeout` s for the first one."""
+        """The handles that finished, waiting at most `timeout` s for the first one; with
+        0, those finished already, without waiting."""
 
     def outcome(self, handle: Hashable) -> Any:
         """The run's outcome, or the exception it ended with (never raises). Read once per

@@ -27,6 +27,12 @@ def test_local_dask_starts_warm_workers_in_the_background_and_is_ours(monkeypatc
                                            "MALLOC_TRIM_THRESHOLD_": None}]
             # the warm-up ran before the address was handed out
             assert list(client.run(lambda: "transformers" in sys.modules).values()) == [True]
+            # a zero-second wait still reports what finished (the fan-out reads those
+            # before it restarts a hung run's worker)
+            done = client.submit(int, 1)
+            done.result()
+            executor = dask_jobs.DaskExecutor(client, None, None, {}, False, None)
+            assert executor.wait([done], 0) == [done]
     finally:
         cluster.close()
     assert address not in dask_jobs._OWN_ADDRESSES
