@@ -33,4 +33,3 @@ def test_unknown_option_of_a_built_subcommand_is_an_error():
     with pytest.raises(SystemExit) as exit_info:
         main(["verdicts", "--store", "x", "--no-such-option"])
     assert exit_info.value.code == 2
-

@@ -29,4 +29,3 @@ def test_a_failing_pacer_is_dropped_and_the_work_goes_on():
         checkpoint()
         checkpoint()  # dropped after the first failure
     assert calls == [1]
-

@@ -18,9 +18,8 @@ def test_local_dask_starts_warm_workers_in_the_background_and_is_ours(monkeypatc
         assert address in dask_jobs._OWN_ADDRESSES  # runs there are paced: the host is ours
         with distributed.Client(address) as client:
             assert len(client.scheduler_info()["workers"]) == 1
-            env = client.run(lambda: {key: os.environ.get(key) for key in (
-                "OMP_NUM_THREADS", "PREFECT_API_URL",
-                "MALLOC_TRIM_THRESHOLD_")})
+            keys = ("OMP_NUM_THREADS", "PREFECT_API_URL", "MALLOC_TRIM_THRESHOLD_")
+            env = client.run(lambda: {key: os.environ.get(key) for key in keys})
             # glibc's own malloc thresholds, not Dask's trim setting (a 30 % slower scan)
             assert list(env.values()) == [{"OMP_NUM_THREADS": "1",
                                            "PREFECT_API_URL": "http://127.0.0.1:9/api",
