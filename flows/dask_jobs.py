@@ -5,7 +5,9 @@ one job's requests through `sanitator.pipeline.fanout.fan_out` (docs/pipeline.md
 from __future__ import annotations
 
 import logging
+import multiprocessing.forkserver
 import os
+import sys
 import threading
 from contextlib import nullcontext, suppress
 from typing import Any
@@ -13,6 +15,8 @@ from typing import Any
 import dask
 import distributed
 from prefect import flow, get_run_logger
+from prefect_dask import DaskTaskRunner
+from prefect_dask.task_runners import PrefectDaskFuture
 
 from sanitator.pipeline.audit_tracking import open_tracker
 from sanitator.pipeline.fanout import fan_out
@@ -27,6 +31,46 @@ log = logging.getLogger(__name__)
 # time: a quarter of a scanning worker's CPU went to the kernel (docs/pipeline.md). Workers
 # of the clusters started here keep glibc's defaults, like a plain `sanitator scan`.
 dask.config.set({"distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": None})
+
+# Workers fork from one server process that imported torch and the model code once
+# (multiprocessing's forkserver) instead of each importing them afresh: a worker started
+# ~9 CPU-seconds of imports, a second cluster in the same process now starts in under a
+# second, and a restarted worker (a hung run's backstop) is back at once. Prefect is not
+# preloaded: it reads its API URL when imported, and a worker learns it only at start.
+# Each run still sets its torch threads (tasks/jobs.py), so the server's own thread
+# setting does not carry over.
+FORKSERVER_PRELOAD = ("distributed", "numpy", "pandas", "torch",
+                      "transformers.models.bert.modeling_bert")
+dask.config.set({"distributed.worker.multiprocessing-method": "forkserver"})
+# after Dask's first call, which sets a preload list of its own
+distributed.utils.get_mp_context().set_forkserver_preload(list(FORKSERVER_PRELOAD))
+_forkserver_lock = threading.Lock()
+_forkserver_started_in: tuple | None = None
+
+
+def _surroundings() -> tuple:
+    """What a worker inherits from the process that starts it: the environment (less
+    the variables Dask itself sets in it before every worker start), sys.path, the
+    working folder."""
+    own = set(dask.config.get("distributed.nanny.pre-spawn-environ", {}))
+    env = tuple(sorted((k, v) for k, v in os.environ.items() if k not in own))
+    return env, tuple(sys.path), os.getcwd()
+
+
+def fresh_forkserver() -> None:
+    """Make the forkserver the next workers fork from one started in this process's
+    present surroundings. Forked workers see the environment, sys.path and folder the
+    server started in (and the Hub endpoint the preloaded libraries read then), not the
+    caller's now, where a spawned worker would see the change; so a server started in
+    other surroundings is stopped first, and the next worker start starts a new one."""
+    global _forkserver_started_in
+    surroundings = _surroundings()
+    with _forkserver_lock:
+        server = multiprocessing.forkserver._forkserver
+        if surroundings != _forkserver_started_in and server._forkserver_pid is not None:
+            server._stop()
+        multiprocessing.forkserver.ensure_running()
+        _forkserver_started_in = surroundings
 
 # the subflow's name per kind of job, as the Prefect UI has always shown it
 SUBFLOW_NAMES = {"audit": "audit-models-on-dask", "evaluation": "evaluate-pairs-on-dask"}
@@ -57,18 +101,33 @@ def local_cluster_kwargs(n_workers: int, torch_threads: int | None, gpu: bool,
     return kwargs
 
 
-def dask_runner(dask_address: str | None, n_workers: int, torch_threads: int | None,
-                gpu: bool):
-    """A DaskTaskRunner on an existing scheduler, or on a new LocalCluster."""
-    from prefect_dask import DaskTaskRunner
+class KeyedDaskTaskRunner(DaskTaskRunner):
+    """prefect-dask's task runner, each run submitted under a fresh key. Its own submit
+    lets Dask name a run by hashing every argument, Prefect's serialised settings
+    included: about a second of the flow process's CPU per run, taken from the workers
+    on a small host, for a key that is unique anyway (each run has its own id)."""
 
+    def submit(self, task, parameters, wait_for=None, dependencies=None):
+        if not self._started:
+            raise RuntimeError("The task runner must be started before submitting work.")
+        future = self.client.submit(
+            task, parameters=self._optimize_futures(parameters),
+            wait_for=self._optimize_futures(wait_for) if wait_for else None,
+            dependencies=dependencies, return_type="state", pure=False)
+        return PrefectDaskFuture(wrapped_future=future, task_run_id=future.task_run_id)
+
+
+def dask_runner(dask_address: str | None, n_workers: int, torch_threads: int | None,
+                gpu: bool) -> KeyedDaskTaskRunner:
+    """The task runner on an existing scheduler, or on a new LocalCluster."""
     if dask_address:
-        return DaskTaskRunner(address=dask_address)
+        return KeyedDaskTaskRunner(address=dask_address)
+    fresh_forkserver()  # the runner starts its LocalCluster's workers from it
     # without it each worker process would start a temporary Prefect server of its own
     api_url = os.environ.get("PREFECT_API_URL") or _api_url()
-    return DaskTaskRunner(cluster_class="distributed.LocalCluster",
-                          cluster_kwargs=local_cluster_kwargs(n_workers, torch_threads, gpu,
-                                                              api_url))
+    return KeyedDaskTaskRunner(cluster_class="distributed.LocalCluster",
+                               cluster_kwargs=local_cluster_kwargs(n_workers, torch_threads,
+                                                                   gpu, api_url))
 
 
 # addresses of the clusters LocalDask started in this process: runs there are paced like
@@ -95,6 +154,7 @@ class LocalDask:
 
     def _start(self) -> None:
         try:
+            fresh_forkserver()
             cluster = distributed.LocalCluster(**self._kwargs)
             with self._lock:
                 self._cluster = cluster

@@ -117,10 +117,19 @@ def test_rerun_through_the_cli_audits_nothing_and_adds_no_rows(first_run, four_m
 
 
 def _worker_pids() -> list[int]:
+    """The Dask worker processes: children of multiprocessing's forkserver (the server
+    itself outlives the clusters it forked workers for)."""
     import psutil
 
-    return [p.pid for p in psutil.Process().children(recursive=True)
-            if "spawn_main" in " ".join(p.cmdline())]
+    def forked(process) -> bool:
+        try:
+            parent = process.parent()
+            return parent is not None and "multiprocessing.forkserver" in " ".join(
+                parent.cmdline())
+        except psutil.Error:  # gone meanwhile
+            return False
+
+    return [p.pid for p in psutil.Process().children(recursive=True) if forked(p)]
 
 
 def test_killed_worker_timeouts_and_hangs_still_account_for_every_model(

@@ -4,6 +4,7 @@ import os
 import sys
 
 import distributed
+import psutil
 import pytest
 
 from flows import dask_jobs
@@ -26,6 +27,9 @@ def test_local_dask_starts_warm_workers_in_the_background_and_is_ours(monkeypatc
                                            "MALLOC_TRIM_THRESHOLD_": None}]
             # the warm-up ran before the address was handed out
             assert list(client.run(lambda: "transformers" in sys.modules).values()) == [True]
+            # forked from the server that imported torch once, not started afresh
+            parent = client.run(lambda: " ".join(psutil.Process().parent().cmdline()))
+            assert all("multiprocessing.forkserver" in line for line in parent.values())
             # a zero-second wait still reports what finished (the fan-out reads those
             # before it restarts a hung run's worker)
             done = client.submit(int, 1)
