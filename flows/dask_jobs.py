@@ -107,6 +107,10 @@ class KeyedDaskTaskRunner(DaskTaskRunner):
     included: about a second of the flow process's CPU per run, taken from the workers
     on a small host, for a key that is unique anyway (each run has its own id)."""
 
+    @property
+    def name(self) -> str:  # its logger's name, as before: prefect.task_runner.dask
+        return "dask"
+
     def submit(self, task, parameters, wait_for=None, dependencies=None):
         if not self._started:
             raise RuntimeError("The task runner must be started before submitting work.")
