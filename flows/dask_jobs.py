@@ -33,10 +33,10 @@ log = logging.getLogger(__name__)
 dask.config.set({"distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": None})
 
 # Workers fork from one server process that imported torch and the model code once
-# (multiprocessing's forkserver) instead of each importing them afresh: a worker started
-# ~9 CPU-seconds of imports, a second cluster in the same process now starts in under a
-# second, and a restarted worker (a hung run's backstop) is back at once. Prefect is not
-# preloaded: it reads its API URL when imported, and a worker learns it only at start.
+# (multiprocessing's forkserver) instead of each importing them afresh (~9 CPU-seconds
+# per worker): a second cluster in the same process now starts in under a second, and a
+# restarted worker (a hung run's backstop) is back at once. Prefect is not preloaded: it
+# reads its API URL when imported, and a worker learns it only at start.
 # Each run still sets its torch threads (tasks/jobs.py), so the server's own thread
 # setting does not carry over.
 FORKSERVER_PRELOAD = ("distributed", "numpy", "pandas", "torch",
