@@ -3,7 +3,7 @@
 Runs `sanitator.detect.scan_model` in this process (the method only: no Prefect, Dask or
 MLflow, so it runs with just torch + transformers + pandas/pyarrow) on each model folder,
 detect mode and optionally complete mode, and counts every encoder forward the scan makes
-(calls and token positions, through a forward hook on the encoder module). The counts are
+(calls and token positions, through a forward hook on the embeddings module). The counts are
 the device-independent size of the scan's evidence; the seconds and peak memory (GPU
 memory allocated on CUDA, the process's peak RSS on CPU) are the device's.
 
@@ -31,27 +31,24 @@ import torch
 
 
 class ForwardCounter:
-    """Counts forwards of every top-level encoder (a module with `embeddings`) and the
-    token positions they process; grad-enabled forwards counted apart (mining, context
-    search gradients)."""
+    """Counts encoder forwards and the token positions they take in, at the embeddings
+    module (one call per forward; a row-path forward, sanitator.detect.rowpath, never
+    returns from the encoder module itself); grad-enabled forwards counted apart (mining,
+    context search gradients)."""
 
     def __init__(self) -> None:
         self.forwards = self.grad_forwards = self.tokens = 0
         self.handle = None
 
     def __enter__(self) -> ForwardCounter:
-        def hook(module, args, kwargs, output):
-            if not hasattr(module, "embeddings") or not hasattr(module, "encoder"):
+        def hook(module, args, output):
+            if not hasattr(module, "word_embeddings") or not isinstance(output, torch.Tensor):
                 return
-            ids = kwargs.get("input_ids", args[0] if args else None)
-            embeds = kwargs.get("inputs_embeds")
-            shape = (ids if ids is not None else embeds).shape
             self.forwards += 1
             self.grad_forwards += int(torch.is_grad_enabled())
-            self.tokens += int(shape[0]) * int(shape[1])
+            self.tokens += int(output.shape[0]) * int(output.shape[1])
 
-        self.handle = torch.nn.modules.module.register_module_forward_hook(
-            hook, with_kwargs=True)
+        self.handle = torch.nn.modules.module.register_module_forward_hook(hook)
         return self
 
     def __exit__(self, *exc) -> None:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
 
@@ -17,6 +17,7 @@ from torch import nn
 
 from sanitator.core.status import Status
 from sanitator.detect.config import PRECISIONS
+from sanitator.detect.rowpath import RowPath, checked_row_path
 from sanitator.safety.model_policy import SUPPORTED_MODEL_TYPES, ModelRejected, short
 from sanitator.safety.preflight import ModelInfo, inspect_model, preflight
 
@@ -45,6 +46,9 @@ class Encoder:
     device: torch.device
     # the matmuls' dtype (autocast); None = float32 throughout. Set per scan (`precision`).
     compute_dtype: torch.dtype | None = None
+    # run the last layer for the read rows only where that is exact (sanitator.detect.rowpath)
+    row_path: bool = True
+    _row_path: RowPath | bool | None = field(default=None, init=False, repr=False)
 
     def autocast(self):
         """The context the frozen encoder's forwards run in: bf16 matmuls where the scan's
@@ -81,10 +85,27 @@ class Encoder:
                          token_type_ids: torch.Tensor | None = None,
                          mask_positions: torch.Tensor | None = None) -> torch.Tensor:
         """The monitored feature [B, H] (float32) for a batch of ids or input embeddings."""
+        feature = Feature(feature)
+        inputs = self.forward_inputs(attention_mask, input_ids, inputs_embeds, token_type_ids)
+        path = None
+        # (dropout in training mode would differ from the hand-run last layer)
+        if self.row_path and feature is not Feature.POOLER and not self.model.training:
+            rows = torch.zeros(attention_mask.shape[0], dtype=torch.long) \
+                if feature is Feature.CLS else mask_positions
+            path = self._checked_row_path(inputs, rows) if rows is not None else None
         with self.autocast():
-            output = self.model(**self.forward_inputs(attention_mask, input_ids,
-                                                      inputs_embeds, token_type_ids))
+            if path is not None:
+                return path.forward(inputs, rows).float()
+            output = self.model(**inputs)
         return select_feature(output, feature, mask_positions).float()
+
+    def _checked_row_path(self, inputs: dict[str, torch.Tensor], rows: torch.Tensor
+                          ) -> RowPath | None:
+        if self._row_path is None:  # the first use decides, for this encoder's lifetime
+            self._row_path = checked_row_path(
+                self.model, inputs, rows,
+                lambda sample: self.model(**sample).last_hidden_state) or False
+        return self._row_path or None
 
     def forward_inputs(self, attention_mask: torch.Tensor,
                        input_ids: torch.Tensor | None = None,
