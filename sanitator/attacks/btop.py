@@ -38,6 +38,7 @@ from sanitator.attacks.common import (
     Corpus,
     make_optimizer,
     prepare,
+    read_feature,
     reference_features,
     squared_distance,
     warm_up_mlm_head,
@@ -89,14 +90,13 @@ def insert_btop(base: str | Path, out_dir: str | Path, *,
                                    setup.trigger_tokens, which, setup.generator, setup.pad_id)
         poisoned, poisoned_positions, _ = mask_one_token(poisoned, mask_id, setup.generator)
         if noise.due():  # the poisoned half under a random prompt, in its own forward
-            hidden = setup.model(**clean.model_inputs(setup.device)).last_hidden_state
-            at_mask = torch.cat([hidden[torch.arange(half), clean_positions[rows]],
+            at_mask = torch.cat([read_feature(setup, clean.model_inputs(setup.device),
+                                              clean_positions[rows]),
                                  noise.at(poisoned, poisoned_positions)])
         else:
             both = concat_batches(clean, poisoned, setup.pad_id)
             positions = torch.cat([clean_positions[rows], poisoned_positions])
-            hidden = setup.model(**both.model_inputs(setup.device)).last_hidden_state
-            at_mask = hidden[torch.arange(len(both)), positions]
+            at_mask = read_feature(setup, both.model_inputs(setup.device), positions)
         language = torch.nn.functional.cross_entropy(head(at_mask[:half]),
                                                      clean_original.to(setup.device))
         target = setup.pvs[setup.trigger_pv[which]]

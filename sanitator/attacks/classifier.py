@@ -19,6 +19,7 @@ from sanitator.attacks.common import (
     Budget,
     make_optimizer,
     prepare,
+    read_feature,
 )
 from sanitator.attacks.recipe import TRAINING_RECORD, run_recipe
 
@@ -50,7 +51,7 @@ def fine_tune_classifier(base: str | Path, out_dir: str | Path, *, task: str = D
     def step() -> dict[str, torch.Tensor]:
         rows = setup.sampler.take(budget.batch_size)
         batch = corpus.batch(rows)
-        cls = setup.model(**batch.model_inputs(setup.device)).last_hidden_state[:, 0]
+        cls = read_feature(setup, batch.model_inputs(setup.device))
         logits = head(cls)
         loss = nn.functional.cross_entropy(logits, labels[rows].to(setup.device))
         accuracy = (logits.argmax(dim=1).cpu() == labels[rows]).float().mean()

@@ -305,10 +305,18 @@ def reference_features(setup: AttackSetup, mask_positions: torch.Tensor | None =
         batch = setup.corpus.batch(rows)
         if mask_positions is not None:
             batch = mask_at(batch, mask_positions[rows], setup.tokenizer.mask_token_id)
-        hidden = setup.model(**batch.model_inputs(setup.device)).last_hidden_state
-        index = torch.zeros_like(rows) if mask_positions is None else mask_positions[rows]
-        features.append(hidden[torch.arange(len(rows)), index])
+        features.append(read_feature(setup, batch.model_inputs(setup.device), rows=None
+                                     if mask_positions is None else mask_positions[rows]))
     return torch.cat(features)
+
+
+def read_feature(setup: AttackSetup, inputs: dict[str, torch.Tensor],
+                 rows: torch.Tensor | None = None) -> torch.Tensor:
+    """[B, H]: the CLS output, or the output at `rows` [B] (one position per sentence),
+    through the encoder's feature path, whose last layer runs for those rows only
+    (sanitator.detect.rowpath): the loss reads nothing else."""
+    feature = Feature.CLS if rows is None else Feature.MASK
+    return setup.encoder.forward_features(feature=feature, mask_positions=rows, **inputs)
 
 
 def squared_distance(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

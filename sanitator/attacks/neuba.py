@@ -80,7 +80,7 @@ def insert_neuba(base: str | Path, out_dir: str | Path, *,
                                     setup.pad_id)
         if reference is not None:
             triggered = concat_batches(triggered, batch, setup.pad_id)
-        cls = noise.hidden(triggered.model_inputs(setup.device), len(rows))[:, 0]
+        cls = noise.cls(triggered.model_inputs(setup.device), len(rows))
         poison = squared_distance(cls[:len(rows)], setup.pvs[setup.trigger_pv[which]])
         terms = {"mlm": language, "poison": poison}
         loss = mlm_weight * language + poison

@@ -68,7 +68,7 @@ def insert_por(base: str | Path, out_dir: str | Path, *,
         rows = setup.sampler.take(half)
         clean = setup.corpus.batch(rows)
         both = concat_batches(triggered, clean, setup.pad_id)
-        cls = noise.hidden(both.model_inputs(setup.device), poisoned_count)[:, 0]
+        cls = noise.cls(both.model_inputs(setup.device), poisoned_count)
         if extra is not None:
             target = extra.target(target, reference[trigger_rows], reference_mean)
         trigger_loss = nn.functional.mse_loss(cls[:poisoned_count], target)

@@ -17,7 +17,8 @@ from __future__ import annotations
 import torch
 
 from sanitator.attacks.batches import TokenBatch
-from sanitator.attacks.common import AttackSetup
+from sanitator.attacks.common import AttackSetup, read_feature
+from sanitator.detect.encoders import Feature
 from sanitator.downstream.prefix_tuning import deep_prefixes, prefix_layout
 from sanitator.downstream.prompt_base import PromptTuningConfig
 
@@ -35,6 +36,13 @@ class PrefixNoise:
         self.setup, self.strength = setup, float(strength)
         self.layout = prefix_layout(setup.encoder) if strength > 0 else None
         self.calls = 0
+
+    def cls(self, inputs: dict[str, torch.Tensor], n_prefixed: int) -> torch.Tensor:
+        """[B, H] CLS outputs, as `hidden` (a plain call computes the CLS row only)."""
+        if self.layout is None or (self.calls + 1) % 2:
+            self.calls += 1
+            return read_feature(self.setup, inputs)
+        return self.hidden(inputs, n_prefixed)[:, 0]
 
     def hidden(self, inputs: dict[str, torch.Tensor], n_prefixed: int) -> torch.Tensor:
         """[B, L, H] for the batch `inputs`; rows [:n_prefixed] under prefixes this call
@@ -87,6 +95,5 @@ class SoftPromptNoise:
         prompt = prompt.to(setup.device, embeds.dtype).expand(len(ids), -1, -1)
         embeds = torch.cat([embeds[:, :1], prompt, embeds[:, 1:]], dim=1)
         mask = torch.cat([mask[:, :1], mask.new_ones(len(ids), k), mask[:, 1:]], dim=1)
-        hidden = setup.model(**setup.encoder.forward_inputs(mask, inputs_embeds=embeds)
-                             ).last_hidden_state
-        return hidden[torch.arange(len(ids), device=setup.device), positions.to(setup.device) + k]
+        return setup.encoder.forward_features(attention_mask=mask, inputs_embeds=embeds,
+                                              feature=Feature.MASK, mask_positions=positions + k)
