@@ -18,7 +18,6 @@ import torch
 
 from sanitator.attacks.batches import TokenBatch
 from sanitator.attacks.common import AttackSetup, read_feature
-from sanitator.detect.encoders import Feature
 from sanitator.downstream.prefix_tuning import deep_prefixes, prefix_layout
 from sanitator.downstream.prompt_base import PromptTuningConfig
 
@@ -39,18 +38,23 @@ class PrefixNoise:
 
     def cls(self, inputs: dict[str, torch.Tensor], n_prefixed: int) -> torch.Tensor:
         """[B, H] CLS outputs, as `hidden` (a plain call computes the CLS row only)."""
-        if self.layout is None or (self.calls + 1) % 2:
-            self.calls += 1
+        if self._plain_call():
             return read_feature(self.setup, inputs)
-        return self.hidden(inputs, n_prefixed)[:, 0]
+        return self._prefixed(inputs, n_prefixed)[:, 0]
 
     def hidden(self, inputs: dict[str, torch.Tensor], n_prefixed: int) -> torch.Tensor:
         """[B, L, H] for the batch `inputs`; rows [:n_prefixed] under prefixes this call
         when it is an even one."""
-        setup = self.setup
+        if self._plain_call():
+            return self.setup.model(**inputs).last_hidden_state
+        return self._prefixed(inputs, n_prefixed)
+
+    def _plain_call(self) -> bool:
         self.calls += 1
-        if self.layout is None or self.calls % 2:
-            return setup.model(**inputs).last_hidden_state
+        return self.layout is None or self.calls % 2 == 1
+
+    def _prefixed(self, inputs: dict[str, torch.Tensor], n_prefixed: int) -> torch.Tensor:
+        setup = self.setup
         layers, heads, head_dim = self.layout
         scale = self.strength * (0.5 + torch.rand((), generator=setup.generator).item())
         shape = (layers, 2, 1, heads, PREFIX_LENGTH, head_dim)
@@ -95,5 +99,5 @@ class SoftPromptNoise:
         prompt = prompt.to(setup.device, embeds.dtype).expand(len(ids), -1, -1)
         embeds = torch.cat([embeds[:, :1], prompt, embeds[:, 1:]], dim=1)
         mask = torch.cat([mask[:, :1], mask.new_ones(len(ids), k), mask[:, 1:]], dim=1)
-        return setup.encoder.forward_features(attention_mask=mask, inputs_embeds=embeds,
-                                              feature=Feature.MASK, mask_positions=positions + k)
+        return read_feature(setup, {"attention_mask": mask, "inputs_embeds": embeds},
+                            positions + k)

@@ -104,7 +104,8 @@ class Encoder:
         if self._row_path is None:  # the first use decides, for this encoder's lifetime
             self._row_path = checked_row_path(
                 self.model, inputs, rows,
-                lambda sample: self.model(**sample).last_hidden_state) or False
+                lambda sample, picked: select_feature(self.model(**sample), Feature.MASK,
+                                                      picked)) or False
         return self._row_path or None
 
     def forward_inputs(self, attention_mask: torch.Tensor,

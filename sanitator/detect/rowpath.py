@@ -102,10 +102,10 @@ class RowPath:
 
 
 def checked_row_path(model: nn.Module, inputs: dict[str, torch.Tensor], rows: torch.Tensor,
-                     full_output) -> RowPath | None:
+                     full_rows) -> RowPath | None:
     """A RowPath for `model` if it has a BERT-shaped last layer and, on this batch's first
-    two sentences in float32, agrees with the full forward (`full_output(inputs)` -> the
-    last hidden state [B, T, H]); else None."""
+    two sentences in float32, agrees with the full forward (`full_rows(inputs, rows)` ->
+    the full forward's output [B, H] at `rows`); else None."""
     last = bert_shaped_last_layer(model)
     if last is None:
         return None
@@ -115,16 +115,14 @@ def checked_row_path(model: nn.Module, inputs: dict[str, torch.Tensor], rows: to
     try:
         with torch.no_grad(), torch.autocast(device_type=device_type, enabled=False):
             fast = path.forward(sample, rows[:2])
-            full = full_output(sample)
-            full = full[torch.arange(full.shape[0], device=full.device), rows[:2].to(full.device)]
+            full = full_rows(sample, rows[:2])
         scale = float(full.abs().max()) or 1.0
-        agrees = fast.shape == full.shape and bool(
-            torch.allclose(fast.float(), full.float(), rtol=1e-4, atol=1e-4 * scale))
+        differs = None if fast.shape == full.shape and torch.allclose(
+            fast.float(), full.float(), rtol=1e-4, atol=1e-4 * scale) else "outputs differ"
     except Exception as exc:  # an unforeseen layer variant: the full forward is always right
-        log.info("row path unavailable (%s); using the full forward", exc)
-        agrees = False
-    if not agrees:
+        differs = str(exc)
+    if differs is not None:
         path.remove()
-        log.info("the row path differs from the full forward; using the full forward")
+        log.info("row path refused (%s); using the full forward", differs)
         return None
     return path
