@@ -50,7 +50,7 @@ def sanitator_command() -> list[str]:
     script = Path(sys.executable).with_name("sanitator")
     if script.is_file():
         return [str(script)]
-    return [sys.executable, "-c", "import sys; from sanitator.cli import main; sys.exit(main())"]
+    return [sys.executable, "-c", "from sanitator.cli import console; console()"]
 
 
 def run_cli(args: list[str]) -> subprocess.CompletedProcess:

@@ -48,7 +48,7 @@ def build_zoo(root: Path, n: int, layers: int) -> Path:
 def sanitator_command() -> list[str]:
     script = Path(sys.executable).with_name("sanitator")
     return [str(script)] if script.is_file() else [
-        sys.executable, "-c", "import sys; from sanitator.cli import main; sys.exit(main())"]
+        sys.executable, "-c", "from sanitator.cli import console; console()"]
 
 
 def run(args: argparse.Namespace) -> dict:
