@@ -4,9 +4,11 @@ one job's requests through `sanitator.pipeline.fanout.fan_out` (docs/pipeline.md
 
 from __future__ import annotations
 
+import atexit
 import logging
 import multiprocessing.forkserver
 import os
+import signal
 import sys
 import threading
 from contextlib import nullcontext, suppress
@@ -71,6 +73,22 @@ def fresh_forkserver() -> None:
             server._stop()
         multiprocessing.forkserver.ensure_running()
         _forkserver_started_in = surroundings
+
+@atexit.register
+def _stop_forkserver() -> None:
+    """At exit, end the forkserver at once. Its workers are gone by then, and on its own it
+    would notice this process's end and tear down its imports (torch, transformers: 1.6 s
+    on a 2-core machine), holding this process's stdout open meanwhile, so a caller
+    reading the command's output waited for it."""
+    server = multiprocessing.forkserver._forkserver
+    with _forkserver_lock:
+        if server._forkserver_pid is None:
+            return
+        with suppress(OSError):  # it has nothing to flush: SIGTERM ends it where it is
+            os.kill(server._forkserver_pid, signal.SIGTERM)
+        with suppress(Exception):
+            server._stop()
+
 
 # the subflow's name per kind of job, as the Prefect UI has always shown it
 SUBFLOW_NAMES = {"audit": "audit-models-on-dask", "evaluation": "evaluate-pairs-on-dask"}
@@ -151,6 +169,7 @@ class LocalDask:
         self._cluster = None
         self._closing = False
         self._lock = threading.Lock()
+        self._up = threading.Event()  # the cluster exists (or could not be started)
         self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._start, name="sanitator-local-dask",
                                         daemon=True)
@@ -162,20 +181,31 @@ class LocalDask:
             cluster = distributed.LocalCluster(**self._kwargs)
             with self._lock:
                 self._cluster = cluster
-                if self._closing:  # nothing to run after all: `close` closes it
-                    return
+                closing = self._closing
+            self._up.set()
+            if closing:  # nothing to run after all: `close` closes it
+                return
             with distributed.Client(cluster) as client:
                 client.register_plugin(WarmUp())
-        except BaseException as exc:  # raised to the caller by `address`
-            self._error = exc
+        except BaseException as exc:
+            if self._up.is_set():  # the first run registers WarmUp again and says so
+                log.warning("the local Dask workers' warm-up failed: %s", exc)
+            else:  # raised to the caller by `address`
+                self._error = exc
+        finally:
+            self._up.set()
 
     def address(self) -> str:
-        """The scheduler's address once the workers are warm; raises what the start raised."""
-        self._thread.join()
-        if self._error is not None:
+        """The scheduler's address once the cluster is up; raises what the start raised.
+        The workers may still be importing: the flow's own start (crawl, plan, MLflow)
+        goes on meanwhile, and a worker runs nothing before its warm-up is done."""
+        self._up.wait()
+        with self._lock:
+            cluster = self._cluster
+        if cluster is None:
             raise RuntimeError(f"the local Dask cluster did not start: {self._error}"
                                ) from self._error
-        address = self._cluster.scheduler_address
+        address = cluster.scheduler_address
         _OWN_ADDRESSES.add(address)
         return address
 
@@ -302,7 +332,11 @@ def run_on_dask(job: Job, requests: list[Any], store: str, tracking_uri: str | N
     tracker = open_tracker(tracking_uri, store)
     client = FlowRunContext.get().task_runner.client
     try:  # before the first run, so that no run's timeout pays the imports
-        client.register_plugin(WarmUp())
+        warm_up = WarmUp()
+        # registered again, not skipped as already known: the answer then waits for every
+        # worker's warm-up, including one LocalDask began in the background
+        warm_up.idempotent = False
+        client.register_plugin(warm_up)
     except Exception as exc:
         logger.warning("workers not warmed up (%s); first runs pay the imports", exc)
     executor = DaskExecutor(client, job, run_task(job, timeout),

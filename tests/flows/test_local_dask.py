@@ -1,13 +1,27 @@
 """The LocalCluster `sanitator audit` starts beside its Prefect API (flows.dask_jobs)."""
 
 import os
+import subprocess
 import sys
+import time
+from pathlib import Path
 
 import distributed
 import psutil
 import pytest
 
 from flows import dask_jobs
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _warmed_up() -> bool:
+    """WarmUp.setup ran to its end: its imports done, its log filter in place."""
+    import logging
+
+    filters = logging.getLogger("distributed.worker").filters
+    return "transformers.models.auto" in sys.modules and any(
+        getattr(f, "__name__", "") == "_quiet_heartbeat_failure" for f in filters)
 
 
 def test_local_dask_starts_warm_workers_in_the_background_and_is_ours(monkeypatch):
@@ -25,8 +39,11 @@ def test_local_dask_starts_warm_workers_in_the_background_and_is_ours(monkeypatc
             assert list(env.values()) == [{"OMP_NUM_THREADS": "1",
                                            "PREFECT_API_URL": "http://127.0.0.1:9/api",
                                            "MALLOC_TRIM_THRESHOLD_": None}]
-            # the warm-up ran before the address was handed out
-            assert list(client.run(lambda: "transformers" in sys.modules).values()) == [True]
+            # the warm-up goes on in the background once the address is handed out
+            deadline = time.monotonic() + 120
+            while not all(client.run(_warmed_up).values()):
+                assert time.monotonic() < deadline, "the workers were never warmed up"
+                time.sleep(0.2)
             # forked from the server that imported torch once, not started afresh
             parent = client.run(lambda: " ".join(psutil.Process().parent().cmdline()))
             assert all("multiprocessing.forkserver" in line for line in parent.values())
@@ -48,3 +65,20 @@ def test_a_cluster_that_cannot_start_says_so_when_its_address_is_asked():
     with pytest.raises(RuntimeError, match="local Dask cluster did not start"):
         cluster.address()
     cluster.close()
+
+
+def test_the_forkserver_ends_with_the_process_that_started_it(tmp_path):
+    """Killed at exit (it has nothing to flush) rather than left to tear down its imports
+    behind the command with the command's output still open."""
+    script = ("import multiprocessing.forkserver as forkserver\n"
+              "from flows import dask_jobs\n"
+              "dask_jobs.fresh_forkserver()\n"
+              "print(forkserver._forkserver._forkserver_pid)\n")
+    out = tmp_path / "out.txt"
+    with out.open("w") as stdout:  # waits for the process only, not for whoever holds stdout
+        done = subprocess.run([sys.executable, "-c", script], stdout=stdout, cwd=ROOT,
+                              timeout=300, check=False)
+    assert done.returncode == 0
+    pid = int(out.read_text().split()[-1])
+    with pytest.raises(ProcessLookupError):  # stopped and reaped before its parent ended
+        os.kill(pid, 0)
