@@ -133,12 +133,21 @@ def _use_api(url: str) -> Iterator[None]:
     previous = os.environ.get("PREFECT_API_URL")
     os.environ["PREFECT_API_URL"] = url
     with ExitStack() as stack:
-        if "prefect" in sys.modules:  # imported already: its settings were read from env
-            from prefect.context import refresh_global_settings_context
-            from prefect.settings import PREFECT_API_URL, temporary_settings
+        imported = "prefect" in sys.modules  # if so, its settings were read from env already
+        from prefect.context import refresh_global_settings_context
+        from prefect.settings import (
+            PREFECT_API_URL,
+            PREFECT_FLOWS_HEARTBEAT_FREQUENCY,
+            temporary_settings,
+        )
 
+        if imported:
             refresh_global_settings_context()
-            stack.enter_context(temporary_settings({PREFECT_API_URL: url}))
+        # no flow-run heartbeats: they let a long-lived server mark crashed runs, and this
+        # API ends with the run; each flow's end waited up to a second for its heartbeat
+        # thread's next tick
+        stack.enter_context(temporary_settings({PREFECT_API_URL: url,
+                                                PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}))
         try:
             yield
         finally:
