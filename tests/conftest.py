@@ -22,6 +22,7 @@ os.environ.update({
     "MLFLOW_DISABLE_TELEMETRY": "true",
     "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
     "HF_HOME": str(_SANDBOX / "hf"),
+    "SANITATOR_CACHE_DIR": str(_SANDBOX / "cache"),  # the MLflow schema template
     "HF_HUB_OFFLINE": "1",
     "HF_HUB_DISABLE_TELEMETRY": "1",
     "TOKENIZERS_PARALLELISM": "false",
@@ -44,7 +45,7 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture(scope="session")
 def sandbox() -> Path:
-    """The session's private folder (PREFECT_HOME, MLflow db and HF cache live here)."""
+    """The session's private folder (PREFECT_HOME, MLflow db, HF and sanitator caches)."""
     return _SANDBOX
 
 

@@ -21,6 +21,7 @@ from typing import Any
 
 from sanitator.core.status import Status
 from sanitator.pipeline.audit import AuditOutcome, AuditRequest
+from sanitator.pipeline.mlflow_schema import seed
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +73,7 @@ class AuditTracker:
         # sqlite/file backends have no artifact server: keep artifacts beside the store
         local = tracking_uri.startswith(("sqlite:", "file:")) or "://" not in tracking_uri
         self.artifact_root = Path(artifact_root).resolve() if artifact_root and local else None
+        seed(tracking_uri)  # a new sqlite file: a copy of the cached empty schema
         self.client = MlflowClient(tracking_uri=tracking_uri)
         self._experiments: dict[str, str] = {}
 
