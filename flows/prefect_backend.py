@@ -44,11 +44,12 @@ STOP_SECONDS = 15.0
 @contextmanager
 def flow_backend(log_file: str | Path, *, dask_address: str | None, n_workers: int,
                  torch_threads: int | None, device: str, flow_module: str,
-                 quiet: bool = True) -> Iterator[str | None]:
+                 preload: tuple[str, ...] = (), quiet: bool = True) -> Iterator[str | None]:
     """The Prefect API (`private_prefect_api`) and, without `dask_address`, a LocalCluster
-    of our own (flows.dask_jobs.LocalDask), started together; `flow_module` is imported
-    meanwhile. Yields the Dask address to run the flow's jobs on. `quiet`: Dask's INFO
-    logging (a traceback when a worker connection closes at shutdown) down to warnings."""
+    of our own (flows.dask_jobs.LocalDask), started together; `flow_module` and the
+    modules in `preload` are imported meanwhile. Yields the Dask address to run the flow's
+    jobs on. `quiet`: Dask's INFO logging (a traceback when a worker connection closes at
+    shutdown) down to warnings."""
     clusters = []
 
     def start(url: str) -> None:
@@ -62,6 +63,9 @@ def flow_backend(log_file: str | Path, *, dask_address: str | None, n_workers: i
             clusters.append(LocalDask(local_cluster_kwargs(
                 n_workers, torch_threads, device.startswith("cuda"), url)))
         importlib.import_module(flow_module)
+        for module in preload:  # only to save time later: one that is not there is skipped
+            with suppress(ImportError):
+                importlib.import_module(module)
 
     try:
         with private_prefect_api(log_file, while_starting=start):

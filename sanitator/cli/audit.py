@@ -99,6 +99,7 @@ def run(args: argparse.Namespace) -> int:
         return exits.USAGE
 
     from flows.prefect_backend import flow_backend
+    from sanitator.pipeline.mlflow_schema import CLIENT_MODULES
 
     unavailable = None
     try:
@@ -107,6 +108,7 @@ def run(args: argparse.Namespace) -> int:
         with flow_backend(Path(args.out) / PREFECT_LOG, dask_address=args.dask,
                           n_workers=args.workers, torch_threads=args.threads,
                           device=args.device, flow_module="flows.audit_zoo",
+                          preload=() if args.no_mlflow else CLIENT_MODULES,
                           quiet=not getattr(args, "verbose", 0)) as address:
             from flows.audit_zoo import RegistryUnavailable, audit_zoo
 

@@ -75,13 +75,14 @@ def run(args: argparse.Namespace) -> int:
     built = time.perf_counter()
 
     from flows.prefect_backend import flow_backend
+    from sanitator.pipeline.mlflow_schema import CLIENT_MODULES
 
     print(f"[demo] auditing {zoo_dir / 'models'} with the nightly flow "
           f"(Dask LocalCluster, {args.workers} worker(s))")
     # the same private Prefect API as `sanitator audit` when none is configured
     with flow_backend(store / "prefect-server.log", dask_address=None,
                       n_workers=args.workers, torch_threads=None, device="cpu",
-                      flow_module="flows.audit_zoo") as address:
+                      flow_module="flows.audit_zoo", preload=CLIENT_MODULES) as address:
         from flows.audit_zoo import audit_zoo
 
         summary = audit_zoo([f"path:{zoo_dir / 'models'}"], store, dask_address=address,
