@@ -74,6 +74,7 @@ def fresh_forkserver() -> None:
         multiprocessing.forkserver.ensure_running()
         _forkserver_started_in = surroundings
 
+
 @atexit.register
 def _stop_forkserver() -> None:
     """At exit, end the forkserver at once. Its workers are gone by then, and on its own it
