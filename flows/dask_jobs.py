@@ -333,11 +333,9 @@ def run_on_dask(job: Job, requests: list[Any], store: str, tracking_uri: str | N
     tracker = open_tracker(tracking_uri, store)
     client = FlowRunContext.get().task_runner.client
     try:  # before the first run, so that no run's timeout pays the imports
-        warm_up = WarmUp()
-        # registered again, not skipped as already known: the answer then waits for every
-        # worker's warm-up, including one LocalDask began in the background
-        warm_up.idempotent = False
-        client.register_plugin(warm_up)
+        # registered again where LocalDask already began it (WarmUp is not idempotent):
+        # Dask answers once every worker's warm-up is done
+        client.register_plugin(WarmUp())
     except Exception as exc:
         logger.warning("workers not warmed up (%s); first runs pay the imports", exc)
     executor = DaskExecutor(client, job, run_task(job, timeout),

@@ -95,10 +95,11 @@ class WarmUp(WorkerPlugin):
     seconds of imports) when a worker starts, restarted workers included, so that a run's
     timeout measures the run and not the imports; and quiet two harmless messages: the
     heartbeat failure of a cluster shutting down (`_quiet_heartbeat_failure`) and Prefect's
-    per-run warning about timeouts in worker threads (`_quiet_thread_timeout_warning`)."""
+    per-run warning about timeouts in worker threads (`_quiet_thread_timeout_warning`).
+    Not idempotent: registered again, it runs again (its imports are cached by then) and
+    the registration answers only once every worker is done (flows.dask_jobs.run_on_dask)."""
 
     name = "sanitator-warm-up"
-    idempotent = True
 
     def setup(self, worker) -> None:
         import torch  # noqa: F401
