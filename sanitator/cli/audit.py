@@ -51,10 +51,14 @@ def register(subparsers) -> None:
     parser.add_argument("--set", dest="options", action="append", default=[],
                         type=parse_assignment, metavar="KEY=VALUE",
                         help="override a scan option, e.g. --set steps_per_seed=60")
-    parser.add_argument("--reference", action="append", default=[], metavar="DIR",
-                        help="a clean base the audited models may derive from (repeatable; "
-                             "the installed MiniLM-L6 is always tried): the scan diffs each "
-                             "model against it (docs/method.md)")
+    bases = parser.add_mutually_exclusive_group()
+    bases.add_argument("--reference", action="append", default=[], metavar="DIR",
+                       help="a clean base the audited models may derive from (repeatable; "
+                            "the installed MiniLM-L6 is always tried): the scan diffs each "
+                            "model against it (docs/method.md)")
+    bases.add_argument("--no-reference", action="store_true",
+                       help="scan with no clean reference at all (no declared base, "
+                            "sibling, configured or installed base)")
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 (default cpu)")
     parser.add_argument("--timeout", type=float, default=3600.0, metavar="SECONDS",
                         help="per-model timeout (default %(default)s; 0 = none)")
@@ -88,6 +92,8 @@ def run(args: argparse.Namespace) -> int:
     from sanitator.detect.config import ScanConfig
 
     options = dict(args.options)
+    if args.no_reference:
+        options["no_reference"] = True
     if args.reference:
         from sanitator.detect.reference import with_known
 

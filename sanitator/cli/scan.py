@@ -34,10 +34,14 @@ def register(subparsers) -> None:
                              "PV set saturates (what audits do, so the artifact is complete)")
     parser.add_argument("--corpus", help="clean sentences: a corpus name or a .parquet/.txt "
                                          "file (default WikiText sentences)")
-    parser.add_argument("--reference", action="append", default=[], metavar="DIR",
-                        help="a clean base the model may derive from (repeatable; the "
-                             "installed MiniLM-L6 is always tried): its first layer's change "
-                             "names candidate trigger tokens")
+    bases = parser.add_mutually_exclusive_group()
+    bases.add_argument("--reference", action="append", default=[], metavar="DIR",
+                       help="a clean base the model may derive from (repeatable; the "
+                            "installed MiniLM-L6 is always tried): its first layer's change "
+                            "names candidate trigger tokens")
+    bases.add_argument("--no-reference", action="store_true",
+                       help="use no clean reference at all (no declared, configured or "
+                            "installed base): what the scan finds without one")
     parser.add_argument("--precision", choices=PRECISIONS,
                         help="the encoder's matmuls (default auto: bfloat16 where the "
                              "device computes it natively, float32 elsewhere; faithful: "
@@ -67,6 +71,8 @@ def _overrides(args: argparse.Namespace) -> dict:
         overrides["complete"] = True
     if args.precision:
         overrides["precision"] = args.precision
+    if args.no_reference:
+        overrides["no_reference"] = True
     if args.reference:
         from sanitator.detect.reference import with_known
 

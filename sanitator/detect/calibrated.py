@@ -43,7 +43,11 @@ from sanitator.detect.evidence import confirm
 from sanitator.detect.false_alarms import false_alarm_text, monitor_check
 from sanitator.detect.hardsearch import Objective, evaluate, gcg, token_gradients, toward
 from sanitator.detect.mining import MiningData, mine_seeds, prepare_data
-from sanitator.detect.reference import reference_search
+from sanitator.detect.reference import (
+    ReferenceCandidate,
+    configured_candidates,
+    reference_search,
+)
 from sanitator.detect.refine import refine_accepted
 from sanitator.detect.signs import sign_agreement
 
@@ -67,6 +71,7 @@ class CalibratedScan:
     completion: dict[str, Any] = field(default_factory=dict)
     sweep: tuple[str, list, torch.Tensor] | None = None  # feature, candidates, standalone sweep
     reference: dict[str, Any] | None = None  # the base diffed against (reference.py)
+    candidates: list[ReferenceCandidate] = field(default_factory=list)  # clean bases to try
 
     def timed(self, stage: str, fn, *args) -> None:
         checkpoint()  # the runner may re-size this scan's share of the cores
@@ -354,9 +359,11 @@ def _bar(enabled: bool, total: int, desc: str):
     return tqdm(total=total, desc=desc, unit="search", dynamic_ncols=True)
 
 
-def run(encoder: Encoder, config: ScanConfig, sentences: list[str], progress: bool
-        ) -> CalibratedScan:
-    """The calibrated scan over `sentences` (train rows first, then search, then fresh)."""
+def run(encoder: Encoder, config: ScanConfig, sentences: list[str], progress: bool,
+        references: list[ReferenceCandidate] | None = None) -> CalibratedScan:
+    """The calibrated scan over `sentences` (train rows first, then search, then fresh);
+    `references`: clean bases the registry resolved for this model (tried before the
+    config's own, docs/method.md)."""
     mining, search = config.mining, config.search
     fresh = sentences[-search.n_fresh:]
     rest = sentences[:-search.n_fresh]
@@ -365,6 +372,8 @@ def run(encoder: Encoder, config: ScanConfig, sentences: list[str], progress: bo
     views = {feature: FeatureView(encoder, config, feature, search_rows, fresh)
              for feature in scan_features(config, encoder)}
     scan = CalibratedScan(encoder, config, views, progress)
+    if not config.no_reference:
+        scan.candidates = [*(references or []), *configured_candidates(config)]
     scan.seconds["rows"] = round(time.perf_counter() - started, 2)
     scan.collect_all = config.mode == "search"
     scan.timed("vocabulary_screen", scan.vocabulary_screen, sentences)

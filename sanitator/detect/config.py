@@ -127,6 +127,9 @@ class ScanConfig(_Stage):
     confirm_features: tuple[str, ...] = ("token",)
     complete: bool = False          # detect mode: once backdoored, search on for every PV
     references: tuple[str, ...] | None = None  # clean bases to diff against; None: installed
+    # no reference source at all (declared, siblings, configured, installed): recall
+    # without a base is measured apart (docs/method.md)
+    no_reference: bool = False
     # the encoder's matmuls: auto = bf16 where the device has it natively (encoders.py);
     # the evidence is measured against noise floors taken at the same precision
     precision: Precision = "auto"

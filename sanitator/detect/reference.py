@@ -102,6 +102,61 @@ def _read_weights(folder: Path) -> dict[str, torch.Tensor] | None:
     return state if _complete(state) else None
 
 
+# Where a clean reference came from, in the order the scan tries them: the first tier with
+# a candidate the model derives from wins (docs/method.md, "Which reference").
+REFERENCE_SOURCES: tuple[str, ...] = ("declared", "sibling", "siblings", "configured",
+                                      "installed")
+
+
+@dataclass(frozen=True)
+class ReferenceCandidate:
+    """A clean model the audited one may derive from, and where it came from.
+
+    `paths` are local model folders (safetensors); more than one stands for the
+    coordinate-wise median of them, each aligned to the audited model first (the
+    `siblings` source). `ids` and `revisions` name what the registry served, parallel to
+    `paths`; `note` says why it is a candidate (for the evidence)."""
+
+    source: str
+    paths: tuple[str, ...]
+    ids: tuple[str, ...] = ()
+    revisions: tuple[str, ...] = ()
+    note: str = ""
+
+    def __post_init__(self) -> None:
+        if self.source not in REFERENCE_SOURCES:
+            raise ValueError(f"unknown reference source {self.source!r}; "
+                             f"known: {', '.join(REFERENCE_SOURCES)}")
+        if not self.paths:
+            raise ValueError("a reference candidate needs at least one model folder")
+        for name in ("paths", "ids", "revisions"):
+            object.__setattr__(self, name, tuple(str(v) for v in getattr(self, name)))
+
+    def describe(self) -> dict:
+        """What the evidence records of it (no local paths: they are temporary)."""
+        out: dict = {"source": self.source}
+        if self.ids:
+            out["id"] = self.ids[0] if len(self.ids) == 1 else list(self.ids)
+        if self.revisions:
+            out["revision"] = (self.revisions[0] if len(self.revisions) == 1
+                               else list(self.revisions))
+        if self.note:
+            out["note"] = self.note
+        return out
+
+
+def configured_candidates(config) -> list[ReferenceCandidate]:
+    """The scan config's own sources: `references` (folders a user named; None = the
+    installed bases) ; nothing at all under `no_reference`."""
+    if config.no_reference:
+        return []
+    if config.references is None:
+        return [ReferenceCandidate("installed", (p,), (p,)) for p in known_references()]
+    installed = set(known_references())
+    return [ReferenceCandidate("installed" if p in installed else "configured", (p,), (p,))
+            for p in config.references]
+
+
 @dataclass
 class Reference:
     path: str
@@ -285,21 +340,32 @@ def reference_search(scan, sentences: list[str]) -> None:
     from sanitator.detect.attribution import candidate_token_ids
 
     config, search = scan.config, scan.config.search
-    if search.reference_tokens <= 0:
+    if search.reference_tokens <= 0 or config.no_reference:
         return
-    paths = config.references if config.references is not None else known_references()
     if scan.reference is None:
         allowed = candidate_token_ids(scan.encoder)
-        found = match_reference(scan.encoder, tuple(paths), allowed)
+        found, tried = None, []
+        for source in REFERENCE_SOURCES:  # the first tier the model derives from wins
+            tier = [c for c in scan.candidates if c.source == source and len(c.paths) == 1]
+            if not tier:
+                continue
+            found = match_reference(scan.encoder, tuple(c.paths[0] for c in tier), allowed)
+            if found is not None:
+                chosen = next(c for c in tier if c.paths[0] == found.path)
+                break
+            tried += [c.describe() for c in tier]
         if found is None:
-            scan.reference = {"path": None, "note": "no installed or given base matches"}
+            scan.reference = {"path": None, "tried": tried,
+                              "note": "no declared, sibling, configured or installed base "
+                                      "matches"}
             return
         ranked = found.top_tokens(max(2 * search.reference_tokens, search.chain_tokens))
         changed = ranked[:search.reference_tokens]
         more = ranked[search.reference_tokens:2 * search.reference_tokens]
         fillers = frequent_tokens(scan.encoder, sentences[:200], allowed,
                                   search.reference_fillers)
-        scan.reference = {**found.summary(scan.encoder, 2 * search.reference_tokens),
+        scan.reference = {**chosen.describe(), "tried": tried,
+                          **found.summary(scan.encoder, 2 * search.reference_tokens),
                           "candidates": alphabets(changed, fillers, more),
                           "chain_pool": ranked[:search.chain_tokens]}
     for view in scan.views.values():

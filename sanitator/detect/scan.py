@@ -34,6 +34,7 @@ from sanitator.detect.encoders import (
 )
 from sanitator.detect.filtering import embedding_bounds, is_collapsed, is_legitimate, is_unique_mse
 from sanitator.detect.mining import SeedOutcome, mine_seeds, prepare_data
+from sanitator.detect.reference import ReferenceCandidate
 from sanitator.detect.results import PVSet, Verdict
 
 log = logging.getLogger(__name__)
@@ -91,8 +92,8 @@ def _calibrated_pvset(encoder: Encoder, config: ScanConfig,
 
 
 def _scan_calibrated(encoder: Encoder, config: ScanConfig, progress: bool,
-                     sentences: list[str]) -> tuple[Verdict, PVSet]:
-    scan = calibrated.run(encoder, config, sentences, progress)
+                     sentences: list[str], references=None) -> tuple[Verdict, PVSet]:
+    scan = calibrated.run(encoder, config, sentences, progress, references)
     evidence: dict[str, Any] = {
         "rule": "calibrated", "derived_from": CALIBRATED_RULE,
         "features": list(scan.views), "alpha": config.decision.alpha,
@@ -146,7 +147,7 @@ def _paper_accepts(outcome: SeedOutcome, kept: list[SeedOutcome], config: ScanCo
 
 
 def _scan_paper(encoder: Encoder, config: ScanConfig, progress: bool,
-                sentences: list[str]) -> tuple[Verdict, PVSet]:
+                sentences: list[str], references=None) -> tuple[Verdict, PVSet]:
     mining = config.mining
     train = prepare_data(encoder, sentences[:len(sentences) - mining.n_holdout], mining,
                          seed=config.seed)
@@ -220,7 +221,7 @@ def needed_sentences(config: ScanConfig) -> int:
 
 
 def _scan_loaded(encoder: Encoder, config: ScanConfig, progress: bool,
-                 sentences: list[str] | None) -> tuple[Verdict, PVSet]:
+                 sentences: list[str] | None, references=None) -> tuple[Verdict, PVSet]:
     mining = config.mining
     started = time.perf_counter()
     torch.manual_seed(config.seed)
@@ -232,7 +233,7 @@ def _scan_loaded(encoder: Encoder, config: ScanConfig, progress: bool,
     if len(sentences) < minimum:
         raise ValueError(f"need at least {minimum} sentences, got {len(sentences)}")
     scan = _scan_paper if config.decision.rule == "paper" else _scan_calibrated
-    verdict, pvset = scan(encoder, config, progress, sentences)
+    verdict, pvset = scan(encoder, config, progress, sentences, references)
     verdict.seconds = round(time.perf_counter() - started, 3)
     return verdict, pvset
 
@@ -245,9 +246,12 @@ def is_out_of_memory(exc: BaseException) -> bool:
 
 def scan_model(path: str | Path, config: ScanConfig | None = None, *, device: str = "cpu",
                allow_pickle: bool = False, max_params: int | None = None,
-               progress: bool = True, sentences: list[str] | None = None) -> ScanResult:
+               progress: bool = True, sentences: list[str] | None = None,
+               references: list[ReferenceCandidate] | None = None) -> ScanResult:
     """Audit one model folder. Never raises for a bad model: the verdict says what failed.
-    Only running out of memory mid-scan is raised (a cause outside the model)."""
+    Only running out of memory mid-scan is raised (a cause outside the model).
+    `references`: clean bases a registry resolved for this model (declared, siblings),
+    tried before the config's own (reference.py)."""
     config = config or ScanConfig()
     started = time.perf_counter()
     if device.startswith("cuda"):
@@ -263,7 +267,7 @@ def scan_model(path: str | Path, config: ScanConfig | None = None, *, device: st
                                   seconds=round(time.perf_counter() - started, 3)),
                           PVSet.empty(0))
     try:
-        verdict, pvset = _scan_loaded(encoder, config, progress, sentences)
+        verdict, pvset = _scan_loaded(encoder, config, progress, sentences, references)
     except ModelRejected as exc:
         verdict, pvset = Verdict(status=exc.status, reason=exc.reason), PVSet.empty(0)
     except Exception as exc:  # a verdict says what failed; the traceback is for -vv
