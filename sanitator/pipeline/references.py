@@ -102,8 +102,7 @@ def plan_references(todo: list[ModelRef], refs: list[ModelRef],
     todo_keys = {ref.key for ref in todo}
     listed: dict[str, list[ModelRef]] = defaultdict(list)
     for ref in refs:
-        if not ref.crawl_error:
-            listed[ref.registry].append(ref)
+        listed[ref.registry].append(ref)
     state = _State(clean_or_not, backdoored, todo_keys, dict(refused))
     catalog = list(catalog)
     plans = {ref.key: _plan_one(ref, listed[ref.registry], state, catalog,
@@ -196,7 +195,8 @@ def _siblings(ref: ModelRef, listed: list[ModelRef], state: _State
     shape = ref.extra.get("shape")
     if not shape:
         return [], {"skipped": "no shape facts (config.json unread or incomplete)"}
-    pool = [o for o in listed if o.key != ref.key and o.key not in state.refused
+    pool = [o for o in listed if o.key != ref.key and not o.crawl_error
+            and o.key not in state.refused
             and o.key not in state.backdoored and same_shapes(shape, o.extra.get("shape"))
             and _close_in_size(ref, o)]
     size = _weight_bytes(ref)

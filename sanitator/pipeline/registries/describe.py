@@ -85,7 +85,9 @@ def match_listed(declared: str, refs: Iterable[ModelRef]) -> ModelRef | None:
     """The listed ref a declared id names: `NAME` (an MLflow name: its newest version; a
     cache: the snapshot of main), `NAME@N` / `NAME@ALIAS` (MLflow), `ORG/NAME@SHA` (Hub)."""
     name, _, which = declared.partition("@")
-    same = [r for r in refs if r.repo_id == name and not r.crawl_error]
+    same = [r for r in refs if r.repo_id == name]
+    # a repo the crawl could not read still answers (with its error) when it is the only one
+    same = [r for r in same if not r.crawl_error] or same
     if not same:
         return None
     if same[0].source == "mlflow":
