@@ -103,7 +103,10 @@ def plan_references(todo: list[ModelRef], refs: list[ModelRef],
     listed: dict[str, list[ModelRef]] = defaultdict(list)
     for ref in refs:
         listed[ref.registry].append(ref)
-    state = _State(clean_or_not, backdoored, todo_keys, dict(refused))
+    # declared bases are fetched for their derivatives anyway: first among siblings
+    bases = {base.key for ref in todo for item in ref.extra.get("declared") or ()
+             if (base := match_listed(item["id"], listed[ref.registry])) is not None}
+    state = _State(clean_or_not, backdoored, todo_keys, dict(refused), bases)
     catalog = list(catalog)
     plans = {ref.key: _plan_one(ref, listed[ref.registry], state, catalog,
                                 dict(catalog_problems or {})) for ref in todo}
@@ -146,6 +149,7 @@ class _State:
     backdoored: set[tuple]         # audited backdoored under any config
     todo: set[tuple]
     refused: dict[tuple, str]
+    bases: set[tuple]              # somebody's declared base
 
 
 def _declared(ref: ModelRef, listed: list[ModelRef], state: _State
@@ -203,7 +207,7 @@ def _siblings(ref: ModelRef, listed: list[ModelRef], state: _State
 
     def rank(o: ModelRef):
         other = _weight_bytes(o)
-        return (state.verdicts.get(o.key) != Status.CLEAN,
+        return (state.verdicts.get(o.key) != Status.CLEAN, o.key not in state.bases,
                 0 if size is None or other is None else abs(size - other), o.repo_id,
                 o.revision)
 

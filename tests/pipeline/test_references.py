@@ -99,7 +99,8 @@ def test_an_earlier_verdict_settles_the_base_without_waiting():
 
 def test_sibling_preselection_caps_the_fetches_and_never_takes_the_model_itself():
     family = [_ref(f"acme/m{i}") for i in range(8)]
-    others = [_ref("acme/wide", shape={**BERT, "hidden_size": 64}),
+    others = [_ref("acme/z-ft", "acme/m5"),                     # m5 is fetched for it anyway
+              _ref("acme/wide", shape={**BERT, "hidden_size": 64}),
               _ref("acme/half", size=20_000),                    # another dtype
               _ref("acme/broken", crawl_error="cannot read")]
     history = [_history(family[6], "clean"), _history(family[7], "backdoored")]
@@ -113,9 +114,10 @@ def test_sibling_preselection_caps_the_fetches_and_never_takes_the_model_itself(
         median = sources["siblings"]
         assert name not in median and len(median) == SIBLINGS_FETCHED >= MIN_SIBLINGS
         assert not {"acme/wide", "acme/half", "acme/broken", "acme/m7"} & set(median)
-        assert median[0] == "acme/m6"                  # clean-audited first
+        # clean-audited first, then somebody's declared base, then by size and id
+        assert median[:2] == ["acme/m6", "acme/m5"] or name == "acme/m5"
         assert sources["sibling"] == ["acme/m6"]       # and tried alone first
-        assert request.reference_log["siblings"]["compatible"] == 6
+        assert request.reference_log["siblings"]["compatible"] == 7
         fetched |= set(median)
     # one ranking for the whole family: at most SIBLINGS_FETCHED + 1 distinct siblings
     assert len(fetched) <= SIBLINGS_FETCHED + 1

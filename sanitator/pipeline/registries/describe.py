@@ -61,8 +61,8 @@ def describe_ref(registry: Registry, ref: ModelRef) -> ModelRef:
         try:
             data = registry.read_file(ref, "README.md", MAX_CARD_BYTES)
             ids = card_bases(card_front_matter(data)) if data else []
-        except (OSError, ValueError) as exc:
-            problems.append(f"README.md: {short(exc, 160)}")
+        except Exception as exc:  # anyone's bytes, any server: the card declares nothing
+            problems.append(f"README.md: {type(exc).__name__}: {short(exc, 160)}")
     config = None
     if _model_file(ref, "config.json"):
         try:
@@ -70,8 +70,8 @@ def describe_ref(registry: Registry, ref: ModelRef) -> ModelRef:
             config = parse_json(data, "config.json") if data else None
         except ModelRejected as exc:
             problems.append(exc.reason)
-        except (OSError, ValueError) as exc:
-            problems.append(f"config.json: {short(exc, 160)}")
+        except Exception as exc:  # as above: no shapes, no declared base from it
+            problems.append(f"config.json: {type(exc).__name__}: {short(exc, 160)}")
     declared = declared_bases(ids, config)
     extra["declared"] = [{**d.to_dict(), "from": origin if d.origin == "card" else d.origin}
                          for d in declared]
