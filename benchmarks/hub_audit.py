@@ -21,8 +21,9 @@ Variants:
 
 A reference is right when: default, the member declares a base: the scan used that
 declared base at the revision the mirror serves (a member declaring nothing: any source,
-not judged); no-reference: none used; siblings: a sibling or the siblings' median, never
-the member itself.
+not judged; `no (tried)`: the base was handed to the scan, which did not take it, e.g.
+a member identical to its base); no-reference: none used; siblings: a sibling or the
+siblings' median, never the member itself.
 """
 
 from __future__ import annotations
@@ -105,8 +106,10 @@ def lay_out(zoo: Path, root: Path, org: str, variant: str, declare: str) -> dict
         if how != "as-built":
             _declare(folder, how, default_id)
         base_id = declared_id(folder)
-        members[row["name"]] = {"backdoored": bool(row["backdoored"]),
-                                "attack": row["attack"] or "clean", "declared": base_id}
+        backdoored = bool(row["backdoored"])
+        members[row["name"]] = {"backdoored": backdoored,
+                                "attack": str(row["attack"]) if backdoored else "clean",
+                                "declared": base_id}
         if variant != "siblings":
             bases.setdefault(base_id or default_id, row["base_ref"])
     for base_id, base_ref in bases.items():
@@ -152,8 +155,13 @@ def judge(reference: dict | None, member: str, truth: dict, variant: str,
     if not truth["declared"]:
         return "-"
     wanted = truth["declared"].split("@")[0]
-    return "yes" if (source == "declared" and reference.get("id") == wanted
-                     and reference.get("revision") == served.get(wanted)) else "no"
+    if source == "declared" and reference.get("id") == wanted \
+            and reference.get("revision") == served.get(wanted):
+        return "yes"
+    # handed to the scan, which found the model not derived from it (or identical to it)
+    tried = any(t.get("source") == "declared" and t.get("id") == wanted
+                for t in (reference or {}).get("tried") or ())
+    return "no (tried)" if tried else "no"
 
 
 def table(zoo: Path, work: Path, variant: str, args) -> dict[str, Any]:
