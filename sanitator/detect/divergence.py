@@ -97,7 +97,27 @@ def kemeny(items: list[int], margin: dict[tuple[int, int], float]) -> list[int]:
     return best[(1 << k) - 1][1]
 
 
-def set_beam(excess, pool: list[int], width: int, max_length: int, fillers: list[int] = ()):
+def _polish(excess, order: list[int], value: float, rounds: int = 2
+            ) -> tuple[list[int], float]:
+    """Local search over the order: every move of one token to another place, best kept,
+    for a few rounds."""
+    for _ in range(rounds):
+        moves = []
+        for i in range(len(order)):
+            rest = order[:i] + order[i + 1:]
+            moves += [rest[:j] + [order[i]] + rest[j:] for j in range(len(order)) if j != i]
+        moves = [m for m in dict.fromkeys(map(tuple, moves)) if list(m) != order]
+        if not moves:
+            break
+        scored = excess([list(m) for m in moves])
+        if float(scored.max()) <= value:
+            break
+        order, value = list(moves[int(scored.argmax())]), float(scored.max())
+    return order, value
+
+
+def set_beam(excess, pool: list[int], width: int, max_length: int, fillers: list[int] = (),
+             polish: int = 2):
     """Triggers of 3..max_length tokens from `pool`: a beam over token sets, each set put
     in the order its pairs prefer, kept by `excess` ([S, L] ids -> [S]). Yields the best
     sequence of each length as it is found (shortest first) and, for a sentence that
@@ -121,8 +141,14 @@ def set_beam(excess, pool: list[int], width: int, max_length: int, fillers: list
                                   + (values - own).argsort(descending=True)
                                   [:max(1, width // 2)].tolist()))
         beams = [sets[i] for i in keep]
+        # pair preferences can misplace a word (a filler's are faint): the best few orders
+        # are polished by moving one token at a time, as long as that helps
         top = orders[keep[0]]
         yield top
+        polished = [_polish(excess, orders[i], float(values[i])) for i in keep[:polish]]
+        best = max(polished, key=lambda p: p[1])[0]
+        if best != top:
+            yield best
         repeats = [[*top[:i], f, *top[i:]] for f in fillers for i in range(len(top) + 1)
                    if (i == 0 or top[i - 1] != f) and (i == len(top) or top[i] != f)]
         if repeats:
