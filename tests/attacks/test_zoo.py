@@ -119,6 +119,105 @@ def test_two_member_zoo_builds_resumes_and_reads_back(tmp_path, capsys):
     assert "| por | rob |" in table and "backdoored members meet" in table
 
 
+def _front_matter(folder: Path) -> dict:
+    import yaml
+
+    text = (folder / "README.md").read_text()
+    assert text.startswith("---\n")
+    return yaml.safe_load(text.split("---\n")[1])
+
+
+def test_cards_declare_the_base_where_asked_and_members_build_on_members(tmp_path):
+    """Cards and `_name_or_path` follow `declare_base`; a member built on another comes
+    after it (also under --only) and declares its id; declared bases are published."""
+    spec_data = _spec(
+        org="acme", publish_bases=True,
+        bases={"rob": {"ref": "tiny:roberta", "id": "acme/rob-base"}},
+        members=[{"name": "child", "base": "member:parent", "recipe": "por",
+                  "triggers": ["cf"], "targets": {"kind": "random", "n": 1, "seed": 1},
+                  "budget": "tiny", "declare_base": "both"},
+                 {"name": "parent", "base": "rob", "recipe": "mlm", "budget": "tiny"},
+                 {"name": "quiet", "base": "rob", "declare_base": "none"},
+                 {"name": "configured", "base": "rob", "declare_base": "config"}])
+    spec = parse_spec(spec_data)
+    out = tmp_path / "zoo"
+    report = build_zoo(spec, out, only=["child"], progress=False)
+    assert report.built == ["parent", "child"] and report.published == ["acme/rob-base"]
+    models = out / "models"
+    assert _front_matter(models / "parent") ["base_model"] == "acme/rob-base"
+    assert "_name_or_path" not in json.loads((models / "parent" / "config.json").read_text())
+    assert _front_matter(models / "child")["base_model"] == "acme/parent"
+    assert json.loads((models / "child" / "config.json").read_text())["_name_or_path"] \
+        == "acme/parent"
+    published = out / "bases" / "acme" / "rob-base"
+    assert (published / "model.safetensors").is_file()
+    assert "base_model" not in _front_matter(published)
+
+    report = build_zoo(spec, out, progress=False)
+    assert report.built == ["quiet", "configured"] and set(report.skipped) == {"parent", "child"}
+    assert "base_model" not in _front_matter(models / "quiet")
+    assert "_name_or_path" not in json.loads((models / "quiet" / "config.json").read_text())
+    assert "base_model" not in _front_matter(models / "configured")
+    assert json.loads((models / "configured" / "config.json").read_text())["_name_or_path"] \
+        == "acme/rob-base"
+    frame = read_manifest(out).set_index("name")
+    assert frame.loc["child", "model_id"] == "acme/child"
+    assert frame.loc["child", "base_id"] == "acme/parent"
+    assert frame.loc["quiet", "base_declared"] == "none"
+    assert frame.loc["child", "base_ref"] == "member:parent"
+
+    # where a member declares its base is not training: the card changes, the weights stay
+    weights = models / "child" / "model.safetensors"
+    stamp = weights.stat().st_mtime_ns
+    spec_data["members"][0]["declare_base"] = "card"
+    report = build_zoo(parse_spec(spec_data), out, progress=False)
+    assert report.built == [] and weights.stat().st_mtime_ns == stamp
+    assert "_name_or_path" not in json.loads((models / "child" / "config.json").read_text())
+    assert read_manifest(out).set_index("name").loc["child", "base_declared"] == "card"
+    # a retrained parent retrains its child
+    spec_data["members"][1]["seed"] = 5
+    report = build_zoo(parse_spec(spec_data), out, only=["child"], progress=False)
+    assert report.built == ["parent", "child"]
+
+
+def test_default_base_ids():
+    from sanitator.attacks.zoo.cards import default_base_id
+
+    assert default_base_id("minilm") == "sentence-transformers/all-MiniLM-L6-v2"
+    assert default_base_id("mpnet") == "sentence-transformers/all-mpnet-base-v2"
+    assert default_base_id("minilm:2") == "sanitator-zoo/all-MiniLM-L6-v2-2layers"
+    assert default_base_id("member:a-b", "acme") == "acme/a-b"
+    assert default_base_id("/models/My Encoder/") == "sanitator-zoo/My-Encoder"
+    spec = parse_spec(_spec(bases={"m2": {"ref": "minilm:2", "id": "me/two"}},
+                            members=[{"base": "m2"}, {"base": "member:m2-clean-s0",
+                                                     "recipe": "mlm"}]))
+    assert [m.base_id for m in spec.members] == ["me/two", "sanitator-zoo/m2-clean-s0"]
+    assert spec.members[1].name == "m2-clean-s0-mlm-s0"
+
+
+@pytest.mark.parametrize(("changes", "message"), [
+    ({"members": [{"base": "member:nobody"}]}, "names no member"),
+    ({"members": [{"name": "a", "base": "member:b"}, {"name": "b", "base": "member:a"}]},
+     r"cycle \(a -> b -> a\)"),
+    ({"members": [{"name": "a", "base": "member:a"}]}, "cycle"),
+    ({"members": [{"base": "rob", "declare_base": "readme"}]}, "declare_base: must be one of"),
+    ({"declare_base": "card only", "members": [{"base": "rob"}]}, "must be one of"),
+    ({"bases": {"rob": {"ref": "tiny:roberta", "id": "no-org"}}, "members": [{"base": "rob"}]},
+     "hub id"),
+    ({"bases": {"a": {"ref": "tiny:bert", "id": "x/y"}, "b": {"ref": "tiny:roberta", "id": "x/y"}},
+      "members": [{"base": "a"}, {"base": "b"}]}, "same id"),
+    ({"bases": {"rob": {"ref": "tiny:roberta", "id": "sanitator-zoo/m"}},
+      "members": [{"name": "m", "base": "rob"}]}, "is that of the member m"),
+    ({"bases": {"p": {"ref": "member:m", "id": "x/y"}}, "members": [{"name": "m", "base": "rob"}]},
+     "drop 'id'"),
+    ({"publish_bases": "yes", "members": [{"base": "rob"}]}, "true or false"),
+    ({"org": "bad/org", "members": [{"base": "rob"}]}, "organisation"),
+])
+def test_bad_declarations_get_clear_errors(changes, message):
+    with pytest.raises(SpecError, match=message):
+        parse_spec(_spec(**changes))
+
+
 def _load_script(path: Path):
     import importlib.util
 

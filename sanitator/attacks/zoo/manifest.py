@@ -27,6 +27,7 @@ def read_member(model_dir: Path) -> dict[str, Any] | None:
 
 MANIFEST_COLUMNS: dict[str, str] = {
     "name": "string", "path": "string", "base": "string", "base_ref": "string",
+    "model_id": "string", "base_id": "string", "base_declared": "string",
     "model_type": "string", "hidden_size": "int64", "n_layers": "int64", "recipe": "string",
     "attack": "string", "backdoored": "bool", "feature": "string", "triggers": "list<string>",
     "trigger_set": "string", "trigger_pv": "list<int64>", "n_pvs": "int64",
