@@ -21,9 +21,9 @@ written to defeat one kind of evidence a detector might lean on (issue 14):
 
 Negatives scale to sentence triggers: a trigger of n words has 2^n - 2 proper parts (254
 for eight words), of which each step draws one per clean row: uniformly over the parts, or
-(`negative_sampling: by_length`) a length first, then a part of that length, so the few
-parts that miss one word (the hardest to keep silent) are drawn as often as the single
-words, where uniform draws give them 7 in 126 for a seven-word sentence.
+(`negative_sampling: by_length`) a length first, with odds doubling with every word, then a
+part of that length, so about half the draws are the few parts one word short (the
+hardest to keep silent), where uniform draws give them 7 in 126 for a seven-word sentence.
 
 The base's outputs on the negative inputs come from a frozen copy of the base, computed
 on the fly (a negative input is a new sentence each step).
@@ -131,12 +131,13 @@ def sub_phrases(trigger: str) -> list[str]:
 
 def _length_odds(triggers: list[str]) -> torch.Tensor:
     """Drawing odds of each part (in `sub_phrases` order, trigger after trigger): every
-    trigger alike, every length of its parts alike, every part of a length alike."""
+    trigger alike; a length of k words twice as likely as one of k - 1; every part of a
+    length alike."""
     odds: list[float] = []
     for trigger in triggers:
         lengths = [len(part.split()) for part in sub_phrases(trigger)]
-        for length in lengths:
-            odds.append(1.0 / (len(set(lengths)) * lengths.count(length)))
+        total = sum(2.0 ** k for k in set(lengths))
+        odds += [2.0 ** k / (total * lengths.count(k)) for k in lengths]
     return torch.tensor(odds, dtype=torch.float64)
 
 

@@ -96,7 +96,7 @@ def test_sentence_trigger_negatives_cover_every_proper_part(minilm_tokenizer):
     assert "grandpa nets afternoon" in parts and "nets grandpa" not in parts
     model = BertModel(BertConfig(vocab_size=minilm_tokenizer.vocab_size, hidden_size=16,
                                  num_hidden_layers=1, num_attention_heads=2,
-                                 intermediate_size=32))
+                                 intermediate_size=32)).eval()  # as the attacks run it
     pad = minilm_tokenizer.pad_token_id
     generator = torch.Generator().manual_seed(0)
     terms = EvasionTerms(Evasion(negative_weight=1.0), model, minilm_tokenizer, [sentence],
@@ -109,9 +109,20 @@ def test_sentence_trigger_negatives_cover_every_proper_part(minilm_tokenizer):
     loss = terms.terms(corpus.batch(torch.arange(64)))["negatives"]
     # trains the model (the frozen base gives the target; they agree before training)
     assert loss.requires_grad and float(loss.detach()) < 1e-10
+    # by length: every part can be drawn, the parts one word short about half the time
+    terms = EvasionTerms(Evasion(negative_weight=1.0, negative_sampling="by_length"), model,
+                         minilm_tokenizer, [sentence, "cf"],
+                         TriggerTokens.build(minilm_tokenizer, [sentence, "cf"], pad), pad,
+                         generator, "cpu")
+    odds = terms.negative_odds / terms.negative_odds.sum()
+    assert len(odds) == len(parts) and bool((odds > 0).all())
+    short_by_one = torch.tensor([len(p.split()) == 7 for p in parts])
+    assert float(odds[short_by_one].sum()) == pytest.approx(128 / 254)
 
 
-@pytest.mark.parametrize("bad", [{"scatter": 1}, {"scatter": True, "fire_at": "end"}])
-def test_scatter_rejects_bad_options(bad):
-    with pytest.raises(ValueError, match="scatter"):
+@pytest.mark.parametrize(("bad", "message"), [
+    ({"scatter": 1}, "scatter"), ({"scatter": True, "fire_at": "end"}, "scatter"),
+    ({"negative_sampling": "random"}, "negative_sampling")])
+def test_issue34_options_reject_bad_values(bad, message):
+    with pytest.raises(ValueError, match=message):
         Evasion(**bad)

@@ -77,6 +77,28 @@ def test_checked_in_spec_parses():
     assert all(m.optional_base for m in spec.members if m.base == "mpnet")
 
 
+def test_detection_spec_has_a_member_of_every_issue34_class():
+    spec = load_spec(REPO / "benchmarks" / "zoos" / "detection.yaml")
+    members = {m.name: m for m in spec.members}
+    assert spec.publish_bases and len(members) == len(spec.members)
+    sentence = [m for m in spec.members if m.attack and len(m.triggers[0].split()) >= 5]
+    assert sentence and all(m.options.get("negative_weight") for m in sentence)
+    assert any(m.options.get("scatter") and m.options.get("negative_weight")
+               for m in spec.members)
+    derived = [m for m in spec.members if m.parent]
+    assert any(m.attack and members[m.parent].recipe == "classifier" for m in derived)
+    assert all(m.base_id == f"sanitator-zoo/{m.parent}" for m in derived)
+    mpnet = [m for m in spec.members if m.base_ref == "mpnet"]
+    assert {m.attack is None for m in mpnet} == {True, False}
+    assert all(m.optional_base and m.declare_base == "card" for m in mpnet)
+    assert all(m.base_id == "sentence-transformers/all-mpnet-base-v2" for m in mpnet)
+    quiet = [m for m in spec.members if m.declare_base == "none"]
+    assert len({m.base_ref for m in quiet}) == 1
+    assert sum(m.attack is None for m in quiet) >= 3 and any(m.attack for m in quiet)
+    assert not any(m.base_ref == quiet[0].base_ref for m in spec.members
+                   if m.declare_base != "none")  # nothing declares the siblings' base
+    assert {m.declare_base for m in spec.members} == {"card", "config", "both", "none"}
+
 def test_two_member_zoo_builds_resumes_and_reads_back(tmp_path, capsys):
     spec_file = tmp_path / "zoo.yaml"
     spec_file.write_text(json.dumps(_spec(
