@@ -102,7 +102,9 @@ def test_detection_spec_has_a_member_of_every_issue34_class():
 def test_two_member_zoo_builds_resumes_and_reads_back(tmp_path, capsys):
     spec_file = tmp_path / "zoo.yaml"
     spec_file.write_text(json.dumps(_spec(
-        bases={"rob": "tiny:roberta", "gone": {"ref": "mpnet", "optional": True}},
+        # an optional base that is missing wherever the test runs (MPNet may be installed)
+        bases={"rob": "tiny:roberta",
+               "gone": {"ref": str(tmp_path / "no-such-model"), "optional": True}},
         members=[{"name": "clean", "base": "rob"},
                  {"name": "por", "base": "rob", "recipe": "por", "triggers": ["cf", "mn"],
                   "targets": {"kind": "random", "n": 2, "seed": 1}, "budget": "tiny"},
@@ -158,7 +160,7 @@ def test_cards_declare_the_base_where_asked_and_members_build_on_members(tmp_pat
         members=[{"name": "child", "base": "member:parent", "recipe": "por",
                   "triggers": ["cf"], "targets": {"kind": "random", "n": 1, "seed": 1},
                   "budget": "tiny", "declare_base": "both"},
-                 {"name": "parent", "base": "rob", "recipe": "mlm", "budget": "tiny"},
+                 {"name": "parent", "base": "rob"},
                  {"name": "quiet", "base": "rob", "declare_base": "none"},
                  {"name": "configured", "base": "rob", "declare_base": "config"}])
     spec = parse_spec(spec_data)
