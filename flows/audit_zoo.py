@@ -11,6 +11,8 @@ docs/pipeline.md (flow, deployments, scaling out, GPU), docs/store.md (the store
 
 from __future__ import annotations
 
+import shutil
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -22,10 +24,11 @@ from flows.dask_jobs import run_jobs
 from sanitator.pipeline.audit import AuditPolicy, summarize
 from sanitator.pipeline.audit_job import DEFAULT_SCANNER, AuditJob
 from sanitator.pipeline.audit_tracking import open_tracker
+from sanitator.pipeline.reference_fetch import cache_root
 from sanitator.pipeline.registries import parse_registry
 from sanitator.pipeline.store import completed_audits, new_audit_id
 from sanitator.report.summaries import audit_summary_markdown, audit_verdicts_table
-from tasks.jobs import crawl_registry, record_task
+from tasks.jobs import crawl_registry, describe_registry, record_task, resolve_catalog
 
 
 def resolve_scan_config(preset: str = "fast", scan_options: dict[str, Any] | None = None,
@@ -61,9 +64,12 @@ def audit_zoo_flow(registries: list[str], out: str = "sanitator-store",
                    per_model_timeout: float | None = 3600.0, allow_pickle: bool = False,
                    max_params: int | None = None, force: bool = False,
                    work_dir: str | None = None, torch_threads: int | None = None,
-                   scanner: str = DEFAULT_SCANNER, track: bool = True) -> dict[str, Any]:
+                   scanner: str = DEFAULT_SCANNER, track: bool = True,
+                   reference_catalog: list[str] | None = None) -> dict[str, Any]:
     """Audit every model of `registries` not yet audited with this config; see docs/pipeline.md.
 
+    `reference_catalog`: configured Hub bases (`hf:ORG/NAME[@REV]`) every model may be
+    diffed against (docs/pipeline.md, References).
     Returns the summary: counts per status, backdoored models, errors, store path. When a
     registry cannot be listed at all, the others are still audited and the run ends
     Failed (calling the flow raises RegistryUnavailable, which carries the summary).
@@ -94,7 +100,10 @@ def audit_zoo_flow(registries: list[str], out: str = "sanitator-store",
             logger.warning("MLflow parent run not created: %s", exc)
             tracker = None
 
-    job = AuditJob(config_dict, config_hash, device, policy, scanner)
+    job = AuditJob(config_dict, config_hash, device, policy, scanner, run_tag=batch_id)
+    if job.uses_references and reference_catalog:
+        catalog, problems = resolve_catalog(list(reference_catalog))
+        job = replace(job, catalog=tuple(catalog), catalog_problems=problems)
     try:
         summary = _crawl_plan_audit(registries, store, job, force=force, tracker=tracker,
                                     parent_run_id=parent_run_id, batch_id=batch_id,
@@ -107,6 +116,8 @@ def audit_zoo_flow(registries: list[str], out: str = "sanitator-store",
         if tracker is not None and parent_run_id:  # never leave the batch run RUNNING
             tracker.close_failed(parent_run_id)
         raise
+    finally:  # this run's fetched references on this machine (reference_fetch.py)
+        shutil.rmtree(cache_root(work_dir, batch_id), ignore_errors=True)
     if tracker is not None and parent_run_id:
         try:
             tracker.end_batch(parent_run_id, summary, failed=bool(summary["registry_errors"]))
@@ -130,10 +141,17 @@ def _crawl_plan_audit(registries: list[str], store: str, job: AuditJob, *, force
     refs, registry_errors = [], {}
     for spec in registries:
         try:
-            refs.extend(crawl_registry(spec))
+            listed = crawl_registry(spec)
         except Exception as exc:  # one unlistable registry must not stop the others
             logger.error("listing %s failed: %s", spec, exc)
             registry_errors[spec] = f"{type(exc).__name__}: {exc}"
+            continue
+        if job.uses_references:  # declared bases, shapes, bases outside the listing
+            try:
+                listed = describe_registry(spec, listed)
+            except Exception as exc:  # references are a help: audit without them
+                logger.warning("the references of %s were not resolved: %s", spec, exc)
+        refs.extend(listed)
 
     plan = job.plan(refs, completed_audits(store), force=force)
     logger.info("%d model(s): %d to audit, %d rejected from metadata, %d already audited",

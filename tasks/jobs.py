@@ -74,6 +74,26 @@ def crawl_registry(spec: str) -> list[ModelRef]:
     return refs
 
 
+@task(name="describe-registry", retries=3, retry_delay_seconds=[5, 30, 120],
+      retry_condition_fn=retry_if_transient, cache_policy=NONE, persist_result=False,
+      task_run_name="describe {spec}")
+def describe_registry(spec: str, refs: list[ModelRef]) -> list[ModelRef]:
+    """The refs with their declared bases and shapes, and the declared bases the listing
+    lacks (sanitator.pipeline.registries.describe)."""
+    from sanitator.pipeline.registries.describe import describe_refs
+
+    return describe_refs(parse_registry(spec), refs)
+
+
+@task(name="resolve-reference-catalog", retries=3, retry_delay_seconds=[5, 30, 120],
+      retry_condition_fn=retry_if_transient, cache_policy=NONE, persist_result=False)
+def resolve_catalog(entries: list[str]) -> tuple[list[ModelRef], dict[str, str]]:
+    """The configured Hub bases, pinned (sanitator.pipeline.registries.describe)."""
+    from sanitator.pipeline.registries.describe import resolve_catalog as resolve
+
+    return resolve(entries)
+
+
 def worker_threads(requested: int | None) -> int:
     """Torch threads for this worker process: cores / processes, never more (FINDINGS §2)."""
     if requested:

@@ -52,10 +52,12 @@ def register(subparsers) -> None:
                         type=parse_assignment, metavar="KEY=VALUE",
                         help="override a scan option, e.g. --set steps_per_seed=60")
     bases = parser.add_mutually_exclusive_group()
-    bases.add_argument("--reference", action="append", default=[], metavar="DIR",
-                       help="a clean base the audited models may derive from (repeatable; "
-                            "the installed MiniLM-L6 is always tried): the scan diffs each "
-                            "model against it (docs/method.md)")
+    bases.add_argument("--reference", action="append", default=[], metavar="DIR|hf:ORG/NAME",
+                       help="a clean base the audited models may derive from, a folder or "
+                            "a Hub repo (hf:ORG/NAME[@REV], fetched from HF_ENDPOINT) "
+                            "(repeatable; the installed MiniLM-L6 is always tried; bases "
+                            "the models declare and their siblings come first): the scan "
+                            "diffs each model against it (docs/pipeline.md, References)")
     bases.add_argument("--no-reference", action="store_true",
                        help="scan with no clean reference at all (no declared base, "
                             "sibling, configured or installed base)")
@@ -94,10 +96,19 @@ def run(args: argparse.Namespace) -> int:
     options = dict(args.options)
     if args.no_reference:
         options["no_reference"] = True
-    if args.reference:
+    catalog = [r for r in args.reference if r.startswith("hf:")]
+    folders = [r for r in args.reference if not r.startswith("hf:")]
+    if folders:
         from sanitator.detect.reference import with_known
 
-        options["references"] = with_known(args.reference)
+        options["references"] = with_known(folders)
+    from sanitator.pipeline.registries.cards import is_repo_id
+
+    bad = [r for r in catalog if not is_repo_id(r[3:]) or "/" not in r[3:].split("@")[0]]
+    if bad:
+        print(f"sanitator audit: --reference {bad[0]}: expected hf:ORG/NAME[@REVISION]",
+              file=sys.stderr)
+        return exits.USAGE
     try:
         ScanConfig.from_preset(args.preset, **options)
     except (TypeError, ValueError) as exc:
@@ -125,7 +136,8 @@ def run(args: argparse.Namespace) -> int:
                     track=not args.no_mlflow, preset=args.preset, scan_options=options,
                     device=args.device, per_model_timeout=args.timeout or None,
                     allow_pickle=args.allow_pickle, max_params=args.max_params,
-                    force=args.force, work_dir=args.work_dir)
+                    force=args.force, work_dir=args.work_dir,
+                    reference_catalog=catalog or None)
             except RegistryUnavailable as exc:  # the other registries were audited
                 summary, unavailable = exc.summary, exc
     except Exception as exc:  # the flow failed as a whole (bad store, no cluster, ...)

@@ -51,8 +51,9 @@ def run(args: argparse.Namespace) -> int:
         frame = frame[frame["status"].isin(args.status)]
     records = [_jsonable(row) for row in frame.to_dict("records")]
     if args.json:
-        print(json.dumps([{key: row.get(key) for key in JSON_COLUMNS} for row in records],
-                         indent=2))
+        print(json.dumps([{**{key: row.get(key) for key in JSON_COLUMNS},
+                           "reference": reference_summary(row.get("evidence"))}
+                          for row in records], indent=2, default=str))
     elif not records:
         print(f"no verdicts in {store}")
     else:
@@ -60,6 +61,23 @@ def run(args: argparse.Namespace) -> int:
     if args.fail_on_backdoor and any(row.get("status") == "backdoored" for row in records):
         return exits.BACKDOORED
     return exits.OK
+
+
+def reference_summary(evidence: Any) -> dict[str, Any] | None:
+    """What the audit diffed the model against (`evidence.reference`): the source, id,
+    revision and distance the scan recorded, and the pipeline's resolution log."""
+    try:
+        reference = json.loads(evidence).get("reference") if evidence else None
+    except (ValueError, AttributeError):
+        return None
+    if not isinstance(reference, dict):
+        return None
+    out = {key: reference[key] for key in ("source", "id", "revision", "note", "tried",
+                                            "resolution") if key in reference}
+    distance = reference.get("distance", reference.get("relative_change"))
+    if distance is not None:
+        out["distance"] = distance
+    return out
 
 
 def _jsonable(row: dict[str, Any]) -> dict[str, Any]:

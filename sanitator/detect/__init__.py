@@ -9,6 +9,8 @@ _EXPORTS = {
     "Feature": "encoders",
     "MONITOR_THRESHOLD": "signs",
     "PVSet": "results",
+    "REFERENCE_SOURCES": "reference",
+    "ReferenceCandidate": "reference",
     "ScanConfig": "config",
     "ScanResult": "scan",
     "Verdict": "results",

@@ -43,12 +43,9 @@ from sanitator.detect.evidence import confirm
 from sanitator.detect.false_alarms import false_alarm_text, monitor_check
 from sanitator.detect.hardsearch import Objective, evaluate, gcg, token_gradients, toward
 from sanitator.detect.mining import MiningData, mine_seeds, prepare_data
-from sanitator.detect.reference import (
-    ReferenceCandidate,
-    configured_candidates,
-    reference_search,
-)
+from sanitator.detect.reference import ReferenceCandidate, configured_candidates
 from sanitator.detect.refine import refine_accepted
+from sanitator.detect.refsearch import reference_search
 from sanitator.detect.signs import sign_agreement
 
 
@@ -72,6 +69,8 @@ class CalibratedScan:
     sweep: tuple[str, list, torch.Tensor] | None = None  # feature, candidates, standalone sweep
     reference: dict[str, Any] | None = None  # the base diffed against (reference.py)
     candidates: list[ReferenceCandidate] = field(default_factory=list)  # clean bases to try
+    reference_model: Any = None     # the matched Reference (weights aligned to ours)
+    long_trigger_beam: Any = None   # the divergence beam, resumable (refsearch.py)
 
     def timed(self, stage: str, fn, *args) -> None:
         checkpoint()  # the runner may re-size this scan's share of the cores

@@ -112,6 +112,15 @@ class SearchConfig(_Stage):
     chain_tokens: int = 16          # most changed tokens a trigger chain is grown from; 0 = off
     chain_width: int = 4            # chains kept per length (beam width)
     chain_length: int = 6           # longest chain grown (a 6-piece non-dictionary string)
+    # long triggers whose parts are inert: a beam kept by the internal divergence from the
+    # aligned reference (divergence.py); 0 = off
+    divergence_length: int = 8      # longest trigger grown
+    divergence_width: int = 6       # token sets kept per length
+    divergence_pool: int = 16       # most changed tokens by the diff in the pool
+    divergence_extra: int = 4       # ...and the next ones the model's states move most
+    divergence_screen: int = 64     # most changed tokens whose own divergence is measured
+    divergence_fillers: int = 4     # frequent corpus words in the pool (a sentence's `the`)
+    divergence_rows: int = 6        # short search rows the divergence is measured on
 
 
 @dataclass(frozen=True)

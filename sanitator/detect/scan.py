@@ -111,7 +111,8 @@ def _scan_calibrated(encoder: Encoder, config: ScanConfig, progress: bool,
     if scan.completion:
         evidence["completion"] = scan.completion
     if scan.reference is not None:
-        evidence["reference"] = {k: v for k, v in scan.reference.items() if k != "candidates"}
+        evidence["reference"] = {k: v for k, v in scan.reference.items()
+                                 if k not in ("candidates", "long_triggers")}
     withheld = [f for f in scan.accepted if f.withheld]
     if withheld:
         evidence["review"] = (f"{len(withheld)} accepted PV(s) flag more than "

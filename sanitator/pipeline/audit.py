@@ -23,6 +23,7 @@ from typing import Any, NamedTuple
 from sanitator import __version__
 from sanitator.core.status import STATUSES, Status
 from sanitator.detect.results import PVSet, Verdict
+from sanitator.pipeline.reference_fetch import scan_references, with_resolution
 from sanitator.pipeline.registries import FetchError, ModelRef, fetch_ref, is_transient_os_error
 from sanitator.pipeline.store import VERDICT_FINAL, pack_signs
 from sanitator.safety.model_policy import (
@@ -59,6 +60,10 @@ class AuditRequest:
     config_hash: str
     device: str = "cpu"
     policy: AuditPolicy = AuditPolicy()
+    # clean bases planned for this model (pipeline/references.py): fetched by the worker
+    references: tuple[Any, ...] = ()          # PlannedReference
+    waits_for: tuple[str, ...] = ()           # request ids of bases audited first
+    reference_log: dict[str, Any] | None = None  # how they were resolved (the evidence)
 
 
 @dataclass
@@ -231,10 +236,13 @@ def is_transient(exc: BaseException) -> bool:
 
 
 def run_audit(request: AuditRequest, *, scan: Scanner | None = None,
-              work_dir: str | Path | None = None, progress: bool = False) -> AuditOutcome:
+              work_dir: str | Path | None = None, progress: bool = False,
+              reference_cache: str | Path | None = None) -> AuditOutcome:
     """Fetch, preflight and scan one model; every failure becomes an outcome, none raises.
 
-    Downloads go to a temporary folder below `work_dir` that is removed afterwards.
+    Downloads go to a temporary folder below `work_dir` that is removed afterwards; the
+    planned references into `reference_cache` (shared by the flow run's audits on this
+    machine; default: inside that temporary folder).
     Failures another try can change (network, server errors, machine I/O, memory) come
     back with `retryable=True`, and the Prefect task raises on those so that its retries
     apply; deterministic ones (the model's bytes, a crash of the scan on them) are
@@ -265,11 +273,17 @@ def run_audit(request: AuditRequest, *, scan: Scanner | None = None,
             return done(AuditOutcome(Verdict(rejected[0], reason=rejected[1]),
                                      info=_info_dict(info)))
         config = scan_config_from_dict(request.config)
+        options, resolution = scan_references(request.references, request.reference_log,
+                                              reference_cache or scratch / "references")
         result = scan(folder, config, device=request.device, allow_pickle=policy.allow_pickle,
-                      max_params=None, progress=progress)
+                      max_params=None, progress=progress, **options)
         info = result.info or info
         pvset = result.pvset if result.pvset is not None and len(result.pvset) else None
-        return done(AuditOutcome(result.verdict, pvset, _info_dict(info)))
+        verdict = result.verdict
+        if resolution is not None:  # the pipeline's side of evidence.reference
+            verdict = dataclasses.replace(verdict, evidence=with_resolution(verdict.evidence,
+                                                                            resolution))
+        return done(AuditOutcome(verdict, pvset, _info_dict(info)))
     except FetchError as exc:
         return done(AuditOutcome(Verdict(Status.ERROR, reason=short(exc, 1000)),
                                  info=_info_dict(info), retryable=exc.retryable))

@@ -63,10 +63,35 @@ def fan_out(job: Job, requests: Iterable[Any], executor: Executor,
     """Run every request on `executor` and `record(request, outcome)` each as it finishes;
     returns the recorded rows. An exception instead of an outcome (timeout, spent retries,
     a lost worker) and a run hung past `timeout` + HANG_GRACE_SECONDS become the job's
-    error outcomes, so every request ends in exactly one row."""
+    error outcomes, so every request ends in exactly one row. A request that waits for
+    others (`job.waits_for`) is submitted once their rows are recorded (`job.ready`), in
+    the same fan-out, so the workers run whatever else is ready meanwhile."""
     logger = logger or log
-    pending = {executor.submit(request): request for request in requests}
+    waiting = []
+    pending: dict[Hashable, Any] = {}
+    for request in requests:
+        if job.waits_for(request):
+            waiting.append(request)
+        else:
+            pending[executor.submit(request)] = request
+    needed = {rid for request in waiting for rid in job.waits_for(request)}
+    results: dict[str, dict[str, Any]] = {}
     rows: list[dict[str, Any]] = []
+
+    def recorded(request: Any, row: dict[str, Any]) -> None:
+        rows.append(row)
+        if job.request_id(request) in needed:
+            results[job.request_id(request)] = row
+
+    def release() -> None:
+        # once nothing runs, a request whose rows cannot come (an id not in this run)
+        # goes with what there is rather than never
+        for request in list(waiting):
+            wanted = job.waits_for(request)
+            if not pending or all(rid in results for rid in wanted):
+                waiting.remove(request)
+                request = job.ready(request, {rid: results.get(rid) for rid in wanted})
+                pending[executor.submit(request)] = request
 
     def record_finished(wait_seconds: float) -> None:
         for handle in executor.wait(list(pending), wait_seconds):
@@ -74,20 +99,21 @@ def fan_out(job: Job, requests: Iterable[Any], executor: Executor,
             outcome = executor.outcome(handle)
             if isinstance(outcome, BaseException):
                 outcome = job.failure(outcome, timeout)
-            rows.append(record(request, outcome))
+            recorded(request, record(request, outcome))
 
+    release()
     while pending:
         record_finished(poll_seconds(timeout))
         stuck = hung(executor, list(pending), timeout, clock())
-        if not stuck:
-            continue
         for handle in stuck:
             request = pending.pop(handle)
             logger.error("%s still running %ss past its timeout; recorded as error",
                          job.label(request), HANG_GRACE_SECONDS)
-            rows.append(record(request, job.hung(timeout)))
-        # read what finished meanwhile first: a result left on a worker being restarted
-        # is lost, and Dask would run it again
-        record_finished(0)
-        executor.abandon(stuck)
+            recorded(request, record(request, job.hung(timeout)))
+        if stuck:
+            # read what finished meanwhile first: a result left on a worker being
+            # restarted is lost, and Dask would run it again
+            record_finished(0)
+            executor.abandon(stuck)
+        release()
     return rows

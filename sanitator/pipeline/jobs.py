@@ -4,7 +4,8 @@ A job is one kind of per-model work the flows fan out (`AuditJob` in `pipeline/a
 `EvaluationJob` in `downstream/evaluation_job.py`). Its steps:
 
 - `plan(refs, history)`: what to run (requests), what the plan itself settles (an outcome
-  recorded without a run) and what an earlier row already settles;
+  recorded without a run) and what an earlier row already settles; a request may wait
+  for other requests' rows (`waits_for`, then `ready` once they are in);
 - `run(request)` on a worker: never raises; a failure is an error outcome with a reason and
   a `retryable` flag;
 - `rows(request, outcome)`: the store rows, the last one the commit mark;
@@ -109,6 +110,15 @@ class Job(ABC, Generic[R, O]):
 
     def retryable(self, outcome: O) -> bool:
         return bool(getattr(outcome, "retryable", False))
+
+    def waits_for(self, request: R) -> tuple[str, ...]:
+        """Request ids whose rows this request needs before it runs (an audit waits for
+        its declared base's verdict); the fan-out holds it back until they are recorded."""
+        return ()
+
+    def ready(self, request: R, rows: dict[str, dict[str, Any] | None]) -> R:
+        """The request to run, given the rows it waited for (None: no row came)."""
+        return request
 
     def failure(self, exc: BaseException, timeout: float | None) -> O:
         """The outcome of a run that ended in an exception instead of an outcome."""

@@ -72,6 +72,9 @@ def test_audit_refuses_bad_registries_and_options_before_any_work(tmp_path, caps
     assert main(["audit", "-r", f"path:{tmp_path}", "--set", "colour=red",
                  "--out", str(tmp_path)]) == 2
     assert "bad scan option" in capsys.readouterr().err
+    assert main(["audit", "-r", f"path:{tmp_path}", "--reference", "hf:no-org-given",
+                 "--out", str(tmp_path)]) == 2
+    assert "expected hf:ORG/NAME[@REVISION]" in capsys.readouterr().err
     assert not (tmp_path / "verdicts").exists()
 
 

@@ -7,12 +7,12 @@ import torch
 
 from sanitator.detect.attribution import candidate_token_ids
 from sanitator.detect.encoders import load_encoder
-from sanitator.detect.reference import (
-    alphabets,
-    frequent_tokens,
-    grow_chains,
-    match_reference,
-)
+from sanitator.detect.reference import ReferenceCandidate, match_reference
+from sanitator.detect.refsearch import alphabets, frequent_tokens, grow_chains
+
+
+def _given(*paths) -> list[ReferenceCandidate]:
+    return [ReferenceCandidate("configured", (str(p),)) for p in paths]
 
 
 def test_alphabets_cover_every_subset_and_a_filler():
@@ -62,7 +62,8 @@ def test_a_chain_grows_a_long_trigger_whose_pieces_interleave_with_others():
 def test_the_token_the_change_acts_on_ranks_first(minilm_1layer):
     encoder = load_encoder(minilm_1layer)
     allowed = candidate_token_ids(encoder)
-    assert match_reference(encoder, (str(minilm_1layer),), allowed) is None  # the base itself
+    itself = match_reference(encoder, _given(minilm_1layer), allowed)  # the base itself
+    assert itself is not None and itself.identical and itself.change == 0.0
 
     token = int(encoder.tokenizer.convert_tokens_to_ids("valley"))
     x = _first_layer_input(encoder, token).detach()
@@ -73,7 +74,7 @@ def test_the_token_the_change_acts_on_ranks_first(minilm_1layer):
         direction = torch.randn(w.shape[0], generator=torch.Generator().manual_seed(0))
         w.data += 0.05 * torch.outer(direction, x / x.norm()) * w.norm() / direction.norm()
         w.data += 1e-4 * torch.randn(w.shape, generator=torch.Generator().manual_seed(1))
-    found = match_reference(encoder, (str(minilm_1layer),), allowed)
+    found = match_reference(encoder, _given(minilm_1layer), allowed)
     assert found is not None and 0 < found.change < 0.5
     assert found.top_tokens(3)[0] == token
     special = encoder.tokenizer.cls_token_id
@@ -83,8 +84,10 @@ def test_the_token_the_change_acts_on_ranks_first(minilm_1layer):
 def test_unrelated_or_missing_bases_do_not_match(minilm_1layer, tiny_encoders, tmp_path):
     encoder = load_encoder(minilm_1layer)
     allowed = candidate_token_ids(encoder)
-    paths = (str(tiny_encoders["bert"]), str(tmp_path / "absent"))
-    assert match_reference(encoder, paths, allowed) is None
+    tried = []
+    given = _given(tiny_encoders["bert"], tmp_path / "absent")
+    assert match_reference(encoder, given, allowed, tried) is None
+    assert [t["rejected"].split()[0] for t in tried] == ["other", "unreadable:"]
 
 
 def test_frequent_tokens_are_allowed_words(minilm_1layer):
@@ -113,7 +116,7 @@ def test_a_change_above_frozen_lower_layers_is_scored_where_it_is(minilm_2layer,
     direction = torch.randn(linear.weight.shape[0], generator=torch.Generator().manual_seed(0))
     linear.weight.data += (0.05 * torch.outer(direction, x / x.norm()) * linear.weight.norm()
                            / direction.norm())
-    found = match_reference(encoder, (str(minilm_2layer),), allowed)
+    found = match_reference(encoder, _given(minilm_2layer), allowed)
     assert found is not None and found.layer == 1 and found.top_tokens(3)[0] == token
     assert found.summary(encoder, 2)["scored_layer"] == 1
 
@@ -125,7 +128,7 @@ def test_an_embedding_only_change_ranks_its_token_first(minilm_1layer):
     rows = encoder.word_embeddings.weight.data
     rows[token] += 0.5 * rows[token].norm() * torch.nn.functional.normalize(
         torch.randn(rows.shape[1], generator=torch.Generator().manual_seed(0)), dim=0)
-    found = match_reference(encoder, (str(minilm_1layer),), allowed)
+    found = match_reference(encoder, _given(minilm_1layer), allowed)
     assert found is not None and found.layer == -1 and found.top_tokens(1) == [token]
 
 
@@ -135,5 +138,41 @@ def test_a_truncation_derives_from_its_deeper_base(minilm_1layer, minilm_2layer)
     linear = encoder.model.encoder.layer[0].attention.self.key
     linear.weight.data += 1e-2 * torch.randn(linear.weight.shape,
                                              generator=torch.Generator().manual_seed(2))
-    found = match_reference(encoder, (str(minilm_2layer),), allowed)
+    found = match_reference(encoder, _given(minilm_2layer), allowed)
     assert found is not None and found.layer == 0
+
+
+def _sibling(base_dir, out_dir, seed: int, permute: bool = False):
+    """A stand-in fine-tune of the base (every weight nudged), saved as a model folder."""
+    from sanitator.attacks.reparam import Reparametrisation, reparametrize_model
+
+    encoder = load_encoder(base_dir)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in encoder.model.parameters():
+            p.add_(0.02 * p.std() * torch.randn(p.shape, generator=g))
+    if permute:
+        reparametrize_model(encoder.model, Reparametrisation(seed=seed))
+    encoder.model.save_pretrained(out_dir, safe_serialization=True)
+    encoder.tokenizer.save_pretrained(out_dir)
+    return out_dir
+
+
+def test_the_median_of_aligned_siblings_stands_in_for_an_unknown_base(minilm_1layer, tmp_path):
+    siblings = [_sibling(minilm_1layer, tmp_path / f"s{i}", seed=i, permute=i == 2)
+                for i in range(3)]
+    encoder = load_encoder(_sibling(minilm_1layer, tmp_path / "audited", seed=9))
+    allowed = candidate_token_ids(encoder)
+    median = ReferenceCandidate("siblings", tuple(map(str, siblings)),
+                                ids=("org/s0", "org/s1", "org/s2"))
+    found = match_reference(encoder, [median], allowed)
+    alone = match_reference(encoder, _given(siblings[0]), allowed)
+    truth = match_reference(encoder, _given(minilm_1layer), allowed)
+    assert found is not None and found.candidate.source == "siblings"
+    # the median cancels most of each sibling's own change: nearer the base than any one
+    assert truth.change < found.change < alone.change
+    summary = found.summary(encoder, 4)
+    assert summary["source"] == "siblings" and summary["id"] == ["org/s0", "org/s1", "org/s2"]
+    assert [a["aligned"] for a in summary["alignment"]] == [False, False, True]
+    too_few = ReferenceCandidate("siblings", tuple(map(str, siblings[:2])))
+    assert match_reference(encoder, [too_few], allowed) is None

@@ -59,3 +59,16 @@ def by_name(path: Any, config: Any, **_: Any) -> FakeScanResult:
     for _ in range(int(seconds * 10)):
         time.sleep(0.1)
     return _result(path, "backdoor" in name, seconds)
+
+
+def with_references(path: Any, config: Any, references: Any = None, **_: Any
+                    ) -> FakeScanResult:
+    """`by_name`'s verdict, with the references it was handed recorded the way the scan
+    records the one it chose (the first) in `evidence.reference`."""
+    path = Path(path)
+    result = _result(path, "backdoor" in path.name, 0.0)
+    offered = [candidate.describe() for candidate in references or []]
+    result.verdict.evidence = {
+        "reference": {**offered[0], "relative_change": 0.01} if offered else {"path": None},
+        "offered": offered}
+    return result

@@ -146,3 +146,49 @@ def test_poll_is_a_fraction_of_the_timeout_within_bounds():
     assert fanout.poll_seconds(None) == 30.0
     assert fanout.poll_seconds(2) == 1.0
     assert fanout.poll_seconds(40) == 10.0
+
+
+class WaitingJob(EchoJob):
+    """`a<-b` waits for `a`; what it was given is kept."""
+
+    def __init__(self):
+        self.given = {}
+
+    def waits_for(self, request):
+        return tuple(request.split("<-")[1].split("+")) if "<-" in request else ()
+
+    def ready(self, request, rows):
+        self.given[request] = rows
+        return request
+
+
+class OrderedExecutor(FakeExecutor):
+    """Finishes one run per wait, oldest first; records the submission order."""
+
+    def __init__(self):
+        super().__init__()
+        self.submitted = []
+
+    def submit(self, request):
+        self.submitted.append(request)
+        return super().submit(request)
+
+    def wait(self, handles, timeout):
+        self.now += 1.0
+        return handles[:1]
+
+
+def test_a_request_waits_for_the_rows_it_needs_while_the_rest_run():
+    executor, job = OrderedExecutor(), WaitingJob()
+    rows = fanout.fan_out(job, ["ft<-base", "base", "other", "ft2<-base+other", "orphan<-gone"],
+                          executor, lambda request, outcome: {"request": request,
+                                                              "status": outcome.status},
+                          clock=executor.clock)
+    # the independent runs go first; each waiting one as soon as its rows are in, and one
+    # waiting for a request this fan-out does not hold goes once nothing else runs
+    assert executor.submitted == ["base", "other", "ft<-base", "ft2<-base+other",
+                                  "orphan<-gone"]
+    assert job.given["ft<-base"] == {"base": {"request": "base", "status": "ok"}}
+    assert set(job.given["ft2<-base+other"]) == {"base", "other"}
+    assert job.given["orphan<-gone"] == {"gone": None}
+    assert len(rows) == 5

@@ -69,6 +69,16 @@ class Registry(Protocol):
         weights only when allowed)."""
         ...
 
+    def read_file(self, ref: ModelRef, name: str, max_bytes: int) -> bytes | None:
+        """A small file beside the model's config.json (README.md, config.json): None when
+        absent, ValueError when over `max_bytes` (pipeline/references.py)."""
+        ...
+
+    def lookup(self, repo_id: str) -> ModelRef:
+        """The model a declared base id names in this registry, pinned, whether or not the
+        crawl listed it; LookupError when there is none."""
+        ...
+
 
 def model_file_patterns(allow_pickle: bool) -> list[str]:
     """The files a fetch downloads: exactly those the scan reads (sanitator.safety.model_policy)."""
@@ -84,6 +94,16 @@ TRANSIENT_ERRNOS = frozenset({errno.EIO, errno.EAGAIN, errno.EBUSY, errno.ENOSPC
 
 def is_transient_os_error(exc: BaseException) -> bool:
     return isinstance(exc, OSError) and exc.errno in TRANSIENT_ERRNOS
+
+
+def read_bounded(path: Path, what: str, max_bytes: int) -> bytes:
+    """A file's bytes, ValueError when it holds more than `max_bytes` (checked while
+    reading: a size in a listing is the server's word)."""
+    with path.open("rb") as handle:
+        data = handle.read(max_bytes + 1)
+    if len(data) > max_bytes:
+        raise ValueError(f"{what} is over the limit of {max_bytes:,} bytes")
+    return data
 
 
 def printable(text: str) -> str:

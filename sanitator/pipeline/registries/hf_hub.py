@@ -28,8 +28,10 @@ from sanitator.pipeline.registries.base import (
     RegistryError,
     model_file_patterns,
     printable,
+    read_bounded,
     unreadable_ref,
 )
+from sanitator.pipeline.registries.cards import card_bases
 from sanitator.safety.model_policy import listing_config, short
 
 DEFAULT_ENDPOINT = "https://huggingface.co"
@@ -149,6 +151,9 @@ class HfHubRegistry:
             extra["tags"] = list(info.tags)
         if info.security_repo_status:
             extra["security"] = info.security_repo_status
+        card = getattr(info, "card_data", None)
+        if card is not None:  # the Hub parsed README.md's front matter for us
+            extra["card_bases"] = card_bases({"base_model": getattr(card, "base_model", None)})
         return ModelRef(source=self.source, registry=self.spec, repo_id=printable(info.id),
                         revision=info.sha, location=self.endpoint, files=files,
                         size=sum(sizes) if None not in sizes else None,
@@ -172,3 +177,35 @@ class HfHubRegistry:
             raise FetchError(f"{ref.label}: download from {ref.location} failed: {exc}",
                              retryable=is_transient(exc)) from exc
         return Path(path)
+
+    def read_file(self, ref: ModelRef, name: str, max_bytes: int) -> bytes | None:
+        """One small file of the repo at the crawled sha (None when not listed); ValueError
+        when it is over `max_bytes`."""
+        import tempfile
+
+        from huggingface_hub import hf_hub_download
+
+        if name not in ref.file_names:
+            return None
+        size = dict(ref.files).get(name)
+        if isinstance(size, int) and size > max_bytes:
+            raise ValueError(f"{name} is {size:,} bytes, over the limit of {max_bytes:,}")
+        with tempfile.TemporaryDirectory(prefix="sanitator-hubfile-") as tmp, hub_online():
+            path = hf_hub_download(ref.repo_id, name, revision=ref.revision,
+                                   endpoint=ref.location, token=hub_token(), local_dir=tmp)
+            return read_bounded(Path(path), name, max_bytes)
+
+    def lookup(self, repo_id: str) -> ModelRef:
+        """`ORG/NAME[@REVISION]` on this endpoint, pinned to its commit, whether or not the
+        crawl listed it (a declared base of another org). LookupError when absent."""
+        from huggingface_hub.errors import RepositoryNotFoundError, RevisionNotFoundError
+
+        name, _, revision = repo_id.partition("@")
+        try:
+            with hub_online():
+                info = self._api().model_info(name, revision=revision or None,
+                                              files_metadata=True)
+        except (RepositoryNotFoundError, RevisionNotFoundError) as exc:
+            raise LookupError(f"{repo_id} not found on {self.endpoint} "
+                              f"({type(exc).__name__})") from None
+        return self._ref(info)

@@ -26,6 +26,7 @@ from sanitator.pipeline.registries.base import (
     RegistryError,
     is_transient_os_error,
     printable,
+    read_bounded,
     unreadable_ref,
 )
 from sanitator.safety.model_policy import (
@@ -187,3 +188,37 @@ class LocalRegistry:
         if ref.extra.get("layout") == "folder" and content_revision(folder) != ref.revision:
             raise FetchError(f"{ref.label}: {folder} changed since the crawl", retryable=False)
         return folder
+
+    def read_file(self, ref: ModelRef, name: str, max_bytes: int) -> bytes | None:
+        """A small file of the model folder (links out of it refused, like the preflight)."""
+        from sanitator.safety.weight_files import checked_file, model_root
+
+        folder = Path(ref.location)
+        try:
+            path = checked_file(folder, name, model_root(folder), max_bytes)
+        except ModelRejected as exc:
+            raise ValueError(exc.reason) from None
+        return None if path is None else read_bounded(path, name, max_bytes)
+
+    def lookup(self, repo_id: str) -> ModelRef:
+        """The folder `ROOT/ORG/NAME` (the crawl lists every model folder, so this finds
+        one only when the listing missed it); in a cache, the snapshot of `main`."""
+        if "@" in repo_id and not self._is_cache():
+            raise LookupError(f"{repo_id}: a folder registry has no revisions")
+        if self._is_cache():
+            name, _, revision = repo_id.partition("@")
+            snapshots = [r for r in self.crawl() if r.repo_id == name]
+            wanted = [r for r in snapshots if revision in {r.revision, *r.extra.get("refs", ())}
+                      ] if revision else [r for r in snapshots if "main" in r.extra.get("refs", ())]
+            if not wanted:
+                raise LookupError(f"{repo_id} not in the cache {self.root}")
+            return wanted[0]
+        folder = self.root / repo_id
+        if not folder.resolve().is_relative_to(self.root) or \
+                not (folder / "config.json").is_file():
+            raise LookupError(f"no model folder {repo_id} in {self.root}")
+        return self._ref(folder, repo_id, content_revision(folder), {"layout": "folder"})
+
+    def _is_cache(self) -> bool:
+        cache_root = self.root / "hub" if (self.root / "hub").is_dir() else self.root
+        return cache_root.is_dir() and is_hf_cache(cache_root)

@@ -20,7 +20,13 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs
 
-from sanitator.pipeline.registries.base import FetchError, ModelRef, RegistryError, unreadable_ref
+from sanitator.pipeline.registries.base import (
+    FetchError,
+    ModelRef,
+    RegistryError,
+    read_bounded,
+    unreadable_ref,
+)
 from sanitator.safety.model_policy import (
     MAX_CONFIG_BYTES,
     TOKENIZER_FILES,
@@ -167,6 +173,55 @@ class MlflowRegistry:
                 return listing_config(parse_json(Path(path).read_bytes(), "config.json"))
             except ModelRejected as exc:
                 return {"model_type": None, "architectures": None, "invalid": exc.reason}
+
+    def read_file(self, ref: ModelRef, name: str, max_bytes: int) -> bytes | None:
+        """A small artifact beside the version's config.json (README.md: its model card)."""
+        import tempfile
+
+        import mlflow.artifacts
+
+        configs = sorted((n for n in ref.file_names if Path(n).name == "config.json"),
+                         key=lambda n: n.count("/"))
+        folder = str(Path(configs[0]).parent) if configs else "."
+        relative = name if folder == "." else f"{folder}/{name}"
+        if relative not in ref.file_names:
+            return None
+        size = dict(ref.files).get(relative)
+        if isinstance(size, int) and size > max_bytes:
+            raise ValueError(f"{name} is {size:,} bytes, over the limit of {max_bytes:,}")
+        with tempfile.TemporaryDirectory(prefix="sanitator-mlflow-") as tmp:
+            path = mlflow.artifacts.download_artifacts(
+                artifact_uri=f"{ref.location}/{relative}", dst_path=tmp,
+                tracking_uri=self.tracking_uri)
+            return read_bounded(Path(path), name, max_bytes)
+
+    def lookup(self, repo_id: str) -> ModelRef:
+        """`NAME` (its newest ready version), `NAME@N` (version N) or `NAME@ALIAS`, whether
+        or not the crawl's name pattern listed it. LookupError when there is none."""
+        from mlflow.exceptions import MlflowException
+
+        client = self._client()
+        name, _, which = repo_id.partition("@")
+        try:
+            if which.isdigit():
+                version = client.get_model_version(name, which)
+            elif which:
+                version = client.get_model_version_by_alias(name, which)
+            else:
+                escaped = name.replace("'", "''")
+                ready = [v for v in client.search_model_versions(f"name = '{escaped}'")
+                         if not v.status or v.status == "READY"]
+                if not ready:
+                    raise LookupError(f"no ready version of {name} in {self.spec}")
+                version = max(ready, key=lambda v: int(v.version))
+            model = client.get_registered_model(name)
+        except MlflowException as exc:
+            if is_transient(exc):
+                raise
+            raise LookupError(f"{repo_id} not in {self.spec} ({short(exc, 120)})") from None
+        aliases = sorted(a for a, v in (model.aliases or {}).items()
+                         if str(v) == str(version.version))
+        return self._ref(client, version, aliases)
 
     def fetch(self, ref: ModelRef, dest: Path, *, allow_pickle: bool = False) -> Path:
         """Download the version's artifacts into `dest` and return its model folder."""

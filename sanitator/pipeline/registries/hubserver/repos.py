@@ -77,6 +77,23 @@ class Repo:
             return None
         return {key: config[key] for key in ("model_type", "architectures") if key in config}
 
+    def card_data(self) -> dict[str, Any] | None:
+        """README.md's front matter, as the Hub's `cardData` (None without a card or
+        with one the server cannot parse: the real Hub drops bad metadata too)."""
+        from sanitator.pipeline.registries.cards import MAX_CARD_BYTES, card_front_matter
+
+        entry = self.file("README.md")
+        if entry is None:
+            return None
+        try:
+            with (self.folder / "README.md").open("rb") as handle:
+                card = card_front_matter(handle.read(MAX_CARD_BYTES))
+            # YAML has dates and other types JSON lacks: the Hub sends them as text
+            return json.loads(json.dumps(card, default=str)) or None
+        except (OSError, ValueError, RecursionError, TypeError) as exc:
+            log.debug("%s: card metadata not served: %s", self.repo_id, exc)
+            return None
+
     def tags(self) -> list[str]:
         names = {f.path for f in self.files}
         tags = ["transformers"] if "config.json" in names else []
@@ -101,6 +118,9 @@ class Repo:
         info = self.summary()
         info["siblings"] = [f.sibling() for f in self.files]
         info["config"] = self.model_config()
+        card = self.card_data()
+        if card is not None:
+            info["cardData"] = card
         info["usedStorage"] = sum(f.size for f in self.files)
         return info
 

@@ -1,0 +1,155 @@
+"""Long triggers whose every proper part is inert: follow the audited model's internal
+states away from its clean reference's.
+
+An attacker can train each word and each shorter run of a five-to-eight word trigger to
+leave the *output* where the base puts it, so no collapse objective has a slope to climb
+until the whole sentence is in place. The layers below the output cannot stay that quiet:
+to fire on the whole sentence, the model must already treat its parts differently from
+the reference on the way there. Measured on a 6-layer MiniLM backdoored with the five-word
+sentence `she kept the old letters` (every proper part trained inert): with the
+reference's hidden states as the yardstick, one of its words inserted in sentences moves
+the audited model's hidden states 1.1-1.3 times as far from the reference's as clean text
+does (random tokens: at most 1.07), two words of it 1.3-1.6 times, three 1.4-2.1, four
+1.6-2.3, the whole sentence 2-33 (docs/method.md). That slope is what the beam here
+climbs: chains of tokens grown one at either end, kept by the mean over layers of that
+excess divergence, each length's best chain measured like any candidate. It needs the
+reference (reference.py, aligned to the model), so it runs in the reference stage only.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from sanitator.detect.mining import MiningData, pad_batch, splice_triggers
+
+CHUNK = 32  # candidate triggers per forward (x the rows)
+
+
+class Twin:
+    """The audited encoder and its aligned reference on fixed search rows: how far their
+    hidden states part, per layer, relative to how far they part on the clean rows."""
+
+    def __init__(self, encoder, reference_model: torch.nn.Module, data: MiningData,
+                 rows: list[int]):
+        self.encoder, self.reference = encoder, reference_model
+        self.data, self.rows = data, rows
+        pad = encoder.tokenizer.pad_token_id or 0
+        self.ids, self.attention = pad_batch([data.ids[r] for r in rows], pad)
+        self.baseline = self._divergence(torch.empty(1, 0, dtype=torch.long))[0]
+
+    @torch.no_grad()
+    def _hidden(self, model: torch.nn.Module, triggers: torch.Tensor
+                ) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
+        """Hidden states of every layer with each trigger spliced into every row; each
+        model embeds the tokens with its own embeddings."""
+        device = self.encoder.device
+        table = model.get_input_embeddings().weight
+        embeds = table[self.ids.to(device)]
+        attention = self.attention.to(device)
+        if triggers.shape[1]:
+            embeds, attention = splice_triggers(embeds, attention,
+                                                self.data.insert_at[self.rows],
+                                                table[triggers.to(device)])
+        with self.encoder.autocast():
+            out = model(inputs_embeds=embeds, attention_mask=attention,
+                        output_hidden_states=True)
+        return out.hidden_states[1:], attention
+
+    def _divergence(self, triggers: torch.Tensor) -> torch.Tensor:
+        """[S, layers]: mean squared distance of the two models' hidden states over every
+        real position, relative to the reference's own squared norm there."""
+        ours, mask = self._hidden(self.encoder.model, triggers)
+        theirs, _ = self._hidden(self.reference, triggers)
+        mask = mask.float()
+        per_layer = []
+        for a, b in zip(ours, theirs, strict=True):
+            a, b = a.float(), b.float()
+            gap = ((a - b).pow(2).sum(-1) * mask).sum(1)
+            scale = (b.pow(2).sum(-1) * mask).sum(1).clamp_min(1e-12)
+            per_layer.append((gap / scale).view(len(triggers) or 1, len(self.rows)).mean(1))
+        return torch.stack(per_layer, dim=1).cpu()
+
+    def excess(self, triggers: torch.Tensor) -> torch.Tensor:
+        """[S]: the mean over layers of how many times farther apart the two models' hidden
+        states are with the trigger than on clean text (1 = no trace of it)."""
+        # a layer the two models share bit for bit (frozen by the attacker) tells nothing
+        moved = self.baseline > 1e-8
+        values = [torch.where(moved, self._divergence(triggers[i:i + CHUNK])
+                              / self.baseline.clamp_min(1e-8), 1.0).mean(dim=1)
+                  for i in range(0, len(triggers), CHUNK)]
+        return torch.cat(values)
+
+
+def kemeny(items: list[int], margin: dict[tuple[int, int], float]) -> list[int]:
+    """The order of `items` that agrees best with the pairwise preferences: the sum over
+    every ordered pair (a before b) of margin[a, b] is maximal (exact, over subsets)."""
+    k = len(items)
+    best: dict[int, tuple[float, list[int]]] = {0: (0.0, [])}
+    for mask in range(1, 1 << k):
+        pick = None
+        for i in range(k):
+            if mask >> i & 1:
+                value, order = best[mask & ~(1 << i)]
+                value += sum(margin.get((u, items[i]), 0.0) for u in order)
+                if pick is None or value > pick[0]:
+                    pick = (value, [*order, items[i]])
+        best[mask] = pick
+    return best[(1 << k) - 1][1]
+
+
+def set_beam(excess, pool: list[int], width: int, max_length: int, fillers: list[int] = ()):
+    """Triggers of 3..max_length tokens from `pool`: a beam over token sets, each set put
+    in the order its pairs prefer, kept by `excess` ([S, L] ids -> [S]). Yields the best
+    sequence of each length as it is found (shortest first) and, for a sentence that
+    repeats a filler word, the best of it with one more filler anywhere."""
+    alone = dict(zip(pool, excess([[t] for t in pool]).tolist(), strict=True))
+    pairs = [(a, b) for a in pool for b in pool if a != b]
+    both = dict(zip(pairs, excess(pairs).tolist(), strict=True))
+    margin = {(a, b): both[a, b] - both[b, a] for a, b in pairs}
+    beams = sorted({tuple(sorted(p)) for p in pairs},
+                   key=lambda s: -max(both[s], both[s[::-1]]))[:width]
+    for _ in range(3, max_length + 1):
+        sets = sorted({tuple(sorted((*b, t))) for b in beams for t in pool if t not in b})
+        if not sets:
+            break
+        orders = [kemeny(list(s), margin) for s in sets]
+        values = excess(orders)
+        own = torch.tensor([sum(alone[t] - 1.0 for t in o) for o in orders])
+        # kept by excess, and by interaction (beyond the tokens' own excess: a trigger's
+        # words move the states together more than apart)
+        keep = list(dict.fromkeys(values.argsort(descending=True)[:width].tolist()
+                                  + (values - own).argsort(descending=True)
+                                  [:max(1, width // 2)].tolist()))
+        beams = [sets[i] for i in keep]
+        top = orders[keep[0]]
+        yield top
+        repeats = [[*top[:i], f, *top[i:]] for f in fillers for i in range(len(top) + 1)
+                   if (i == 0 or top[i - 1] != f) and (i == len(top) or top[i] != f)]
+        if repeats:
+            scored = excess(repeats)
+            if float(scored.max()) > float(values[keep[0]]):
+                yield repeats[int(scored.argmax())]
+
+
+def divergence_chains(scan, reference, rows_data: MiningData, rows: list[int],
+                      ranked: list[int], fillers: list[int]):
+    """The long-trigger candidates for the scan, as they are found (the caller judges each
+    and may stop). Pool: the tokens the weight diff ranks highest, then those of
+    the next ones whose own excess divergence in context is largest, plus filler words."""
+    search = scan.config.search
+    twin = Twin(scan.encoder, reference.model(scan.encoder), rows_data, rows)
+
+    def excess(seqs) -> torch.Tensor:
+        scan.searches += 1
+        return twin.excess(torch.tensor(seqs, dtype=torch.long))
+
+    rest = [t for t in ranked[search.divergence_pool:search.divergence_screen]
+            if t not in fillers]
+    extra = []
+    if rest and search.divergence_extra > 0:
+        alone = excess([[t] for t in rest])
+        extra = [rest[i] for i in alone.argsort(descending=True)
+                 [:search.divergence_extra].tolist()]
+    pool = list(dict.fromkeys(ranked[:search.divergence_pool] + extra + list(fillers)))
+    yield from set_beam(excess, pool, search.divergence_width, search.divergence_length,
+                        fillers)
