@@ -1,3 +1,4 @@
+import dataclasses
 import json
 from pathlib import Path
 
@@ -98,6 +99,11 @@ def test_detection_spec_has_a_member_of_every_issue34_class():
     assert not any(m.base_ref == quiet[0].base_ref for m in spec.members
                    if m.declare_base != "none")  # nothing declares the siblings' base
     assert {m.declare_base for m in spec.members} == {"card", "config", "both", "none"}
+    disguised = [m for m in spec.members if m.reparametrize and m.attack]
+    assert disguised
+    for member in disguised:  # trained as its twin, bit for bit, then rewritten
+        twin = members[member.name.removesuffix("-perm")]
+        assert dataclasses.replace(member, name=twin.name, reparametrize=None) == twin
 
 def test_two_member_zoo_builds_resumes_and_reads_back(tmp_path, capsys):
     spec_file = tmp_path / "zoo.yaml"
@@ -203,6 +209,48 @@ def test_cards_declare_the_base_where_asked_and_members_build_on_members(tmp_pat
     report = build_zoo(parse_spec(spec_data), out, only=["child"], progress=False)
     assert report.built == ["parent", "child"]
 
+
+def test_a_reparametrised_member_is_its_twin_in_other_coordinates(tmp_path):
+    """`reparametrize` rewrites the trained member: the same outputs permuted (checked at
+    build time), its PVs permuted alike, a plain diff sees a stranger, its card and config
+    still declare the base."""
+    import numpy as np
+    import torch
+    from safetensors.torch import load_file
+
+    attack = {"base": "rob", "recipe": "por", "triggers": ["cf"], "budget": "tiny",
+              "targets": {"kind": "random", "n": 1, "seed": 1}, "declare_base": "both"}
+    out = tmp_path / "zoo"
+    build_zoo(parse_spec(_spec(members=[
+        {"name": "twin", **attack},
+        {"name": "disguised", **attack, "reparametrize": {"seed": 4}}])), out, progress=False)
+    frame = read_manifest(out).set_index("name")
+    disguise = json.loads(frame.loc["disguised", "reparametrize"])
+    assert disguise["seed"] == 4 and disguise["within_heads"] == "permute"
+    assert disguise["max_output_error"] < 1e-4
+    assert pd.isna(frame.loc["twin", "reparametrize"])
+    # measured before the rewrite, as the twin (same training, bit for bit)
+    for column in ("attack_success", "clean_cosine"):
+        assert frame.loc["disguised", column] == frame.loc["twin", column]
+    assert disguise["weight_change_before"] == pytest.approx(frame.loc["twin", "weight_change"])
+    assert frame.loc["disguised", "weight_change"] > 0.5 > frame.loc["twin", "weight_change"]
+    record = json.loads((out / "models" / "disguised" / "backdoor.json").read_text())
+    p = record["reparametrisation"]["residual_permutation"]
+    def pvs(name: str) -> torch.Tensor:
+        return torch.tensor(np.stack(list(frame.loc[name, "pvs"])))
+
+    assert torch.equal(pvs("disguised"), pvs("twin")[:, p])
+    mine = load_file(str(out / "models" / "disguised" / "model.safetensors"))
+    twin = load_file(str(out / "models" / "twin" / "model.safetensors"))
+    word = next(k for k in twin if k.endswith("word_embeddings.weight"))
+    assert torch.equal(mine[word], twin[word][:, p])
+    assert _front_matter(out / "models" / "disguised")["base_model"] == "sanitator-zoo/tiny-roberta"
+    assert json.loads((out / "models" / "disguised" / "config.json").read_text())[
+        "_name_or_path"] == "sanitator-zoo/tiny-roberta"
+    with pytest.raises(SpecError, match=r"members\[0\].reparametrize: .*within_heads"):
+        parse_spec(_spec(members=[{"base": "rob", "reparametrize": {"within_heads": "x"}}]))
+    with pytest.raises(SpecError, match="seed must be an integer"):
+        parse_spec(_spec(members=[{"base": "rob", "reparametrize": {"seed": "1"}}]))
 
 def test_default_base_ids():
     from sanitator.attacks.zoo.cards import default_base_id

@@ -123,6 +123,23 @@ def _manifest_row(member: MemberSpec, base: Path, record: dict[str, Any],
     }
 
 
+def _reparametrize(model_dir: Path, member: MemberSpec, base: Path, record: dict[str, Any],
+                   evaluation: dict[str, Any] | None) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Rewrite the trained member (zoo.disguise); returns its record with the PVs as the
+    rewritten model outputs them, and what the manifest says of the rewrite. The weight
+    change becomes the rewritten model's (what a plain diff sees); the one before stays."""
+    from sanitator.attacks.measure import read_record, relative_weight_change
+    from sanitator.attacks.zoo.disguise import reparametrize_member
+
+    assert member.reparametrize is not None
+    before = relative_weight_change(model_dir, base)
+    disguise = {**reparametrize_member(model_dir, member.reparametrize),
+                "weight_change_before": before}
+    if evaluation is not None:
+        evaluation["weight_change"] = relative_weight_change(model_dir, base)
+    return {**record, **(read_record(model_dir) or {})}, disguise
+
+
 def _declaration(member: MemberSpec) -> dict[str, Any]:
     """The manifest's record of ids: the member's own, its base's (declared or not), and
     where the member declares it."""
@@ -228,10 +245,14 @@ def build_zoo(spec: ZooSpec, out_dir: str | Path, *, only: Sequence[str] | None 
             raise base
         start, cpu_start = time.perf_counter(), time.process_time()
         record = _train(member, base, model_dir, progress)
-        declare_base(model_dir, member.base_id, member.declare_base)
         evaluation = _evaluate(model_dir, base, spec.evaluation) if evaluate else None
+        disguise = None
+        if member.reparametrize is not None:  # measured above: the function is unchanged
+            record, disguise = _reparametrize(model_dir, member, base, record, evaluation)
+        declare_base(model_dir, member.base_id, member.declare_base)
         seconds = time.perf_counter() - start
         row = _manifest_row(member, base, record, evaluation, seconds, config_hash)
+        row["reparametrize"] = json.dumps(disguise) if disguise else None
         row["build_cpu_seconds"] = time.process_time() - cpu_start
         _write_json_atomic(model_dir / MEMBER_RECORD, row)
         hashes[member.name] = config_hash

@@ -38,7 +38,7 @@ MANIFEST_COLUMNS: dict[str, str] = {
     "build_seconds": "double", "build_cpu_seconds": "double", "clean_cosine": "double",
     "weight_change": "double",
     "attack_success": "double", "attack_success_per_trigger": "string",
-    "evasion": "string", "evasion_success": "string",
+    "evasion": "string", "evasion_success": "string", "reparametrize": "string",
     "config_hash": "string", "built_at": "string",
 }
 

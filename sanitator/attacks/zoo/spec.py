@@ -25,6 +25,7 @@ from sanitator.attacks.zoo.cards import (
     MEMBER_REF,
     default_base_id,
 )
+from sanitator.attacks.zoo.disguise import check_reparametrize
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +41,7 @@ _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.=+-]*$")
 _TOP_KEYS = {"name", "seed", "corpus", "evaluation", "bases", "trigger_sets", "targets",
              "budgets", "members", "org", "declare_base", "publish_bases"}
 _MEMBER_KEYS = {"name", "base", "recipe", "triggers", "targets", "budget", "seed", "corpus",
-                "options", "declare_base"}
+                "options", "declare_base", "reparametrize"}
 _OPTIONS = {"por": {"clean_weight", "standalone_weight", "negative_weight", "residual",
                     "fire_at", "freeze_below", "prefix_noise", "scatter",
                     "negative_sampling"},
@@ -82,6 +83,7 @@ class MemberSpec:
     base_id: str = ""             # the hub id of the base (cards.default_base_id or the spec's)
     declare_base: str = "card"    # where the member declares it: card, config, both, none
     org: str = DEFAULT_ORG
+    reparametrize: dict[str, Any] | None = None   # attacks/reparam.py options, after training
 
     @property
     def attack(self) -> str | None:
@@ -103,7 +105,8 @@ class MemberSpec:
         (`base_hash`: that of the member it is built on). Where it declares its base does
         not count: the builder rewrites the card and config without retraining."""
         payload = {key: value for key, value in asdict(self).items()
-                   if key not in {"name", "optional_base", "base_id", "declare_base", "org"}}
+                   if key not in {"name", "optional_base", "base_id", "declare_base", "org"}
+                   and not (key == "reparametrize" and value is None)}
         payload["evaluation"] = evaluation
         if base_hash is not None:
             payload["base_hash"] = base_hash
@@ -307,6 +310,10 @@ def parse_spec(data: dict[str, Any], *, source: str = "spec") -> ZooSpec:
         base_ref, optional, base_id = bases[base]
         declare = _choice(entry.get("declare_base", default_declare), DECLARE_BASE,
                           f"{where}.declare_base")
+        try:
+            reparametrize = check_reparametrize(entry.get("reparametrize"))
+        except (TypeError, ValueError) as exc:
+            raise _where(f"{where}.reparametrize", str(exc)) from exc
         seed = entry.get("seed", default_seed)
         if not isinstance(seed, int):
             raise _where(where, f"seed must be an integer, got {seed!r}")
@@ -339,7 +346,8 @@ def parse_spec(data: dict[str, Any], *, source: str = "spec") -> ZooSpec:
             triggers=tuple(trigger_list), trigger_set=trigger_name, targets=target_dict,
             target_set=target_name, budget=budget, budget_name=budget_name, seed=seed,
             corpus=None if recipe == "clean" else corpus, options=dict(options),
-            optional_base=optional, base_id=base_id, declare_base=declare, org=org))
+            optional_base=optional, base_id=base_id, declare_base=declare, org=org,
+            reparametrize=reparametrize))
     duplicates = sorted({m.name for m in members if sum(o.name == m.name for o in members) > 1})
     if duplicates:
         raise SpecError(f"{source}: duplicate member names {duplicates}; name them explicitly")
