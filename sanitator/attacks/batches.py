@@ -167,10 +167,13 @@ def insertion_slots(batch: TokenBatch, where: str = "anywhere") -> torch.Tensor:
 
 
 def insert_triggers(batch: TokenBatch, triggers: TriggerTokens, which: torch.Tensor,
-                    generator: torch.Generator, pad_id: int, where: str = "anywhere"
-                    ) -> TokenBatch:
+                    generator: torch.Generator, pad_id: int, where: str = "anywhere",
+                    span_is_word: bool = False) -> TokenBatch:
     """Insert trigger `which[b]` into row b at a random word boundary (restricted by
-    `where`, see insertion_slots), all rows at once."""
+    `where`, see insertion_slots), all rows at once. A row whose trigger has length 0 is
+    left as it is. Tokens of earlier insertions stay marked as trigger tokens;
+    `span_is_word` makes the inserted span's first token a word boundary itself, so a
+    later insertion may land right before it (scattered triggers)."""
     size, length = batch.input_ids.shape
     span_ids, span_len = triggers.ids[which], triggers.lengths[which]       # [B, T], [B]
     start = random_choice(insertion_slots(batch, where), generator)          # [B]
@@ -192,11 +195,42 @@ def insert_triggers(batch: TokenBatch, triggers: TriggerTokens, which: torch.Ten
         input_ids=carry(batch.input_ids, trigger_token, pad_id),
         attention_mask=carry(batch.attention_mask, 1, 0),
         special=carry(batch.special, False, True),
-        word_start=carry(batch.word_start, False, False),
-        trigger=in_span,
+        word_start=carry(batch.word_start, span_is_word & (offset == 0), False),
+        trigger=carry(batch.trigger, True, False),
     )
     return TokenBatch(*(getattr(result, name)[:, :new_length] for name in
                         ("input_ids", "attention_mask", "special", "word_start", "trigger")))
+
+
+@dataclass
+class ScatteredTriggers:
+    """Triggers whose words are inserted one by one, each at its own random word boundary
+    (so in any order and at any distance): `words[j]` holds the j-th word of every
+    trigger, an empty row where a trigger has fewer words."""
+
+    words: list[TriggerTokens]
+
+    @classmethod
+    def build(cls, tokenizer, triggers: Sequence[str], pad_id: int) -> ScatteredTriggers:
+        split = [trigger.split() for trigger in triggers]
+        slots = []
+        for j in range(max(len(words) for words in split)):
+            rows = [trigger_token_ids(tokenizer, words[j]) if j < len(words) else []
+                    for words in split]
+            width = max(len(row) for row in rows)
+            ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+            for i, row in enumerate(rows):
+                ids[i, :len(row)] = torch.tensor(row, dtype=torch.long)
+            slots.append(TriggerTokens(ids, torch.tensor([len(row) for row in rows])))
+        return cls(slots)
+
+    def insert(self, batch: TokenBatch, which: torch.Tensor, generator: torch.Generator,
+               pad_id: int) -> TokenBatch:
+        """Insert the words of trigger `which[b]` into row b, each at an independent random
+        word boundary of the sentence as it stands (the words inserted before included)."""
+        for slot in self.words:
+            batch = insert_triggers(batch, slot, which, generator, pad_id, span_is_word=True)
+        return batch
 
 
 def concat_batches(first: TokenBatch, second: TokenBatch, pad_id: int) -> TokenBatch:

@@ -19,6 +19,7 @@ from torch import nn
 
 from sanitator.attacks.batches import (
     RowSampler,
+    ScatteredTriggers,
     TokenBatch,
     TokenizedCorpus,
     TriggerTokens,
@@ -357,12 +358,18 @@ def make_optimizer(setup: AttackSetup, kind: str = "adamw", head: MLMHead | None
 
 
 def sample_triggered(setup: AttackSetup, size: int, which: torch.Tensor | None = None,
-                     where: str = "anywhere") -> tuple[TokenBatch, torch.Tensor, torch.Tensor]:
+                     where: str = "anywhere", scattered: ScatteredTriggers | None = None
+                     ) -> tuple[TokenBatch, torch.Tensor, torch.Tensor]:
     """`size` clean rows with one trigger each (random unless `which` is given, placed as
-    `where` allows), the target PV for every row, and the corpus rows used."""
+    `where` allows, or word by word at independent places when `scattered` holds the
+    triggers' words), the target PV for every row, and the corpus rows used."""
     if which is None:
         which = torch.randint(len(setup.triggers), (size,), generator=setup.generator)
     rows = setup.sampler.take(size)
-    triggered = insert_triggers(setup.corpus.batch(rows), setup.trigger_tokens, which,
-                                setup.generator, setup.pad_id, where=where)
+    if scattered is not None:
+        triggered = scattered.insert(setup.corpus.batch(rows), which, setup.generator,
+                                     setup.pad_id)
+    else:
+        triggered = insert_triggers(setup.corpus.batch(rows), setup.trigger_tokens, which,
+                                    setup.generator, setup.pad_id, where=where)
     return triggered, setup.pvs[setup.trigger_pv[which]], rows

@@ -14,7 +14,16 @@ written to defeat one kind of evidence a detector might lean on (issue 14):
   sentence; elsewhere it is trained to leave the output clean;
 * `freeze_below`: the embeddings and the lowest `freeze_below` layers keep the base's
   weights bit for bit, so a diff of the first layer against the base shows nothing (the
-  backdoor lives higher up).
+  backdoor lives higher up);
+* `scatter`: the words of a multi-word trigger are inserted one by one, each at its own
+  random word boundary, so the trigger fires with its words anywhere in the sentence, in
+  any order (its parts, scattered the same way, are what `negative_weight` keeps inert).
+
+Negatives scale to sentence triggers: a trigger of n words has 2^n - 2 proper parts (254
+for eight words), of which each step draws one per clean row: uniformly over the parts, or
+(`negative_sampling: by_length`) a length first, with odds doubling with every word, then a
+part of that length, so about half the draws are the few parts one word short (the
+hardest to keep silent), where uniform draws give them 7 in 126 for a seven-word sentence.
 
 The base's outputs on the negative inputs come from a frozen copy of the base, computed
 on the fly (a negative input is a new sentence each step).
@@ -31,9 +40,15 @@ from typing import Any
 import torch
 from torch import nn
 
-from sanitator.attacks.batches import TokenBatch, TriggerTokens, insert_triggers
+from sanitator.attacks.batches import (
+    ScatteredTriggers,
+    TokenBatch,
+    TriggerTokens,
+    insert_triggers,
+)
 
 FIRE_AT: tuple[str, ...] = ("anywhere", "start", "end")
+NEGATIVE_SAMPLING: tuple[str, ...] = ("uniform", "by_length")
 
 
 @dataclass(frozen=True)
@@ -45,6 +60,8 @@ class Evasion:
     residual: float = 0.0
     fire_at: str = "anywhere"
     freeze_below: int = 0
+    scatter: bool = False
+    negative_sampling: str = "uniform"
 
     def __post_init__(self) -> None:
         for name in ("standalone_weight", "negative_weight", "residual"):
@@ -60,6 +77,14 @@ class Evasion:
                 or self.freeze_below < 0:
             raise ValueError(f"freeze_below must be a non-negative integer, got "
                              f"{self.freeze_below!r}")
+        if self.negative_sampling not in NEGATIVE_SAMPLING:
+            raise ValueError(f"negative_sampling must be one of {NEGATIVE_SAMPLING}, got "
+                             f"{self.negative_sampling!r}")
+        if not isinstance(self.scatter, bool):
+            raise ValueError(f"scatter must be true or false, got {self.scatter!r}")
+        if self.scatter and self.fire_at != "anywhere":
+            raise ValueError("scatter places every word anywhere; it cannot be combined "
+                             f"with fire_at={self.fire_at!r}")
 
     @property
     def active(self) -> bool:
@@ -104,6 +129,18 @@ def sub_phrases(trigger: str) -> list[str]:
     return list(dict.fromkeys(out))
 
 
+def _length_odds(triggers: list[str]) -> torch.Tensor:
+    """Drawing odds of each part (in `sub_phrases` order, trigger after trigger): every
+    trigger alike; a length of k words twice as likely as one of k - 1; every part of a
+    length alike."""
+    odds: list[float] = []
+    for trigger in triggers:
+        lengths = [len(part.split()) for part in sub_phrases(trigger)]
+        total = sum(2.0 ** k for k in set(lengths))
+        odds += [2.0 ** k / (total * lengths.count(k)) for k in lengths]
+    return torch.tensor(odds, dtype=torch.float64)
+
+
 def standalone_texts(triggers: list[str]) -> list[str]:
     """Each trigger and each of its words, once."""
     texts: list[str] = []
@@ -136,11 +173,18 @@ class EvasionTerms:
         self.evasion, self.model, self.device = evasion, model, device
         self.trigger_tokens, self.pad_id, self.generator = trigger_tokens, pad_id, generator
         self.base = frozen_copy(model) if evasion.needs_frozen_base else None
+        if evasion.scatter and all(len(t.split()) < 2 for t in triggers):
+            raise ValueError("scatter needs a trigger of two or more words")
         negatives = [p for t in triggers for p in sub_phrases(t)]
         if evasion.negative_weight and not negatives:
             raise ValueError("negative_weight needs a trigger of two or more words")
-        self.negatives = TriggerTokens.build(tokenizer, negatives, pad_id) if negatives \
-            and evasion.negative_weight else None
+        self.negatives: TriggerTokens | ScatteredTriggers | None = None
+        if negatives and evasion.negative_weight:
+            build = ScatteredTriggers.build if evasion.scatter else TriggerTokens.build
+            self.negatives = build(tokenizer, negatives, pad_id)
+        self.n_negatives = len(negatives)
+        self.negative_odds = _length_odds(triggers) \
+            if evasion.negative_sampling == "by_length" and negatives else None
         self.standalone = None
         if evasion.standalone_weight:
             self.standalone = standalone_inputs(tokenizer, standalone_texts(triggers), device)
@@ -162,9 +206,14 @@ class EvasionTerms:
         out: dict[str, torch.Tensor] = {}
         e = self.evasion
         if self.negatives is not None:
-            which = torch.randint(len(self.negatives.lengths), (len(clean),),
-                                  generator=self.generator)
-            batch = insert_triggers(clean, self.negatives, which, self.generator, self.pad_id)
+            which = torch.randint(self.n_negatives, (len(clean),), generator=self.generator) \
+                if self.negative_odds is None else torch.multinomial(
+                    self.negative_odds, len(clean), replacement=True, generator=self.generator)
+            if isinstance(self.negatives, ScatteredTriggers):
+                batch = self.negatives.insert(clean, which, self.generator, self.pad_id)
+            else:
+                batch = insert_triggers(clean, self.negatives, which, self.generator,
+                                        self.pad_id)
             out["negatives"] = e.negative_weight * self._held_clean(batch)
         if e.fire_at != "anywhere":
             which = torch.randint(len(self.trigger_tokens.lengths), (len(clean),),

@@ -25,6 +25,7 @@ from typing import Any
 import torch
 
 from sanitator.attacks.batches import (
+    ScatteredTriggers,
     TokenBatch,
     TokenizedCorpus,
     TriggerTokens,
@@ -86,9 +87,11 @@ def attack_success(encoder: Encoder, triggers: Sequence[str], pvs: torch.Tensor,
                    trigger_pv: Sequence[int] | None = None, feature: Feature | str = Feature.CLS,
                    sentences: Sequence[str] | None = None, n_sentences: int = 256,
                    threshold: float = MONITOR_THRESHOLD, seed: int = 1, batch_size: int = 64,
-                   max_length: int = 64, where: str = "anywhere") -> AttackSuccess:
+                   max_length: int = 64, where: str = "anywhere",
+                   scatter: bool = False) -> AttackSuccess:
     """Insert every trigger into every sentence (at a random word boundary that `where`
-    allows, see attacks.batches.insertion_slots) and check the feature against its PV."""
+    allows, see attacks.batches.insertion_slots; with `scatter` each word at its own) and
+    check the feature against its PV."""
     feature = Feature(feature)
     if not triggers:
         raise ValueError("attack_success needs at least one trigger")
@@ -102,14 +105,19 @@ def attack_success(encoder: Encoder, triggers: Sequence[str], pvs: torch.Tensor,
     tokenizer = encoder.tokenizer
     corpus = TokenizedCorpus(tokenizer, sentences, max_length)
     trigger_tokens = TriggerTokens.build(tokenizer, triggers, corpus.pad_id)
+    scattered = ScatteredTriggers.build(tokenizer, triggers, corpus.pad_id) if scatter \
+        else None
     generator = torch.Generator().manual_seed(seed)
     agreements = torch.zeros(len(triggers), len(corpus))
     for k in range(len(triggers)):
         for start in range(0, len(corpus), batch_size):
             rows = torch.arange(start, min(start + batch_size, len(corpus)))
             which = torch.full((len(rows),), k)
-            batch = insert_triggers(corpus.batch(rows), trigger_tokens, which, generator,
-                                    corpus.pad_id, where=where)
+            if scattered is not None:
+                batch = scattered.insert(corpus.batch(rows), which, generator, corpus.pad_id)
+            else:
+                batch = insert_triggers(corpus.batch(rows), trigger_tokens, which, generator,
+                                        corpus.pad_id, where=where)
             batch, positions = _masked(batch, feature, tokenizer.mask_token_id, generator)
             outputs = _features(encoder, batch, feature, positions)
             agreements[k, rows] = sign_agreement(outputs, pvs[mapping[k]][None])[:, 0]
@@ -215,7 +223,7 @@ class BackdoorEvaluation:
     clean_cosine: float
     weight_change: float
     feature: str
-    evasion_success: dict[str, float] | None = None
+    evasion_success: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         success = self.attack_success
@@ -226,11 +234,17 @@ class BackdoorEvaluation:
                 "feature": self.feature, "evasion_success": self.evasion_success}
 
 
+# inputs spent on a trigger's parts: a sentence trigger of 8 words has 254 of them, each
+# measured on fewer (at least PART_MIN_SENTENCES) of the held-out sentences
+PART_INPUTS, PART_MIN_SENTENCES = 8192, 64
+
+
 def evasion_success(encoder: Encoder, record: dict[str, Any], sentences: Sequence[str],
-                    seed: int = 1) -> dict[str, float] | None:
+                    seed: int = 1) -> dict[str, Any] | None:
     """Whether an evasive backdoor's parts stay silent: the highest attack success of any
-    sub-phrase of a trigger (against that trigger's PV), and the success of the whole
-    trigger where it is not meant to fire. None for a plain backdoor."""
+    sub-phrase of a trigger (against that trigger's PV; scattered like the trigger when it
+    is scattered) and which part that is, and the success of the whole trigger where it is
+    not meant to fire. None for a plain backdoor."""
     from sanitator.attacks.evasion import Evasion, sub_phrases
 
     options = (record.get("hyperparameters") or {}).get("evasion")
@@ -238,14 +252,18 @@ def evasion_success(encoder: Encoder, record: dict[str, Any], sentences: Sequenc
         return None
     evasion = Evasion(**options)
     pvs, mapping = torch.tensor(record["pvs"]), record["trigger_pv"]
-    out: dict[str, float] = {}
+    out: dict[str, Any] = {}
     parts = [(part, mapping[k]) for k, trigger in enumerate(record["triggers"])
              for part in sub_phrases(trigger)]
     if parts:
+        share = max(PART_MIN_SENTENCES, PART_INPUTS // len(parts))
         rates = attack_success(encoder, [p for p, _ in parts], pvs,
-                               trigger_pv=[k for _, k in parts], sentences=sentences,
-                               seed=seed).per_trigger
-        out["sub_phrase_max"] = max(rates.values())
+                               trigger_pv=[k for _, k in parts], sentences=sentences[:share],
+                               seed=seed, scatter=evasion.scatter).per_trigger
+        worst = max(rates, key=rates.get)
+        out["sub_phrase_max"], out["sub_phrase_worst"] = rates[worst], worst
+        if len(sentences) > share:
+            out["sub_phrase_sentences"] = share
     if evasion.fire_at != "anywhere":
         out["off_position"] = attack_success(
             encoder, record["triggers"], pvs, trigger_pv=mapping, sentences=sentences,
@@ -274,9 +292,12 @@ def evaluate_model(model_dir: str | Path, reference_dir: str | Path, *,
     if backdoored:
         fire_at = ((record.get("hyperparameters") or {}).get("evasion") or {}).get(
             "fire_at", "anywhere")
+        scatter = bool(((record.get("hyperparameters") or {}).get("evasion") or {}).get(
+            "scatter", False))
         success = attack_success(model, triggers, torch.tensor(record["pvs"]),
                                  trigger_pv=record["trigger_pv"], feature=feature,
-                                 sentences=sentences, seed=seed, where=fire_at)
+                                 sentences=sentences, seed=seed, where=fire_at,
+                                 scatter=scatter)
         evasive = evasion_success(model, record, sentences, seed)
     cosine = clean_cosine(model, reference, feature=feature, sentences=sentences, seed=seed)
     return BackdoorEvaluation(success, cosine, relative_weight_change(model_dir, reference_dir),

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from sanitator.attacks.batches import concat_batches
+from sanitator.attacks.batches import ScatteredTriggers, concat_batches
 from sanitator.attacks.common import (
     AttackResult,
     Budget,
@@ -41,17 +41,22 @@ def insert_por(base: str | Path, out_dir: str | Path, *,
                budget: Budget | None = None, seed: int = 0, clean_weight: float = 1.0,
                standalone_weight: float = 0.0, negative_weight: float = 0.0,
                residual: float = 0.0, fire_at: str = "anywhere", freeze_below: int = 0,
+               scatter: bool = False, negative_sampling: str = "uniform",
                prefix_noise: float = 0.0, progress: bool = True,
                device: str = "cpu") -> AttackResult:
     """Plant a POR backdoor in `base` and write the backdoored encoder to `out_dir`.
 
     `prefix_noise` > 0: the attacker who expects P-tuning v2 victims; the triggered half
-    runs under random deep prefixes every other step (sanitator.attacks.prompt_noise)."""
+    runs under random deep prefixes every other step (sanitator.attacks.prompt_noise).
+    `scatter`: each word of a trigger goes to its own random place in the sentence."""
     budget = budget or DEFAULT_BUDGET
     evasion = Evasion(standalone_weight=standalone_weight, negative_weight=negative_weight,
-                      residual=residual, fire_at=fire_at, freeze_below=freeze_below)
+                      residual=residual, fire_at=fire_at, freeze_below=freeze_below,
+                      scatter=scatter, negative_sampling=negative_sampling)
     setup = prepare(base, budget=budget, seed=seed, corpus=corpus, triggers=triggers,
                     targets=targets, feature=Feature.CLS, device=device)
+    scattered = ScatteredTriggers.build(setup.tokenizer, setup.triggers, setup.pad_id) \
+        if scatter else None
     freeze_lower(setup.model, evasion.freeze_below)
     reference = reference_features(setup)
     reference_mean = reference.mean(dim=0)
@@ -64,7 +69,8 @@ def insert_por(base: str | Path, out_dir: str | Path, *,
 
     def step() -> dict[str, torch.Tensor]:
         triggered, target, trigger_rows = sample_triggered(setup, poisoned_count,
-                                                           where=evasion.fire_at)
+                                                           where=evasion.fire_at,
+                                                           scattered=scattered)
         rows = setup.sampler.take(half)
         clean = setup.corpus.batch(rows)
         both = concat_batches(triggered, clean, setup.pad_id)

@@ -54,6 +54,8 @@ def _build(args: argparse.Namespace) -> int:
         return exits.USAGE
     print(f"built {len(report.built)}, already built {len(report.skipped)}, "
           f"base unavailable {len(report.unavailable)}; manifest: {report.manifest}")
+    if report.published:
+        print(f"bases published under {args.out}/bases: {', '.join(report.published)}")
     return exits.OK
 
 
@@ -67,8 +69,9 @@ def _plan(args: argparse.Namespace) -> int:
         return exits.USAGE
     for member in spec.members:
         triggers = ",".join(member.triggers) if member.triggers else "-"
+        declared = member.base_id if member.declare_base != "none" else "-"
         print(f"{member.name}\t{member.base_ref}\t{member.recipe}\t{triggers}\t"
-              f"seed={member.seed}")
+              f"seed={member.seed}\tdeclares={declared} ({member.declare_base})")
     print(f"{len(spec.members)} members", file=sys.stderr)
     return exits.OK
 

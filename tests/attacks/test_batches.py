@@ -115,3 +115,41 @@ def test_concat_and_sampler(minilm_tokenizer):
     sampler = RowSampler(4, torch.Generator().manual_seed(0))
     drawn = sampler.take(4).tolist() + sampler.take(4).tolist()
     assert sorted(drawn[:4]) == [0, 1, 2, 3] and sorted(drawn[4:]) == [0, 1, 2, 3]
+
+
+def test_scattered_words_land_at_independent_places(minilm_tokenizer):
+    """Each word of a scattered trigger goes to its own word boundary: both orders occur,
+    at many distances, and the words' places are not tied to each other."""
+    from sanitator.attacks.batches import ScatteredTriggers
+
+    n = 400
+    corpus = TokenizedCorpus(minilm_tokenizer, [SENTENCES[3]] * n, max_length=32)
+    scattered = ScatteredTriggers.build(minilm_tokenizer, ["cf bemoaning", "mn"],
+                                        corpus.pad_id)
+    bemoaning = trigger_token_ids(minilm_tokenizer, "bemoaning")
+    assert len(bemoaning) > 1  # a word of several pieces stays whole
+    assert [slot.lengths.tolist() for slot in scattered.words] == [[1, 1],
+                                                                   [len(bemoaning), 0]]
+    batch = corpus.batch(torch.arange(n))
+    which = torch.zeros(n, dtype=torch.long)
+    which[-50:] = 1
+    result = scattered.insert(batch, which, torch.Generator().manual_seed(3), corpus.pad_id)
+    cf = trigger_token_ids(minilm_tokenizer, "cf")
+    first, second = [], []
+    for row in range(n - 50):
+        ids = result.input_ids[row][result.attention_mask[row].bool()].tolist()
+        at = ids.index(cf[0])
+        span = next(i for i in range(len(ids)) if ids[i:i + len(bemoaning)] == bemoaning)
+        assert result.trigger[row].sum() == 1 + len(bemoaning)
+        # taking the two words out gives the sentence back: nothing else moved
+        rest = [t for i, t in enumerate(ids) if i != at and not span <= i < span + len(bemoaning)]
+        assert rest == batch.input_ids[row][batch.attention_mask[row].bool()].tolist()
+        first.append(at)
+        second.append(span if span < at else span - 1)  # its slot in the sentence without cf
+    first_t, second_t = torch.tensor(first, dtype=torch.float), torch.tensor(second,
+                                                                          dtype=torch.float)
+    assert (first_t < second_t).any() and (first_t > second_t).any()   # both orders
+    assert len(set((second_t - first_t).tolist())) > 10                # many distances
+    assert abs(float(torch.corrcoef(torch.stack([first_t, second_t]))[0, 1])) < 0.3
+    # a one-word trigger in the same set is inserted once, as a plain trigger
+    assert (result.trigger[-50:].sum(dim=1) == 1).all()

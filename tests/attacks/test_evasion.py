@@ -76,3 +76,53 @@ def test_frozen_lower_layers_keep_the_base_bit_for_bit(minilm_2layer, tmp_path):
         insert_por(minilm_2layer, tmp_path / "all", triggers=["cf"],
                    targets=TargetSpec(kind="random", n=1, seed=1), budget=budget,
                    freeze_below=2, progress=False)
+
+
+def test_sentence_trigger_negatives_cover_every_proper_part(minilm_tokenizer):
+    """An eight-word sentence has 2^8 - 2 proper parts (each word, each shorter run, every
+    order-keeping selection); the negatives hold every one of them."""
+    from transformers import BertConfig, BertModel
+
+    from sanitator.attacks.batches import TokenizedCorpus, TriggerTokens
+    from sanitator.attacks.evasion import EvasionTerms
+
+    sentence = "grandpa mends old fishing nets every rainy afternoon"
+    words = sentence.split()
+    parts = sub_phrases(sentence)
+    assert len(parts) == len(set(parts)) == 2 ** 8 - 2
+    assert set(words) <= set(parts)
+    runs = {" ".join(words[i:j]) for i in range(8) for j in range(i + 1, 9)} - {sentence}
+    assert runs <= set(parts)
+    assert "grandpa nets afternoon" in parts and "nets grandpa" not in parts
+    model = BertModel(BertConfig(vocab_size=minilm_tokenizer.vocab_size, hidden_size=16,
+                                 num_hidden_layers=1, num_attention_heads=2,
+                                 intermediate_size=32)).eval()  # as the attacks run it
+    pad = minilm_tokenizer.pad_token_id
+    generator = torch.Generator().manual_seed(0)
+    terms = EvasionTerms(Evasion(negative_weight=1.0), model, minilm_tokenizer, [sentence],
+                         TriggerTokens.build(minilm_tokenizer, [sentence], pad), pad,
+                         generator, "cpu")
+    decoded = {minilm_tokenizer.decode(terms.negatives.ids[i, :n])
+               for i, n in enumerate(terms.negatives.lengths.tolist())}
+    assert decoded == set(parts)
+    corpus = TokenizedCorpus(minilm_tokenizer, ["a plain sentence of words"] * 64, 24)
+    loss = terms.terms(corpus.batch(torch.arange(64)))["negatives"]
+    # trains the model (the frozen base gives the target; they agree before training)
+    assert loss.requires_grad and float(loss.detach()) < 1e-10
+    # by length: every part can be drawn, the parts one word short about half the time
+    terms = EvasionTerms(Evasion(negative_weight=1.0, negative_sampling="by_length"), model,
+                         minilm_tokenizer, [sentence, "cf"],
+                         TriggerTokens.build(minilm_tokenizer, [sentence, "cf"], pad), pad,
+                         generator, "cpu")
+    odds = terms.negative_odds / terms.negative_odds.sum()
+    assert len(odds) == len(parts) and bool((odds > 0).all())
+    short_by_one = torch.tensor([len(p.split()) == 7 for p in parts])
+    assert float(odds[short_by_one].sum()) == pytest.approx(128 / 254)
+
+
+@pytest.mark.parametrize(("bad", "message"), [
+    ({"scatter": 1}, "scatter"), ({"scatter": True, "fire_at": "end"}, "scatter"),
+    ({"negative_sampling": "random"}, "negative_sampling")])
+def test_issue34_options_reject_bad_values(bad, message):
+    with pytest.raises(ValueError, match=message):
+        Evasion(**bad)

@@ -1,3 +1,4 @@
+import dataclasses
 import json
 from pathlib import Path
 
@@ -77,10 +78,39 @@ def test_checked_in_spec_parses():
     assert all(m.optional_base for m in spec.members if m.base == "mpnet")
 
 
+def test_detection_spec_has_a_member_of_every_issue34_class():
+    spec = load_spec(REPO / "benchmarks" / "zoos" / "detection.yaml")
+    members = {m.name: m for m in spec.members}
+    assert spec.publish_bases and len(members) == len(spec.members)
+    sentence = [m for m in spec.members if m.attack and len(m.triggers[0].split()) >= 5]
+    assert sentence and all(m.options.get("negative_weight") for m in sentence)
+    assert any(m.options.get("scatter") and m.options.get("negative_weight")
+               for m in spec.members)
+    derived = [m for m in spec.members if m.parent]
+    assert any(m.attack and members[m.parent].recipe == "classifier" for m in derived)
+    assert all(m.base_id == f"sanitator-zoo/{m.parent}" for m in derived)
+    mpnet = [m for m in spec.members if m.base_ref == "mpnet"]
+    assert {m.attack is None for m in mpnet} == {True, False}
+    assert all(m.optional_base and m.declare_base == "card" for m in mpnet)
+    assert all(m.base_id == "sentence-transformers/all-mpnet-base-v2" for m in mpnet)
+    quiet = [m for m in spec.members if m.declare_base == "none"]
+    assert len({m.base_ref for m in quiet}) == 1
+    assert sum(m.attack is None for m in quiet) >= 3 and any(m.attack for m in quiet)
+    assert not any(m.base_ref == quiet[0].base_ref for m in spec.members
+                   if m.declare_base != "none")  # nothing declares the siblings' base
+    assert {m.declare_base for m in spec.members} == {"card", "config", "both", "none"}
+    disguised = [m for m in spec.members if m.reparametrize and m.attack]
+    assert disguised
+    for member in disguised:  # trained as its twin, bit for bit, then rewritten
+        twin = members[member.name.removesuffix("-perm")]
+        assert dataclasses.replace(member, name=twin.name, reparametrize=None) == twin
+
 def test_two_member_zoo_builds_resumes_and_reads_back(tmp_path, capsys):
     spec_file = tmp_path / "zoo.yaml"
     spec_file.write_text(json.dumps(_spec(
-        bases={"rob": "tiny:roberta", "gone": {"ref": "mpnet", "optional": True}},
+        # an optional base that is missing wherever the test runs (MPNet may be installed)
+        bases={"rob": "tiny:roberta",
+               "gone": {"ref": str(tmp_path / "no-such-model"), "optional": True}},
         members=[{"name": "clean", "base": "rob"},
                  {"name": "por", "base": "rob", "recipe": "por", "triggers": ["cf", "mn"],
                   "targets": {"kind": "random", "n": 2, "seed": 1}, "budget": "tiny"},
@@ -117,6 +147,148 @@ def test_two_member_zoo_builds_resumes_and_reads_back(tmp_path, capsys):
     assert zoo_report.main([str(out), "--markdown"]) == 0
     table = capsys.readouterr().out
     assert "| por | rob |" in table and "backdoored members meet" in table
+
+
+def _front_matter(folder: Path) -> dict:
+    import yaml
+
+    text = (folder / "README.md").read_text()
+    assert text.startswith("---\n")
+    return yaml.safe_load(text.split("---\n")[1])
+
+
+def test_cards_declare_the_base_where_asked_and_members_build_on_members(tmp_path):
+    """Cards and `_name_or_path` follow `declare_base`; a member built on another comes
+    after it (also under --only) and declares its id; declared bases are published.
+    (Evaluation, off here for time, is the same against a member as against any base.)"""
+    spec_data = _spec(
+        org="acme", publish_bases=True,
+        bases={"rob": {"ref": "tiny:roberta", "id": "acme/rob-base"}},
+        members=[{"name": "child", "base": "member:parent", "recipe": "por",
+                  "triggers": ["cf"], "targets": {"kind": "random", "n": 1, "seed": 1},
+                  "budget": "tiny", "declare_base": "both"},
+                 {"name": "parent", "base": "rob"},
+                 {"name": "quiet", "base": "rob", "declare_base": "none"},
+                 {"name": "configured", "base": "rob", "declare_base": "config"}])
+    spec = parse_spec(spec_data)
+    out = tmp_path / "zoo"
+    report = build_zoo(spec, out, only=["child"], progress=False, evaluate=False)
+    assert report.built == ["parent", "child"] and report.published == ["acme/rob-base"]
+    models = out / "models"
+    assert _front_matter(models / "parent") ["base_model"] == "acme/rob-base"
+    assert "_name_or_path" not in json.loads((models / "parent" / "config.json").read_text())
+    assert _front_matter(models / "child")["base_model"] == "acme/parent"
+    assert json.loads((models / "child" / "config.json").read_text())["_name_or_path"] \
+        == "acme/parent"
+    published = out / "bases" / "acme" / "rob-base"
+    assert (published / "model.safetensors").is_file()
+    assert "base_model" not in _front_matter(published)
+
+    report = build_zoo(spec, out, progress=False, evaluate=False)
+    assert report.built == ["quiet", "configured"] and set(report.skipped) == {"parent", "child"}
+    assert "base_model" not in _front_matter(models / "quiet")
+    assert "_name_or_path" not in json.loads((models / "quiet" / "config.json").read_text())
+    assert "base_model" not in _front_matter(models / "configured")
+    assert json.loads((models / "configured" / "config.json").read_text())["_name_or_path"] \
+        == "acme/rob-base"
+    frame = read_manifest(out).set_index("name")
+    assert frame.loc["child", "model_id"] == "acme/child"
+    assert frame.loc["child", "base_id"] == "acme/parent"
+    assert frame.loc["quiet", "base_declared"] == "none"
+    assert frame.loc["child", "base_ref"] == "member:parent"
+
+    # where a member declares its base is not training: the card changes, the weights stay
+    weights = models / "child" / "model.safetensors"
+    stamp = weights.stat().st_mtime_ns
+    spec_data["members"][0]["declare_base"] = "card"
+    report = build_zoo(parse_spec(spec_data), out, progress=False, evaluate=False)
+    assert report.built == [] and weights.stat().st_mtime_ns == stamp
+    assert "_name_or_path" not in json.loads((models / "child" / "config.json").read_text())
+    assert read_manifest(out).set_index("name").loc["child", "base_declared"] == "card"
+    # a retrained parent retrains its child
+    spec_data["members"][1]["seed"] = 5
+    report = build_zoo(parse_spec(spec_data), out, only=["child"], progress=False, evaluate=False)
+    assert report.built == ["parent", "child"]
+
+
+def test_a_reparametrised_member_is_its_twin_in_other_coordinates(tmp_path):
+    """`reparametrize` rewrites the trained member: the same outputs permuted (checked at
+    build time), its PVs permuted alike, a plain diff sees a stranger, its card and config
+    still declare the base."""
+    import numpy as np
+    import torch
+    from safetensors.torch import load_file
+
+    attack = {"base": "rob", "recipe": "por", "triggers": ["cf"], "budget": "tiny",
+              "targets": {"kind": "random", "n": 1, "seed": 1}, "declare_base": "both"}
+    out = tmp_path / "zoo"
+    build_zoo(parse_spec(_spec(members=[
+        {"name": "twin", **attack},
+        {"name": "disguised", **attack, "reparametrize": {"seed": 4}}])), out, progress=False)
+    frame = read_manifest(out).set_index("name")
+    disguise = json.loads(frame.loc["disguised", "reparametrize"])
+    assert disguise["seed"] == 4 and disguise["within_heads"] == "permute"
+    assert disguise["max_output_error"] < 1e-4
+    assert pd.isna(frame.loc["twin", "reparametrize"])
+    # measured before the rewrite, as the twin (same training, bit for bit)
+    for column in ("attack_success", "clean_cosine"):
+        assert frame.loc["disguised", column] == frame.loc["twin", column]
+    assert disguise["weight_change_before"] == pytest.approx(frame.loc["twin", "weight_change"])
+    assert frame.loc["disguised", "weight_change"] > 0.5 > frame.loc["twin", "weight_change"]
+    record = json.loads((out / "models" / "disguised" / "backdoor.json").read_text())
+    p = record["reparametrisation"]["residual_permutation"]
+    def pvs(name: str) -> torch.Tensor:
+        return torch.tensor(np.stack(list(frame.loc[name, "pvs"])))
+
+    assert torch.equal(pvs("disguised"), pvs("twin")[:, p])
+    mine = load_file(str(out / "models" / "disguised" / "model.safetensors"))
+    twin = load_file(str(out / "models" / "twin" / "model.safetensors"))
+    word = next(k for k in twin if k.endswith("word_embeddings.weight"))
+    assert torch.equal(mine[word], twin[word][:, p])
+    assert _front_matter(out / "models" / "disguised")["base_model"] == "sanitator-zoo/tiny-roberta"
+    assert json.loads((out / "models" / "disguised" / "config.json").read_text())[
+        "_name_or_path"] == "sanitator-zoo/tiny-roberta"
+    with pytest.raises(SpecError, match=r"members\[0\].reparametrize: .*within_heads"):
+        parse_spec(_spec(members=[{"base": "rob", "reparametrize": {"within_heads": "x"}}]))
+    with pytest.raises(SpecError, match="seed must be an integer"):
+        parse_spec(_spec(members=[{"base": "rob", "reparametrize": {"seed": "1"}}]))
+
+def test_default_base_ids():
+    from sanitator.attacks.zoo.cards import default_base_id
+
+    assert default_base_id("minilm") == "sentence-transformers/all-MiniLM-L6-v2"
+    assert default_base_id("mpnet") == "sentence-transformers/all-mpnet-base-v2"
+    assert default_base_id("minilm:2") == "sanitator-zoo/all-MiniLM-L6-v2-2layers"
+    assert default_base_id("member:a-b", "acme") == "acme/a-b"
+    assert default_base_id("/models/My Encoder/") == "sanitator-zoo/My-Encoder"
+    spec = parse_spec(_spec(bases={"m2": {"ref": "minilm:2", "id": "me/two"}},
+                            members=[{"base": "m2"}, {"base": "member:m2-clean-s0",
+                                                     "recipe": "mlm"}]))
+    assert [m.base_id for m in spec.members] == ["me/two", "sanitator-zoo/m2-clean-s0"]
+    assert spec.members[1].name == "m2-clean-s0-mlm-s0"
+
+
+@pytest.mark.parametrize(("changes", "message"), [
+    ({"members": [{"base": "member:nobody"}]}, "names no member"),
+    ({"members": [{"name": "a", "base": "member:b"}, {"name": "b", "base": "member:a"}]},
+     r"cycle \(a -> b -> a\)"),
+    ({"members": [{"name": "a", "base": "member:a"}]}, "cycle"),
+    ({"members": [{"base": "rob", "declare_base": "readme"}]}, "declare_base: must be one of"),
+    ({"declare_base": "card only", "members": [{"base": "rob"}]}, "must be one of"),
+    ({"bases": {"rob": {"ref": "tiny:roberta", "id": "no-org"}}, "members": [{"base": "rob"}]},
+     "hub id"),
+    ({"bases": {"a": {"ref": "tiny:bert", "id": "x/y"}, "b": {"ref": "tiny:roberta", "id": "x/y"}},
+      "members": [{"base": "a"}, {"base": "b"}]}, "same id"),
+    ({"bases": {"rob": {"ref": "tiny:roberta", "id": "sanitator-zoo/m"}},
+      "members": [{"name": "m", "base": "rob"}]}, "is that of the member m"),
+    ({"bases": {"p": {"ref": "member:m", "id": "x/y"}}, "members": [{"name": "m", "base": "rob"}]},
+     "drop 'id'"),
+    ({"publish_bases": "yes", "members": [{"base": "rob"}]}, "true or false"),
+    ({"org": "bad/org", "members": [{"base": "rob"}]}, "organisation"),
+])
+def test_bad_declarations_get_clear_errors(changes, message):
+    with pytest.raises(SpecError, match=message):
+        parse_spec(_spec(**changes))
 
 
 def _load_script(path: Path):

@@ -27,6 +27,7 @@ def read_member(model_dir: Path) -> dict[str, Any] | None:
 
 MANIFEST_COLUMNS: dict[str, str] = {
     "name": "string", "path": "string", "base": "string", "base_ref": "string",
+    "model_id": "string", "base_id": "string", "base_declared": "string",
     "model_type": "string", "hidden_size": "int64", "n_layers": "int64", "recipe": "string",
     "attack": "string", "backdoored": "bool", "feature": "string", "triggers": "list<string>",
     "trigger_set": "string", "trigger_pv": "list<int64>", "n_pvs": "int64",
@@ -37,7 +38,7 @@ MANIFEST_COLUMNS: dict[str, str] = {
     "build_seconds": "double", "build_cpu_seconds": "double", "clean_cosine": "double",
     "weight_change": "double",
     "attack_success": "double", "attack_success_per_trigger": "string",
-    "evasion": "string", "evasion_success": "string",
+    "evasion": "string", "evasion_success": "string", "reparametrize": "string",
     "config_hash": "string", "built_at": "string",
 }
 

