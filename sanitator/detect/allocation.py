@@ -27,6 +27,7 @@ from collections import Counter
 from typing import Any
 
 from sanitator.core.status import Status
+from sanitator.detect.signs import sign_agreement
 
 SCREENED = "fails on the search rows: "
 MERGED = "same point as judged "
@@ -114,3 +115,26 @@ def reason(summary: dict[str, Any]) -> str:
     return (f"{summary['unjudged']} candidate(s) left unjudged when their confirmation "
             f"quota was spent ({', '.join(spent)}); no trigger was accepted, so the model "
             "is not shown clean: review it, or re-audit with a larger confirmation budget")
+
+
+def worth_confirming(findings, finding, view, decision) -> bool:
+    """False (with the reason noted on `finding`) for a repeat of a point already judged at
+    its feature that pins the search rows no tighter, or a candidate that clearly fails a
+    side condition on the search rows: neither could be accepted where the judged one was
+    not. `view` gives the search rows' centre and the screen (calibrated_view.py)."""
+    centre = view.search_centre
+    for judged in findings:
+        if judged.confirmation is None or judged.feature != finding.feature \
+                or judged.search_margin < finding.search_margin:
+            continue
+        raw = float(sign_agreement(finding.point[None], judged.point[None])[0, 0])
+        centred = float(sign_agreement((finding.point - centre)[None],
+                                       (judged.point - centre)[None])[0, 0])
+        if raw >= decision.merge_agreement and centred >= decision.merge_agreement:
+            finding.note = MERGED + " ".join(judged.tokens)
+            return False
+    side = view.screen(finding.token_ids, finding.placement, finding.point)
+    if side.failed:
+        finding.note = SCREENED + ", ".join(side.failed)
+        return False
+    return True

@@ -31,7 +31,7 @@ from typing import Any
 import torch
 
 from sanitator.core.pacing import checkpoint
-from sanitator.detect.allocation import MERGED, SCREENED, Allocation
+from sanitator.detect.allocation import Allocation, worth_confirming
 from sanitator.detect.attribution import (
     candidate_sequences,
     candidate_token_ids,
@@ -40,7 +40,7 @@ from sanitator.detect.attribution import (
 )
 from sanitator.detect.calibrated_view import FeatureView, Finding, scan_features
 from sanitator.detect.config import ScanConfig
-from sanitator.detect.corpus import corpus_words
+from sanitator.detect.corpus import corpus_words, distinct_sentences
 from sanitator.detect.encoders import Encoder, Feature
 from sanitator.detect.evidence import confirm, fresh_access
 from sanitator.detect.false_alarms import false_alarm_text, monitor_check
@@ -132,31 +132,10 @@ class CalibratedScan:
                                 and f.placement == placement for f in self.findings):
                 return self.consider(source, feature, placement, rest, seed=seed)
             return finding
-        if force or (margin > 0 and self._worth_confirming(finding, view)):
+        if force or (margin > 0 and worth_confirming(self.findings, finding, view,
+                                                     self.config.decision)):
             self._confirm(finding, forced=force)
         return finding
-
-    def _worth_confirming(self, finding: Finding, view: FeatureView) -> bool:
-        """False (with the reason noted) for a repeat of a point already judged here that
-        pins no tighter, or a candidate that clearly fails a side condition on the search
-        rows: neither could be accepted where the judged one was not (allocation.py)."""
-        merge = self.config.decision.merge_agreement
-        centre = view.search_centre
-        for judged in self.findings:
-            if judged.confirmation is None or judged.feature != finding.feature \
-                    or judged.search_margin < finding.search_margin:
-                continue
-            raw = float(sign_agreement(finding.point[None], judged.point[None])[0, 0])
-            centred = float(sign_agreement((finding.point - centre)[None],
-                                           (judged.point - centre)[None])[0, 0])
-            if raw >= merge and centred >= merge:
-                finding.note = MERGED + " ".join(judged.tokens)
-                return False
-        side = view.screen(finding.token_ids, finding.placement, finding.point)
-        if side.failed:
-            finding.note = SCREENED + ", ".join(side.failed)
-            return False
-        return True
 
     def _without_accepted(self, finding: Finding) -> tuple[int, ...]:
         """The candidate's tokens with every (shorter) accepted trigger of its feature
@@ -401,18 +380,6 @@ def _bar(enabled: bool, total: int, desc: str):
     return tqdm(total=total, desc=desc, unit="search", dynamic_ncols=True)
 
 
-def distinct(encoder: Encoder, config: ScanConfig, sentences: list[str]) -> list[str]:
-    """The first of every group of sentences the scan would read as the same tokens (its
-    rows are cut to `search.max_length` less the trigger slots), so no sentence sits both
-    among the fresh rows and anywhere else."""
-    keep = config.search.max_length - config.mining.trigger_len
-    encoded = encoder.tokenizer(sentences, truncation=True, max_length=keep)["input_ids"]
-    seen: dict[tuple[int, ...], str] = {}
-    for sentence, ids in zip(sentences, encoded, strict=True):
-        seen.setdefault(tuple(ids), sentence)
-    return list(seen.values())
-
-
 def run(encoder: Encoder, config: ScanConfig, sentences: list[str], progress: bool,
         references: list[ReferenceCandidate] | None = None) -> CalibratedScan:
     """The calibrated scan over `sentences` (train rows first, then search, then fresh;
@@ -421,7 +388,11 @@ def run(encoder: Encoder, config: ScanConfig, sentences: list[str], progress: bo
     fresh rows: the screen's word list, the searches and the false-alarm check get the
     rest."""
     mining, search = config.mining, config.search
-    sentences = distinct(encoder, config, sentences)
+    sentences = distinct_sentences(encoder.tokenizer, sentences,
+                                   search.max_length - mining.trigger_len)
+    if len(sentences) < search.n_fresh + mining.n_holdout + 1:
+        raise ValueError(f"need at least {search.n_fresh + mining.n_holdout + 1} distinct "
+                         f"sentences, got {len(sentences)} once repeats were dropped")
     fresh = sentences[-search.n_fresh:]
     rest = sentences[:-search.n_fresh]
     search_rows, train_rows = rest[-mining.n_holdout:], rest[:-mining.n_holdout]

@@ -7,7 +7,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from sanitator.detect.allocation import outcome, reason, status
+from sanitator.detect.allocation import outcome, reason, status, worth_confirming
 from sanitator.detect.calibrated import CalibratedScan
 from sanitator.detect.calibrated_view import Finding
 from sanitator.detect.config import ScanConfig
@@ -90,8 +90,12 @@ def test_quotas_are_per_source_and_a_new_source_gets_the_default():
         ScanConfig.from_preset("fast", confirmation_quotas=(("reference", -1),))
 
 
+def _worth(scan, finding, view) -> bool:
+    return worth_confirming(scan.findings, finding, view, scan.config.decision)
+
+
 class _View:
-    """What `_worth_confirming` reads of a feature view: the centre and the screen."""
+    """What `worth_confirming` reads of a feature view: the centre and the screen."""
 
     def __init__(self, failed: list[str]):
         self.search_centre = torch.zeros(4)
@@ -109,14 +113,14 @@ def test_a_repeat_of_a_judged_point_and_a_clear_side_condition_failure_cost_noth
     scan.findings.append(judged)
     repeat = _finding([2])            # same signs in both frames, no tighter: merged
     repeat.point = torch.tensor([2.0, -0.5, 0.1, 3.0])
-    assert not scan._worth_confirming(repeat, _View([]))
+    assert not _worth(scan, repeat, _View([]))
     assert repeat.note == "same point as judged 1"
     tighter = _finding([3])           # the same point pinned tighter is judged again
     tighter.point, tighter.search_margin = repeat.point, 0.2
-    assert scan._worth_confirming(tighter, _View([]))
+    assert _worth(scan, tighter, _View([]))
     elsewhere = _finding([4])         # another point that fails a side condition
     elsewhere.point = torch.tensor([-1.0, 1.0, 1.0, -1.0])
-    assert not scan._worth_confirming(elsewhere, _View(["clean_text_not_there"]))
+    assert not _worth(scan, elsewhere, _View(["clean_text_not_there"]))
     assert elsewhere.note == "fails on the search rows: clean_text_not_there"
     assert [outcome(f) for f in (repeat, elsewhere)] == ["merged", "screened"]
 
@@ -130,8 +134,8 @@ def test_only_the_confirmation_reads_the_fresh_rows(tiny_encoders):
     # no word list holds; every sentence the encoder is given outside the confirmation is
     # recorded (the embedding lookup), and none may hold it: not a search, not the
     # screen's word list, not the false-alarm check. FreshRows.data refuses the rest.
-    from sanitator.detect.calibrated import distinct, run
-    from sanitator.detect.corpus import load_sentences
+    from sanitator.detect.calibrated import run
+    from sanitator.detect.corpus import distinct_sentences, load_sentences
     from sanitator.detect.encoders import load_encoder
     from sanitator.detect.evidence import FreshRowsRead, reading_fresh
 
@@ -145,7 +149,7 @@ def test_only_the_confirmation_reads_the_fresh_rows(tiny_encoders):
     fresh = [f"qzxwvj {s}" for s in text[-32:]]
     # a repeat of a search sentence among the fresh ones is dropped, not judged twice
     sentences = [*text[:128], fresh[0], *fresh]
-    assert len(distinct(encoder, config, sentences)) == len(sentences) - 1
+    assert len(distinct_sentences(encoder.tokenizer, sentences, 33)) == len(sentences) - 1
     leaks: list[list[int]] = []
 
     def record(module, inputs, output):

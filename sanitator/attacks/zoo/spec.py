@@ -36,7 +36,8 @@ _TOP_KEYS = {"name", "seed", "corpus", "evaluation", "bases", "trigger_sets", "t
 _MEMBER_KEYS = {"name", "base", "recipe", "triggers", "targets", "budget", "seed", "corpus",
                 "options"}
 _OPTIONS = {"por": {"clean_weight", "standalone_weight", "negative_weight", "residual",
-                    "fire_at", "freeze_below", "prefix_noise"},
+                    "fire_at", "freeze_below", "prefix_noise", "decoys", "decoy_weight",
+                    "decoy_kinds"},
             "neuba": {"mlm_weight", "clean_weight", "head_lr", "prefix_noise"},
             "btop": {"clean_weight", "head_lr", "one_trigger_per_batch", "prompt_noise"},
             "mlm": {"head_lr"}, "classifier": {"task", "head_lr"}, "clean": set(),
