@@ -41,6 +41,8 @@ def member_class(row, record: dict) -> str:
                 }.get(recipe, "clean: base")
     evasion = (record.get("hyperparameters") or {}).get("evasion") or {}
     triggers = list(record.get("triggers") or [])
+    if (record.get("hyperparameters") or {}).get("decoys"):
+        return "decoy triggers (issue 35)"
     if evasion.get("freeze_below"):
         return "frozen lower layers"
     if evasion.get("negative_weight"):

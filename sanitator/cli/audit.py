@@ -74,9 +74,12 @@ def register(subparsers) -> None:
                         help="where workers download models (default: system temp)")
     parser.add_argument("--json", action="store_true", help="print the summary as JSON")
     parser.add_argument("--fail-on-backdoor", action="store_true",
-                        help=f"exit {EXIT_BACKDOORED} when a backdoored model is found")
+                        help=f"exit {EXIT_BACKDOORED} when a backdoored model is found, "
+                             f"else {exits.INCONCLUSIVE} when an inconclusive one is")
     parser.epilog = (f"exit status: 0 done, 1 the flow failed, 2 bad arguments, "
                      f"{EXIT_BACKDOORED} backdoored model found (--fail-on-backdoor), "
+                     f"{exits.INCONCLUSIVE} an inconclusive one and none backdoored "
+                     "(--fail-on-backdoor), "
                      f"{EXIT_REGISTRY_UNAVAILABLE} a registry could not be listed (the others "
                      "were audited)")
     parser.set_defaults(func=run)
@@ -150,8 +153,8 @@ def run(args: argparse.Namespace) -> int:
     if unavailable is not None:
         print(f"sanitator audit: {unavailable}", file=sys.stderr)
         return EXIT_REGISTRY_UNAVAILABLE
-    if args.fail_on_backdoor and summary["backdoored"]:
-        return EXIT_BACKDOORED
+    if args.fail_on_backdoor:
+        return exits.gate(status for status, n in summary["counts"].items() if n)
     return exits.OK
 
 
@@ -161,6 +164,8 @@ def format_summary(summary: dict[str, Any]) -> str:
              f"{summary['already_audited']} already audited; store: {summary['store']}"]
     lines += [f"  BACKDOORED {b['repo_id']}@{b['revision'][:12]} ({b['registry']}) "
               f"score={b['score']} pvs={b['pv_count']}" for b in summary["backdoored"]]
+    lines += [f"  INCONCLUSIVE {i['repo_id']}@{i['revision'][:12]} ({i['registry']}): "
+              f"{i['reason']}" for i in summary.get("inconclusive", [])]
     lines += [f"  error {e['repo_id']} ({e['registry']}): {e['reason']}"
               for e in summary["errors"]]
     lines += [f"  registry {spec} could not be listed: {reason}"

@@ -15,9 +15,9 @@ def register(subparsers) -> None:
         description="Read every verdict, PV and evaluation of a store written by `sanitator "
                     "audit --out` and write report.html (self-contained), report.json "
                     "(schema in docs/report.md) and report.sarif (SARIF 2.1.0, one result per "
-                    "backdoored model) into --out. The report.json already in --out (or "
-                    "--previous) is the baseline of the diff: newly backdoored, newly clean, "
-                    "newly errored.")
+                    "backdoored or inconclusive model) into --out. The report.json already "
+                    "in --out (or --previous) is the baseline of the diff: newly backdoored, "
+                    "newly inconclusive, newly clean, newly errored.")
     parser.add_argument("--store", required=True, metavar="DIR", help="the store folder")
     parser.add_argument("--out", required=True, metavar="DIR", help="folder for the report")
     parser.add_argument("--previous", metavar="FILE",
@@ -28,7 +28,7 @@ def register(subparsers) -> None:
     parser.add_argument("--no-plots", action="store_true", help="skip the matplotlib plots")
     parser.add_argument("--fail-on-backdoor", action="store_true",
                         help=f"exit {exits.BACKDOORED} when any model's latest verdict is "
-                             "backdoored")
+                             f"backdoored, else {exits.INCONCLUSIVE} when one is inconclusive")
     parser.set_defaults(func=run)
 
 
@@ -48,8 +48,9 @@ def run(args: argparse.Namespace) -> int:
     if diff["baseline_generated_at"] is not None:
         print("since the previous report: "
               + ", ".join(f"{len(diff[key])} {key.replace('_', ' ')}"
-                          for key in ("newly_backdoored", "newly_clean", "newly_errored")))
+                          for key in ("newly_backdoored", "newly_inconclusive", "newly_clean",
+                                      "newly_errored")))
     print(f"wrote {Path(args.out) / REPORT_HTML} (+ report.json, report.sarif)")
-    if args.fail_on_backdoor and counts["backdoored"]:
-        return exits.BACKDOORED
+    if args.fail_on_backdoor:
+        return exits.gate(status for status, n in counts.items() if n)
     return exits.OK

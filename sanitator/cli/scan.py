@@ -7,7 +7,7 @@ import json
 import sys
 
 from sanitator.cli import exits
-from sanitator.core.status import VERDICT_STATUSES, Status
+from sanitator.core.status import SCANNED_STATUSES, VERDICT_STATUSES, Status
 from sanitator.detect.config import PRECISIONS
 
 
@@ -52,10 +52,11 @@ def register(subparsers) -> None:
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     parser.add_argument("--fail-on-backdoor", action="store_true",
-                        help=f"exit {exits.BACKDOORED} when the verdict is backdoored")
+                        help=f"exit {exits.BACKDOORED} when the verdict is backdoored, "
+                             f"{exits.INCONCLUSIVE} when it is inconclusive (not shown clean)")
     parser.epilog = (f"exit status: {exits.OK} a verdict, {exits.FAILED} no verdict (error, "
                      f"unsupported), {exits.USAGE} bad arguments, {exits.BACKDOORED} "
-                     "backdoored (--fail-on-backdoor)")
+                     f"backdoored and {exits.INCONCLUSIVE} inconclusive (--fail-on-backdoor)")
     parser.set_defaults(func=run)
 
 
@@ -94,6 +95,7 @@ def run(args: argparse.Namespace) -> int:
         result = ScanResult(Verdict(Status.ERROR, reason=f"{type(exc).__name__}: {exc}"),
                             PVSet.empty(0))
     verdict, pvset = result.verdict, result.pvset
+    # an inconclusive scan has no PV set: an empty file would read as a clean model's
     if args.pvs_out and verdict.status in VERDICT_STATUSES:
         pvset.save(args.pvs_out, {"config_hash": config.config_hash(),
                                   "model": str(args.model_dir)})
@@ -117,8 +119,6 @@ def run(args: argparse.Namespace) -> int:
             print(f"  PV {index + 1}: fired by {' '.join(tokens)!r}")
         print(f"  seeds tried {verdict.seeds_tried}, {verdict.seconds:.1f} s, "
               f"config {config.config_hash()}")
-    if verdict.status not in VERDICT_STATUSES:
+    if verdict.status not in SCANNED_STATUSES:
         return exits.FAILED
-    if args.fail_on_backdoor and verdict.status == Status.BACKDOORED:
-        return exits.BACKDOORED
-    return exits.OK
+    return exits.gate([verdict.status]) if args.fail_on_backdoor else exits.OK

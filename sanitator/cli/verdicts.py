@@ -31,7 +31,8 @@ def register(subparsers) -> None:
                         help="every audit row, not only the latest per model")
     parser.add_argument("--json", action="store_true", help="JSON list instead of a table")
     parser.add_argument("--fail-on-backdoor", action="store_true",
-                        help=f"exit {exits.BACKDOORED} when a listed verdict is backdoored")
+                        help=f"exit {exits.BACKDOORED} when a listed verdict is backdoored, "
+                             f"else {exits.INCONCLUSIVE} when one is inconclusive")
     parser.set_defaults(func=run)
 
 
@@ -58,8 +59,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"no verdicts in {store}")
     else:
         print(format_table(records))
-    if args.fail_on_backdoor and any(row.get("status") == "backdoored" for row in records):
-        return exits.BACKDOORED
+    if args.fail_on_backdoor:
+        return exits.gate(row.get("status") for row in records)
     return exits.OK
 
 

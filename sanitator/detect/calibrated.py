@@ -15,7 +15,9 @@ in the sentence, first or last, candidates come from three searches, cheapest fi
 and, in search mode, from soft-trigger mining: each mined PV is realised by a targeted
 context search. Each candidate's realised point is its mean output on the search rows; the
 few whose search rows pin more tightly than the rows' own noise floor (and the best one of
-each feature regardless) are judged once on fresh rows (evidence.confirm). Accepted
+each feature regardless) are judged once on fresh rows (evidence.confirm), each source
+within its own quota of the budget, a repeat of a judged point or a candidate that clearly
+fails a side condition on the search rows costing nothing (allocation.py). Accepted
 triggers are confirmed at every other feature too, so each feature keeps its own PVs.
 """
 
@@ -29,6 +31,7 @@ from typing import Any
 import torch
 
 from sanitator.core.pacing import checkpoint
+from sanitator.detect.allocation import Allocation, worth_confirming
 from sanitator.detect.attribution import (
     candidate_sequences,
     candidate_token_ids,
@@ -37,9 +40,9 @@ from sanitator.detect.attribution import (
 )
 from sanitator.detect.calibrated_view import FeatureView, Finding, scan_features
 from sanitator.detect.config import ScanConfig
-from sanitator.detect.corpus import corpus_words
+from sanitator.detect.corpus import corpus_words, distinct_sentences
 from sanitator.detect.encoders import Encoder, Feature
-from sanitator.detect.evidence import confirm
+from sanitator.detect.evidence import confirm, fresh_access
 from sanitator.detect.false_alarms import false_alarm_text, monitor_check
 from sanitator.detect.hardsearch import Objective, evaluate, gcg, token_gradients, toward
 from sanitator.detect.mining import MiningData, mine_seeds, prepare_data
@@ -71,6 +74,11 @@ class CalibratedScan:
     candidates: list[ReferenceCandidate] = field(default_factory=list)  # clean bases to try
     reference_model: Any = None     # the matched Reference (weights aligned to ours)
     long_trigger_beam: Any = None   # the divergence beam, resumable (refsearch.py)
+    allocation: Allocation | None = None   # the verdict's budget per source (allocation.py)
+
+    def __post_init__(self) -> None:
+        if self.allocation is None:
+            self.allocation = Allocation(self.config.decision)
 
     def timed(self, stage: str, fn, *args) -> None:
         checkpoint()  # the runner may re-size this scan's share of the cores
@@ -108,7 +116,7 @@ class CalibratedScan:
         if margin > 0 and len(ids) > 1:
             ids, point, margin = self._shortest(view, tuple(ids), placement, point, margin)
         finding = Finding(source, feature, placement, tuple(ids), self.words(ids), margin,
-                          point, seed=seed)
+                          point, seed=seed, after_verdict=bool(self.accepted))
         self.findings.append(finding)
         if any(float(sign_agreement(point[None], known[None])[0, 0])
                > self.config.filtering.unique_agreement for known in view.known):
@@ -123,8 +131,9 @@ class CalibratedScan:
                                 and f.placement == placement for f in self.findings):
                 return self.consider(source, feature, placement, rest, seed=seed)
             return finding
-        if margin > 0 or force:
-            self._confirm(finding)
+        if force or (margin > 0 and worth_confirming(self.findings, finding, view,
+                                                     self.config.decision)):
+            self._confirm(finding, forced=force)
         return finding
 
     def _without_accepted(self, finding: Finding) -> tuple[int, ...]:
@@ -155,23 +164,30 @@ class CalibratedScan:
                     return part, part_point, part_margin
         return ids, point, margin
 
-    def _confirm(self, finding: Finding) -> None:
+    def _confirm(self, finding: Finding, forced: bool = False) -> None:
+        """Judge a candidate on fresh rows, if its budget allows; a candidate that was due
+        a confirmation and gets none is unjudged (a `forced` one, taken only so that a
+        feature reports fresh evidence, was not due one)."""
         decision = self.config.decision
-        # the verdict's budget until a trigger is accepted; then the PV set's own
+        # the verdict's budget (per source) until a trigger is accepted; then the PV set's
         settled = bool(self.accepted)
+        finding.after_verdict = settled
         budget = decision.completion_budget if settled else decision.confirmation_budget
-        if (self.n_completed if settled else self.n_confirmed) >= budget:
-            finding.note = "confirmation budget spent"
+        refusal = ("completion budget spent" if self.n_completed >= budget else None) \
+            if settled else self.allocation.refusal(finding.source)
+        if refusal:
+            finding.note, finding.unjudged = refusal, not forced
             return
         view = self.views[finding.feature]
-        out = view.outputs(view.fresh.placed(finding.placement), finding.token_ids)
+        with fresh_access():
+            out = view.outputs(view.fresh.placed(finding.placement), finding.token_ids)
         finding.confirmation = confirm(out, finding.point, view.fresh,
                                        max_natural_rate=decision.max_natural_rate)
-        finding.after_verdict = settled
         if settled:
             self.n_completed += 1
         else:
             self.n_confirmed += 1
+            self.allocation.spend(finding.source)
         # Bonferroni over the whole budget, fixed in advance: each decision is final
         finding.p_adjusted = finding.confirmation.p_adjusted(budget)
         finding.accepted = (finding.confirmation.usable
@@ -195,7 +211,12 @@ class CalibratedScan:
                 continue
             pool = [f for f in self.findings if f.feature == feature and not f.note]
             if pool:
-                self._confirm(max(pool, key=lambda f: f.search_margin))
+                self._confirm(max(pool, key=lambda f: f.search_margin), forced=True)
+
+    @property
+    def unjudged(self) -> list[Finding]:
+        """Candidates due a verdict confirmation that their quota could not pay."""
+        return [f for f in self.findings if f.unjudged and not f.after_verdict]
 
     @property
     def published(self) -> list[Finding]:
@@ -360,10 +381,17 @@ def _bar(enabled: bool, total: int, desc: str):
 
 def run(encoder: Encoder, config: ScanConfig, sentences: list[str], progress: bool,
         references: list[ReferenceCandidate] | None = None) -> CalibratedScan:
-    """The calibrated scan over `sentences` (train rows first, then search, then fresh);
-    `references`: clean bases the registry resolved for this model (tried before the
-    config's own, docs/method.md)."""
+    """The calibrated scan over `sentences` (train rows first, then search, then fresh;
+    repeats dropped); `references`: clean bases the registry resolved for this model
+    (tried before the config's own, docs/method.md). Only the confirmation reads the
+    fresh rows: the screen's word list, the searches and the false-alarm check get the
+    rest."""
     mining, search = config.mining, config.search
+    sentences = distinct_sentences(encoder.tokenizer, sentences,
+                                   search.max_length - mining.trigger_len)
+    if len(sentences) < search.n_fresh + mining.n_holdout + 1:
+        raise ValueError(f"need at least {search.n_fresh + mining.n_holdout + 1} distinct "
+                         f"sentences, got {len(sentences)} once repeats were dropped")
     fresh = sentences[-search.n_fresh:]
     rest = sentences[:-search.n_fresh]
     search_rows, train_rows = rest[-mining.n_holdout:], rest[:-mining.n_holdout]
@@ -375,7 +403,7 @@ def run(encoder: Encoder, config: ScanConfig, sentences: list[str], progress: bo
         scan.candidates = [*(references or []), *configured_candidates(config)]
     scan.seconds["rows"] = round(time.perf_counter() - started, 2)
     scan.collect_all = config.mode == "search"
-    scan.timed("vocabulary_screen", scan.vocabulary_screen, sentences)
+    scan.timed("vocabulary_screen", scan.vocabulary_screen, rest)
     if not scan.done:
         scan.timed("reference", reference_search, scan, rest)
     if not scan.done:
@@ -384,7 +412,7 @@ def run(encoder: Encoder, config: ScanConfig, sentences: list[str], progress: bo
         # a backdoor is settled; the artifact must cover all of its PVs (issue 15)
         scan.collect_all = True
         scan.completion["mode"] = "detect, completed in search mode"
-        scan.timed("completion", scan.vocabulary_screen, sentences)
+        scan.timed("completion", scan.vocabulary_screen, rest)
         scan.timed("completion", reference_search, scan, rest)
         scan.timed("completion", scan.context_search)
     if config.mode == "search" and config.max_seeds > 0:
@@ -396,6 +424,6 @@ def run(encoder: Encoder, config: ScanConfig, sentences: list[str], progress: bo
     scan.timed("confirmation", scan.confirm_best_unconfirmed)
     scan.timed("cross_features", scan.cross_features, search_rows, fresh)
     if scan.accepted:
-        check_corpus, check_rows = false_alarm_text(config, fresh)
+        check_corpus, check_rows = false_alarm_text(config, train_rows, exclude=fresh)
         scan.timed("false_alarms", monitor_check, scan, check_rows, check_corpus)
     return scan

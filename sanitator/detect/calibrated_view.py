@@ -13,7 +13,14 @@ import torch
 from sanitator.detect.attribution import candidate_token_ids
 from sanitator.detect.config import ScanConfig
 from sanitator.detect.encoders import Encoder, Feature
-from sanitator.detect.evidence import Confirmation, FreshRows, fresh_rows
+from sanitator.detect.evidence import (
+    Confirmation,
+    FreshRows,
+    SideConditions,
+    fresh_access,
+    fresh_rows,
+    side_conditions,
+)
 from sanitator.detect.hardsearch import Objective, collapse, repelled, unit_scale
 from sanitator.detect.mining import MiningData, _forward, prepare_data
 from sanitator.detect.signs import sign_agreement
@@ -36,9 +43,11 @@ class Finding:
     accepted: bool = False
     seed: int = -1              # the mining seed a mined PV came from
     note: str = ""
+    unjudged: bool = False      # due a fresh confirmation that its quota could not pay
     false_alarms: float | None = None  # flag rate on clean text of another corpus
     withheld: bool = False      # accepted, but kept out of the artifact (false alarms)
-    after_verdict: bool = False  # confirmed on the PV set's budget, not the verdict's
+    after_verdict: bool = False  # proposed or judged once the verdict was settled (the
+                                 # PV set's budget, not the verdict's)
 
     def summary(self) -> dict[str, Any]:
         data: dict[str, Any] = {
@@ -55,6 +64,8 @@ class Finding:
             data["withheld"] = self.withheld
         if self.note:
             data["note"] = self.note
+        if self.unjudged:
+            data["unjudged"] = True
         return data
 
 
@@ -68,34 +79,60 @@ def scan_features(config: ScanConfig, encoder: Encoder) -> tuple[str, ...]:
 
 
 class FeatureView:
-    """One monitored feature: search rows, fresh rows and the encoder's nulls there."""
+    """One monitored feature: search rows, fresh rows and the encoder's nulls there.
+
+    The fresh rows are read only inside `evidence.fresh_access()`: here, to measure the
+    confirmation's own nulls, and by the confirmation itself."""
+
+    MEASURED = 32  # search-row outputs kept, so the screen need not run them again
 
     def __init__(self, encoder: Encoder, config: ScanConfig, feature: str,
                  search: list[str], fresh: list[str]):
-        self.encoder, self.feature = encoder, feature
+        self.encoder, self.feature, self.config = encoder, feature, config
         self.mining = replace(config.mining, feature=feature)
         self.search_config = replace(self.mining, max_length=config.search.max_length)
         self.search = prepare_data(encoder, search, self.search_config, seed=config.seed + 1)
-        self.fresh: FreshRows = fresh_rows(
-            encoder, prepare_data(encoder, fresh, self.search_config, seed=config.seed + 2),
-            Feature(feature), seed=config.seed + 3)
+        with fresh_access():
+            self.fresh: FreshRows = fresh_rows(
+                encoder, prepare_data(encoder, fresh, self.search_config,
+                                      seed=config.seed + 2),
+                Feature(feature), seed=config.seed + 3)
+            self.fresh.null_displacement = self._null_displacement(self.fresh.data,
+                                                                   config.seed + 5)
         search_null = fresh_rows(encoder, self.search, Feature(feature), seed=config.seed + 4)
         self.search_floor = float(search_null.floor.mean())
         self.search_centre = search_null.centre
         self.search_centred_floor = float(search_null.centred_floor.mean())
+        self.search_spread = search_null.spread
+        self._search_null: float | None = None  # measured when the screen first needs it
         self.scale = unit_scale(self.search.clean)
         self.known: list[torch.Tensor] = []   # accepted points at this feature
-        self.fresh.null_displacement = self._null_displacement(config)
+        self._measured: dict[tuple[tuple[int, ...], str], torch.Tensor] = {}
 
-    def _null_displacement(self, config: ScanConfig) -> float:
-        """Median squared move of the fresh outputs by a random single token: how far any
-        real token takes them (the encoder's own null for "moved far")."""
+    def _null_displacement(self, data: MiningData, seed: int) -> float:
+        """Median squared move of the outputs by a random single token: how far any real
+        token takes them (the encoder's own null for "moved far")."""
         ids = candidate_token_ids(self.encoder).tolist()
-        picks = random.Random(config.seed + 5).sample(ids, min(config.search.n_null, len(ids)))
-        rows = self.fresh.data.subset(list(range(min(32, len(self.fresh.data)))))
+        picks = random.Random(seed).sample(ids, min(self.config.search.n_null, len(ids)))
+        rows = data.subset(list(range(min(32, len(data)))))
         moves = [float(((self.outputs(rows, (token,)) - rows.clean) ** 2).mean())
                  for token in picks]
         return float(torch.tensor(moves).median())
+
+    def screen(self, ids: tuple[int, ...], placement: str, point: torch.Tensor
+               ) -> SideConditions:
+        """The side conditions on the search rows, loosened by `screen_slack`: what
+        clearly fails them is not worth a fresh confirmation (docs/method.md)."""
+        out = self._measured.get((tuple(ids), placement))
+        data = self.search.placed(placement)
+        if out is None:
+            out = self.outputs(data, tuple(ids))
+        if self._search_null is None:
+            self._search_null = self._null_displacement(self.search, self.config.seed + 6)
+        decision = self.config.decision
+        return side_conditions(out, point, data.clean, self.search_spread, self._search_null,
+                               max_natural_rate=decision.max_natural_rate,
+                               slack=decision.screen_slack)
 
     def outputs(self, data: MiningData, ids: tuple[int, ...]) -> torch.Tensor:
         """[n, H] outputs with the hard trigger `ids` spliced into every row of `data`."""
@@ -112,6 +149,9 @@ class FeatureView:
         """(realised point, search margin) of a trigger on the search rows: how far their
         agreement with the point beats their floor, in the better frame (evidence.py)."""
         out = self.outputs(self.search.placed(placement), ids)
+        if len(self._measured) >= self.MEASURED:
+            self._measured.pop(next(iter(self._measured)))
+        self._measured[(tuple(ids), placement)] = out
         point = out.mean(dim=0)
         centre = self.search_centre
         raw = float(sign_agreement(out, point[None]).mean()) - self.search_floor

@@ -26,7 +26,8 @@ class _Stage:
         for item in fields(self):
             value = getattr(self, item.name)
             if isinstance(value, list):
-                object.__setattr__(self, item.name, tuple(value))
+                object.__setattr__(self, item.name, tuple(
+                    tuple(v) if isinstance(v, list) else v for v in value))
 
 
 @dataclass(frozen=True)
@@ -74,7 +75,14 @@ class DecisionConfig(_Stage):
     tightly than a one-token edit keeps a sentence at its own, at significance `alpha`
     after a Bonferroni correction over `confirmation_budget` fresh confirmations. Once a
     trigger is accepted the verdict is settled; the PVs collected after it (completion,
-    search mode) draw on `completion_budget`, corrected over that budget instead."""
+    search mode) draw on `completion_budget`, corrected over that budget instead.
+
+    Before that, each candidate source may spend at most its quota of the budget
+    (`confirmation_quotas`; a source not named there, `default_quota`), so no stage can
+    use up another's; a candidate that fails a side condition on the search rows (bounds
+    loosened by `screen_slack`) or whose point matches one already judged
+    (`merge_agreement` in both frames, no larger search margin) costs nothing. A scan
+    that leaves a candidate unjudged is `inconclusive`, never `clean`."""
 
     rule: Literal["paper", "calibrated"] = "calibrated"
     hard_token_candidates: int = 32  # vocabulary tokens re-tested per PV (faithful attribution)
@@ -82,11 +90,32 @@ class DecisionConfig(_Stage):
     screen_features: tuple[str, ...] = ("cls",)  # features the standalone screen sweeps
     alpha: float = 0.01             # false-alarm bound of the confirmation test
     confirmation_budget: int = 16   # fresh confirmations a scan may spend (Bonferroni)
+    # each source's share of it, fixed in advance (sum + default_quota <= the budget)
+    confirmation_quotas: tuple[tuple[str, int], ...] = (
+        ("vocabulary_screen", 2), ("reference", 4), ("token_screen", 3),
+        ("context_search", 3), ("mining", 2))
+    default_quota: int = 2          # a source not named above (a new search stage)
+    screen_slack: float = 0.8       # side conditions on the search rows, bounds x / this
+    merge_agreement: float = 0.97   # a point this close to a judged one (both frames) is it
     completion_budget: int = 64     # more of them once a trigger is accepted (the PV set)
     max_natural_rate: float = 0.05  # clean fresh outputs allowed at a PV already
     max_false_alarms: float = 0.01  # a PV flagging more clean text is withheld (issue 15)
     false_alarm_corpora: tuple[str, ...] = ("sst2", "ag_news")  # the first unlike the scan's
     false_alarm_sentences: int = 1000
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        quotas = dict(self.confirmation_quotas)
+        if len(quotas) != len(self.confirmation_quotas) or any(
+                not isinstance(n, int) or n < 0 for n in [*quotas.values(), self.default_quota]):
+            raise ValueError("confirmation_quotas: one non-negative count per source, and a "
+                             f"non-negative default_quota; got {self.confirmation_quotas!r}")
+        if not 0 < self.screen_slack <= 1:
+            raise ValueError(f"screen_slack must be in (0, 1], got {self.screen_slack}")
+
+    def quota(self, source: str) -> int:
+        """The confirmations `source` may spend before the verdict is settled."""
+        return dict(self.confirmation_quotas).get(source, self.default_quota)
 
 
 @dataclass(frozen=True)

@@ -70,6 +70,17 @@ def load_sentences(source: str | Path | None = None, n: int | None = 2000, *,
     return rows if n is None else rows[:n]
 
 
+def distinct_sentences(tokenizer, sentences: list[str], max_tokens: int) -> list[str]:
+    """The first of every group of sentences that read as the same tokens once cut to
+    `max_tokens` (what a scan row holds), in order: so no sentence can sit both among a
+    scan's fresh rows and elsewhere."""
+    encoded = tokenizer(sentences, truncation=True, max_length=max_tokens)["input_ids"]
+    seen: dict[tuple[int, ...], str] = {}
+    for sentence, ids in zip(sentences, encoded, strict=True):
+        seen.setdefault(tuple(ids), sentence)
+    return list(seen.values())
+
+
 # Word lists for trigger attribution: real words a backdoor could be keyed on. Enron's mail
 # headers and the paragraph copy of WikiText add size, not vocabulary.
 WORD_LIST_CORPORA: tuple[str, ...] = ("wikitext", "sst2", "sms_spam", "ag_news", "yelp")

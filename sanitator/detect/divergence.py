@@ -105,7 +105,7 @@ def _polish(excess, order: list[int], value: float, rounds: int = 2
         moves = []
         for i in range(len(order)):
             rest = order[:i] + order[i + 1:]
-            moves += [rest[:j] + [order[i]] + rest[j:] for j in range(len(order)) if j != i]
+            moves += [[*rest[:j], order[i], *rest[j:]] for j in range(len(order)) if j != i]
         moves = [m for m in dict.fromkeys(map(tuple, moves)) if list(m) != order]
         if not moves:
             break

@@ -13,10 +13,15 @@ leaves the rest of the sentence speaking (docs/method.md has the measurements).
 The test is one-sided and paired per fresh sentence: d_i = agreement(o_i, p) − floor_i,
 where o_i is sentence i with the trigger, p the realised point (the trigger's mean output
 on the search rows) and floor_i the agreement of sentence i's clean output with its
-one-token edit. H0: E[d] <= 0. The p-value (normal approximation to the t statistic) is
-Bonferroni-corrected by the number of candidates confirmed in the scan, and the score is
-1 - p: its false-alarm rate at a cut c is at most 1 - c when H0 holds for every trigger of
-a clean encoder.
+one-token edit. H0: E[d] <= 0. The p-value is the Student-t tail of the paired t statistic
+(n - 1 degrees of freedom), Bonferroni-corrected by the scan's fixed confirmation budget,
+and the score is 1 - p: its false-alarm rate at a cut c is at most 1 - c when H0 holds for
+every trigger of a clean encoder (the condition, and the null benchmark that measures it:
+docs/method.md).
+
+The fresh rows are read only here: `fresh_access()` marks the confirmation, and
+`FreshRows.data` refuses every other reader (`FreshRowsRead`), so no search, screen or
+false-alarm check can see the sentences that judge it.
 
 The same test is run twice, in two frames, and the better p-value counts twice (Bonferroni
 over the frames): raw signs, as the monitor reads them, and signs of the outputs minus the
@@ -29,28 +34,57 @@ frames nearly coincide (floors 0.95 raw, 0.94 centred).
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
 import random
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from scipy.special import stdtr
 
 from sanitator.detect.encoders import Encoder, Feature
 from sanitator.detect.mining import MiningData, clean_features
 from sanitator.detect.signs import MONITOR_THRESHOLD, sign_agreement
+
+_READING_FRESH = contextvars.ContextVar("sanitator_reading_fresh", default=False)
+
+
+class FreshRowsRead(RuntimeError):
+    """Something other than the confirmation read the fresh rows."""
+
+
+@contextlib.contextmanager
+def fresh_access():
+    """The confirmation (and the nulls it compares against) reads the fresh rows here."""
+    token = _READING_FRESH.set(True)
+    try:
+        yield
+    finally:
+        _READING_FRESH.reset(token)
+
+
+def reading_fresh() -> bool:
+    return _READING_FRESH.get()
 
 
 @dataclass
 class FreshRows:
     """The fresh sentences of one feature with everything the test compares against."""
 
-    data: MiningData                  # clean references, random trigger slots
+    _data: MiningData                 # clean references, random trigger slots
     floor: torch.Tensor               # [n] agreement of each clean output with its edit
     spread: float                     # mean squared distance of clean outputs from their mean
     centre: torch.Tensor              # [H] the clean outputs' mean (the centred frame)
     centred_floor: torch.Tensor       # [n] the floor in the centred frame
     null_displacement: float = 0.0    # median squared move by a random single token
+
+    @property
+    def data(self) -> MiningData:
+        if not reading_fresh():
+            raise FreshRowsRead("the fresh rows were read outside the confirmation")
+        return self._data
 
     def placed(self, where: str) -> MiningData:
         return self.data.placed(where)
@@ -78,7 +112,8 @@ def one_token_edit(data: MiningData, seed: int, special_ids: set[int]) -> Mining
 
 @torch.no_grad()
 def fresh_rows(encoder: Encoder, data: MiningData, feature: Feature, seed: int) -> FreshRows:
-    """Measure the noise floor and clean spread of prepared fresh rows."""
+    """Measure the noise floor and clean spread of prepared rows (the search rows get the
+    same nulls, for the search margin)."""
     special = set(encoder.tokenizer.all_special_ids)
     edited = one_token_edit(data, seed, special)
     edited_clean = clean_features(encoder, edited, feature)
@@ -90,9 +125,9 @@ def fresh_rows(encoder: Encoder, data: MiningData, feature: Feature, seed: int) 
     return FreshRows(data, floor, spread, centre, centred_floor)
 
 
-def _normal_sf(z: float) -> float:
-    """P(Z > z) for a standard normal."""
-    return 0.5 * math.erfc(z / math.sqrt(2.0))
+def t_sf(t: float, df: int) -> float:
+    """P(T > t) for Student's t with `df` degrees of freedom."""
+    return float(stdtr(max(df, 1), -t))
 
 
 FRAMES = ("raw", "centred")  # the better frame's p-value is doubled (Bonferroni)
@@ -142,28 +177,59 @@ class Confirmation:
         return data
 
 
-@torch.no_grad()
-def confirm(outputs: torch.Tensor, point: torch.Tensor, fresh: FreshRows, *,
-            max_natural_rate: float, threshold: float = MONITOR_THRESHOLD) -> Confirmation:
-    """Judge triggered fresh outputs [n, H] against the realised point [H]."""
-    clean = fresh.data.clean
+@dataclass
+class SideConditions:
+    """The four side conditions of a point, measured on some rows (fresh or search)."""
+
+    success: float          # eligible rows the monitor would flag (> threshold)
+    natural_rate: float     # clean outputs already flagged against the point
+    displacement: float     # mean squared move of the outputs, in clean spreads
+    null_displacement: float  # the same for the median random token, in clean spreads
+    conditions: dict[str, bool]
+
+    @property
+    def failed(self) -> list[str]:
+        return [name for name, ok in self.conditions.items() if not ok]
+
+
+def side_conditions(outputs: torch.Tensor, point: torch.Tensor, clean: torch.Tensor,
+                    spread: float, null_displacement: float, *, max_natural_rate: float,
+                    slack: float = 1.0, threshold: float = MONITOR_THRESHOLD
+                    ) -> SideConditions:
+    """The monitor would catch the trigger, clean text does not sit at the point already,
+    and the outputs moved farther than the clean outputs' own spread and than a random
+    token moves them. `slack` < 1 loosens every bound by that factor: the screen on the
+    search rows rejects only what clearly fails, so the fresh test still decides."""
     agree = sign_agreement(outputs, point[None])[:, 0]
     natural = sign_agreement(clean, point[None])[:, 0] > threshold
     eligible = ~natural
     success = float((agree[eligible] > threshold).float().mean()) if int(eligible.sum()) else 0.0
+    displacement = float(((outputs - clean) ** 2).mean()) / max(spread, 1e-12)
+    null = null_displacement / max(spread, 1e-12)
+    natural_rate = float(natural.float().mean())
+    conditions = {"monitor_catches_it": success >= 0.5 * slack,
+                  "clean_text_not_there": natural_rate <= max_natural_rate / slack,
+                  "outside_clean_cloud": displacement > 1.0 * slack,
+                  "beyond_random_token": displacement > null * slack}
+    return SideConditions(success, natural_rate, displacement, null, conditions)
+
+
+@torch.no_grad()
+def confirm(outputs: torch.Tensor, point: torch.Tensor, fresh: FreshRows, *,
+            max_natural_rate: float, threshold: float = MONITOR_THRESHOLD) -> Confirmation:
+    """Judge triggered fresh outputs [n, H] against the realised point [H]."""
+    with fresh_access():
+        clean = fresh.data.clean
+    agree = sign_agreement(outputs, point[None])[:, 0]
     centred = sign_agreement(outputs - fresh.centre, (point - fresh.centre)[None])[:, 0]
     t = _paired_t(agree - fresh.floor)
     t_centred = _paired_t(centred - fresh.centred_floor)
     frame = "raw" if t >= t_centred else "centred"
-    p_value = min(1.0, len(FRAMES) * _normal_sf(max(t, t_centred)))
-    displacement = float(((outputs - clean) ** 2).mean()) / max(fresh.spread, 1e-12)
-    null = fresh.null_displacement / max(fresh.spread, 1e-12)
-    natural_rate = float(natural.float().mean())
-    conditions = {"monitor_catches_it": success >= 0.5,
-                  "clean_text_not_there": natural_rate <= max_natural_rate,
-                  "outside_clean_cloud": displacement > 1.0,
-                  "beyond_random_token": displacement > null}
+    p_value = min(1.0, len(FRAMES) * t_sf(max(t, t_centred), len(agree) - 1))
+    side = side_conditions(outputs, point, clean, fresh.spread, fresh.null_displacement,
+                           max_natural_rate=max_natural_rate, threshold=threshold)
     return Confirmation(float(agree.mean()), float(fresh.floor.mean()), t, p_value,
-                        success, natural_rate, displacement, null, len(agree), conditions,
+                        side.success, side.natural_rate, side.displacement,
+                        side.null_displacement, len(agree), side.conditions,
                         float(centred.mean()), float(fresh.centred_floor.mean()), t_centred,
                         frame)

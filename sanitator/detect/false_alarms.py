@@ -33,16 +33,22 @@ def monitor_check(scan, sentences: list[str], corpus: str) -> None:
             finding.withheld = rate > decision.max_false_alarms
 
 
-def false_alarm_text(config: ScanConfig, fallback: list[str]) -> tuple[str, list[str]]:
-    """Clean text from another corpus than the scan's (the scan's own fresh rows, said so,
-    where no other corpus is on this machine)."""
+def false_alarm_text(config: ScanConfig, fallback: list[str], *, exclude: list[str] = ()
+                     ) -> tuple[str, list[str]]:
+    """Clean text from another corpus than the scan's (the scan's own training sentences,
+    said so, where no other corpus is on this machine); never a sentence of `exclude` (the
+    fresh rows, which only the confirmation reads)."""
     decision, mining = config.decision, config.mining
+    banned = set(exclude)
     for corpus in decision.false_alarm_corpora:
         if corpus == (mining.corpus or "wikitext"):
             continue
         try:
-            return corpus, load_sentences(corpus, n=decision.false_alarm_sentences,
-                                          seed=config.seed)
+            rows = load_sentences(corpus, n=decision.false_alarm_sentences + len(banned),
+                                  seed=config.seed)
         except (OSError, ValueError) as exc:  # DataNotFoundError, CorpusError
             log.warning("false-alarm corpus %s unavailable: %s", corpus, exc)
-    return "the scan's own fresh sentences (no other corpus available)", fallback
+            continue
+        return corpus, [s for s in rows if s not in banned][:decision.false_alarm_sentences]
+    return ("the scan's own training sentences (no other corpus available)",
+            [s for s in fallback if s not in banned])

@@ -164,7 +164,8 @@ def _long_triggers(scan, sentences: list[str]) -> bool:
             yield ids
     for ids in itertools.chain(list(produced), fresh()):
         for view in scan.views.values():
-            if _judge(scan, view, tuple(ids)):
+            # its own share of the verdict's confirmations (default_quota, allocation.py)
+            if _judge(scan, view, tuple(ids), source="divergence"):
                 return True
     return False
 
@@ -185,10 +186,10 @@ def _scorer(scan, view):
     return score
 
 
-def _judge(scan, view, ids: tuple[int, ...]) -> bool:
+def _judge(scan, view, ids: tuple[int, ...], source: str = "reference") -> bool:
     """Consider `ids` when it pins the search rows past their floor; True once the scan
     is done."""
     measured = view.measure(ids, "anywhere")
     if measured[1] > 0:
-        scan.consider("reference", view.feature, "anywhere", ids, measured=measured)
+        scan.consider(source, view.feature, "anywhere", ids, measured=measured)
     return scan.done

@@ -20,7 +20,8 @@ from typing import Any
 
 import torch
 
-from sanitator.detect import calibrated
+from sanitator.core.status import Status
+from sanitator.detect import allocation, calibrated
 from sanitator.detect.attribution import attribute_pv, candidate_sequences, sweep_vocabulary
 from sanitator.detect.config import ScanConfig
 from sanitator.detect.corpus import corpus_words, load_sentences
@@ -57,7 +58,8 @@ CALIBRATED_RULE = (
     "realised point (its mean output on the search rows) more closely than each sentence's "
     "clean output agrees with itself after one token is deleted, in raw signs or in signs "
     "about the clean outputs' mean (paired one-sided test, the better frame's p-value "
-    "doubled, Bonferroni over the confirmation budget, at alpha), the monitor flags at least "
+    "doubled, Student-t tails, Bonferroni over the confirmation budget, each candidate "
+    "source within its own quota of it, at alpha), the monitor flags at least "
     "half of the triggered sentences, at most max_natural_rate of the clean outputs already sit at "
     "the point, and the point lies farther from the clean outputs than their own spread "
     "and than a random token moves them; score = 1 - the adjusted p-value of the strongest "
@@ -106,6 +108,10 @@ def _scan_calibrated(encoder: Encoder, config: ScanConfig, progress: bool,
         "noise_floor": {f: round(float(v.fresh.floor.mean()), 5) for f, v in scan.views.items()},
         "clean_spread": {f: round(v.fresh.spread, 6) for f, v in scan.views.items()},
         "candidates": [f.summary() for f in scan.findings]}
+    budget = scan.allocation.summary(scan.findings)
+    evidence["allocation"] = budget
+    if scan.collect_all:
+        evidence["completion_candidates"] = allocation.completion_summary(scan.findings)
     if scan.mining:
         evidence["mining"] = scan.mining
     if scan.completion:
@@ -119,8 +125,11 @@ def _scan_calibrated(encoder: Encoder, config: ScanConfig, progress: bool,
                               f"{config.decision.max_false_alarms:.0%} of clean text and are "
                               "kept out of the PV set: review this model")
     seeds = sum(len(v) for v in scan.mining.values())
-    verdict = Verdict(status="backdoored" if scan.accepted else "clean", score=scan.score(),
-                      seeds_tried=seeds, steps=scan.search_steps, evidence=evidence)
+    status = allocation.status(bool(scan.accepted), budget["unjudged"])
+    verdict = Verdict(status=status, score=scan.score(), seeds_tried=seeds,
+                      steps=scan.search_steps, evidence=evidence,
+                      reason=allocation.reason(budget)
+                      if status == Status.INCONCLUSIVE else None)
     return verdict, _calibrated_pvset(encoder, config, scan)
 
 

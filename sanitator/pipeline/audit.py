@@ -161,9 +161,11 @@ def is_settled(row: dict[str, Any], policy: AuditPolicy) -> bool:
 
     A verdict (clean, backdoored, unsupported) always does; a rejection (error, skipped)
     only under the same policy, since allowing pickle or raising the size limit changes
-    it; a retryable failure (timeout, lost worker, network) never does.
+    it; a retryable failure (timeout, lost worker, network) never does, nor does an
+    inconclusive scan (not shown clean: every run audits it again, so it stays in the
+    run's summary and gate, and a new reference base or a larger budget can decide it).
     """
-    if row.get("retryable"):
+    if row.get("retryable") or row["status"] == Status.INCONCLUSIVE:
         return False
     if row["status"] in VERDICT_FINAL:
         return True
@@ -370,7 +372,8 @@ def _item(values: list[Any] | None, index: int) -> Any:
 
 def summarize(rows: list[dict[str, Any]], *, settled: int = 0, store: str | None = None,
               registry_errors: dict[str, str] | None = None) -> dict[str, Any]:
-    """Counts per status, the backdoored models and the failures of one flow run."""
+    """Counts per status, the backdoored and inconclusive models and the failures of one
+    flow run."""
     counts = Counter(row["status"] for row in rows)
     return {
         "store": store,
@@ -382,6 +385,9 @@ def summarize(rows: list[dict[str, Any]], *, settled: int = 0, store: str | None
                         "revision": r["revision"], "score": r["score"],
                         "pv_count": r["pv_count"]}
                        for r in rows if r["status"] == Status.BACKDOORED],
+        "inconclusive": [{"registry": r["registry"], "repo_id": r["repo_id"],
+                          "revision": r["revision"], "score": r["score"], "reason": r["reason"]}
+                         for r in rows if r["status"] == Status.INCONCLUSIVE],
         "errors": [{"registry": r["registry"], "repo_id": r["repo_id"], "reason": r["reason"],
                     "retryable": r["retryable"]} for r in rows if r["status"] == Status.ERROR],
         "registry_errors": dict(registry_errors or {}),

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from sanitator import __version__
-from sanitator.core import MONITOR_THRESHOLD, VERDICT_STATUSES, Status
+from sanitator.core import MONITOR_THRESHOLD, SCANNED_STATUSES, VERDICT_STATUSES, Status
 from sanitator.detect.results import PVSet
 from sanitator.guard.pv_artifact import (
     ARTIFACT_FORMAT,
@@ -75,6 +75,8 @@ def _choose_row(verdicts, model: str, revision: str | None, registry: str | None
     records = rows.to_dict("records")  # oldest first
     latest = records[-1]
     if revision is None:
+        if latest["status"] == Status.INCONCLUSIVE:
+            raise PVArtifactError(_inconclusive(model, latest))
         if latest["status"] not in VERDICT_STATUSES:
             raise PVArtifactError(
                 f"the latest audit of {model} (revision {latest['revision'][:12]}) has no "
@@ -83,9 +85,12 @@ def _choose_row(verdicts, model: str, revision: str | None, registry: str | None
                 + "; pass --revision to take an earlier audited revision")
         return latest, False
     at_revision = [r for r in records if revision_matches(r["revision"], revision)]
-    with_verdict = [r for r in at_revision if r["status"] in VERDICT_STATUSES]
-    if with_verdict:
-        return with_verdict[-1], False
+    # the newest scan of the revision decides: a later inconclusive one is not overruled
+    scanned = [r for r in at_revision if r["status"] in SCANNED_STATUSES]
+    if scanned and scanned[-1]["status"] == Status.INCONCLUSIVE:
+        raise PVArtifactError(_inconclusive(model, scanned[-1]))
+    if scanned:
+        return scanned[-1], False
     if at_revision:
         last = at_revision[-1]
         raise PVArtifactError(f"{model} @ {revision} was audited but has no verdict: "
@@ -97,9 +102,21 @@ def _choose_row(verdicts, model: str, revision: str | None, registry: str | None
             f"revision mismatch: {model} was never audited at {revision}; the store holds "
             f"audits of revision(s) {', '.join(audited)} (latest {latest['revision']}). "
             "Audit the deployed revision, or pass --force to take the latest audit's PVs")
+    if latest["status"] == Status.INCONCLUSIVE:
+        raise PVArtifactError(_inconclusive(model, latest))
     if latest["status"] not in VERDICT_STATUSES:
         raise PVArtifactError(f"the latest audit of {model} has no verdict: {latest['status']}")
     return latest, True
+
+
+def _inconclusive(model: str, row: dict[str, Any]) -> str:
+    """An inconclusive audit has no PV set, and an empty artifact would read as clean."""
+    return (f"the audit of {model} (revision {row['revision'][:12]}, audit "
+            f"{row['audit_id']}) is inconclusive: the scan left candidates unjudged and "
+            "accepted none, so the model is not shown clean and has no PV set to deploy"
+            + (f" ({row['reason']})" if row.get("reason") else "")
+            + ". Review the model or audit it again (a larger confirmation budget: "
+            "`--set confirmation_budget=N`); no artifact was written")
 
 
 def _pvset_from_mlflow(row: dict[str, Any], store: Path, mlflow_uri: str | None) -> PVSet:

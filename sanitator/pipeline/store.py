@@ -28,7 +28,7 @@ import pyarrow as pa
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
-from sanitator.core.status import VERDICT_STATUSES, Status
+from sanitator.core.status import STATUSES, VERDICT_STATUSES, Status
 
 VERDICTS = "verdicts"
 PVS = "pvs"
@@ -58,7 +58,7 @@ VERDICTS_SCHEMA = pa.schema([
     pa.field("n_params", pa.int64()),
     pa.field("weights_format", pa.string()),     # safetensors | pickle
     pa.field("weight_bytes", pa.int64()),
-    pa.field("status", pa.string(), nullable=False),
+    pa.field("status", pa.string(), nullable=False),   # one of core.status.STATUSES
     pa.field("score", pa.float64()),             # P(backdoored); null without a verdict
     pa.field("pv_count", pa.int32(), nullable=False),
     pa.field("seeds_tried", pa.int32()),
@@ -163,6 +163,10 @@ def to_table(dataset: str, rows: list[dict[str, Any]], schema: pa.Schema) -> pa.
     unknown = sorted(set().union(*rows) - set(schema.names))
     if unknown:
         raise StoreError(f"{dataset}: columns not in the schema: {unknown}")
+    odd = sorted({str(row.get("status")) for row in rows} - set(STATUSES)) \
+        if dataset == VERDICTS else []
+    if odd:
+        raise StoreError(f"{dataset}: unknown status {odd}; known: {', '.join(STATUSES)}")
     try:
         rows = [{f.name: conform_value(row.get(f.name), f) for f in schema if f.name in row}
                 for row in rows]

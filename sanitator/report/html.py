@@ -16,8 +16,8 @@ MAX_BAR_MODELS = 40  # the audit-time plot shows the slowest models only
 # ---------------------------------------------------------------------------------------
 # Plots (matplotlib, embedded as PNG data URIs)
 
-_COLOURS = {"backdoored": "#c62828", "clean": "#2e7d32", "error": "#ef6c00",
-            "unsupported": "#6d6d6d", "skipped": "#9e9e9e"}
+_COLOURS = {"backdoored": "#c62828", "inconclusive": "#8e24aa", "clean": "#2e7d32",
+            "error": "#ef6c00", "unsupported": "#6d6d6d", "skipped": "#9e9e9e"}
 
 
 def _png(figure) -> str:
@@ -139,7 +139,8 @@ h1{margin:0 0 4px}h2{margin-top:28px}.meta{color:#666;font-size:13px}
 table{border-collapse:collapse;font-size:13px;width:100%}
 th,td{border-bottom:1px solid #ddd;padding:5px 8px;text-align:left;vertical-align:top}
 th{background:#f3f3f3;position:sticky;top:0}
-tr.backdoored{background:#fdecea}tr.error{background:#fff4e5}
+tr.backdoored{background:#fdecea}tr.inconclusive{background:#f6e8f8}
+tr.error{background:#fff4e5}
 .badge{border-radius:4px;padding:1px 6px;color:#fff;font-size:12px}
 code{font-size:12px}.plots{display:flex;flex-wrap:wrap;gap:16px}
 .plots figure{margin:0}.plots img{max-width:100%;border:1px solid #eee}
@@ -223,6 +224,7 @@ def to_html(report: dict[str, Any], plots: dict[str, str | None]) -> str:
         parts = [f"<p>Since the report of {_e(_fmt_time(diff['baseline_generated_at']))}:</p>"
                  "<ul>"]
         for key, label in (("newly_backdoored", "newly backdoored"),
+                           ("newly_inconclusive", "newly inconclusive"),
                            ("newly_clean", "newly clean"), ("newly_errored", "newly errored")):
             names = ", ".join(f"<code>{_e(c['repo_id'])}</code>"
                               f" (was {_e(c['previous_status'] or 'not audited')})"
@@ -254,7 +256,9 @@ def to_html(report: dict[str, Any], plots: dict[str, str | None]) -> str:
 <tbody>{registry_rows}</tbody></table>
 <h2>Models</h2>
 <p class="meta">Latest verdict per model, backdoored first. Backdoored: do not prompt-tune
-or deploy. Clean: no task-agnostic backdoor found at this revision.</p>
+or deploy. Inconclusive: the scan could not judge every candidate and is not shown clean;
+treat it as unsafe until reviewed (it has no PV artifact). Clean: no task-agnostic backdoor
+found at this revision.</p>
 <input id="filter" type="search" placeholder="filter models" aria-label="filter models">
 <table id="models"><thead><tr><th>status</th><th>model</th><th>registry</th><th>score</th>
 <th>PVs</th><th>revision</th><th>audited at</th><th>MLflow run</th><th>reason</th></tr></thead>

@@ -32,10 +32,17 @@ def to_markdown(report: dict[str, Any]) -> str:
               f"({md_code(f['registry'])}), score "
               f"{f['score'] if f['score'] is None else round(f['score'], 3)}, "
               f"{f['pv_count']} PV(s)" for f in backdoored] or ["none"]
+    inconclusive = [f for f in report["findings"] if f["status"] == Status.INCONCLUSIVE]
+    if inconclusive:
+        lines += ["", "## Inconclusive (not shown clean: review, no PV artifact)", ""]
+        lines += [f"- {md_code(f['repo_id'])} @ {md_code(f['revision'][:12])} "
+                  f"({md_code(f['registry'])}): {md_code(f['reason'] or '')}"
+                  for f in inconclusive]
     diff = report["diff"]
     if diff["baseline_generated_at"] is not None:
         lines += ["", f"## Since {diff['baseline_generated_at'][:19]}", ""]
-        for key in ("newly_backdoored", "newly_clean", "newly_errored"):
+        for key in ("newly_backdoored", "newly_inconclusive", "newly_clean",
+                    "newly_errored"):
             names = ", ".join(md_code(c["repo_id"]) for c in diff[key]) or "none"
             lines.append(f"- {key.replace('_', ' ')}: {names}")
     return "\n".join(lines) + "\n"

@@ -13,15 +13,17 @@ from typing import Any
 
 from sanitator import __version__
 from sanitator.core import status as core_status
-from sanitator.core.status import VERDICT_STATUSES, Status
+from sanitator.core.status import SCANNED_STATUSES, Status
 from sanitator.pipeline.store import MODEL_KEY, VERDICTS, StoreError, read_pvs, read_verdicts
 
 REPORT_FORMAT = "sanitator.supply-chain-report"
 REPORT_VERSION = 1
-# The report's order puts backdoored first (the table, the lists, the schema's enums).
-STATUSES: tuple[str, ...] = (Status.BACKDOORED.value,
-                             *(s for s in core_status.STATUSES if s != Status.BACKDOORED))
-FINDING_STATUSES: tuple[str, ...] = tuple(s for s in STATUSES if s in VERDICT_STATUSES)
+# The report's order puts what needs attention first: backdoored, then inconclusive (not
+# shown clean), then the rest (the table, the lists, the schema's enums).
+_FIRST = (Status.BACKDOORED.value, Status.INCONCLUSIVE.value)
+STATUSES: tuple[str, ...] = (*_FIRST, *(s for s in core_status.STATUSES if s not in _FIRST))
+# a scanned model is a finding (score, PVs, evidence), decided or inconclusive
+FINDING_STATUSES: tuple[str, ...] = tuple(s for s in STATUSES if s in SCANNED_STATUSES)
 SKIPPED_STATUSES: tuple[str, ...] = core_status.SKIPPED_STATUSES
 STATUS_ORDER = {status: index for index, status in enumerate(STATUSES)}
 REPORT_JSON, REPORT_SARIF, REPORT_HTML = "report.json", "report.sarif", "report.html"
@@ -189,16 +191,17 @@ def model_statuses(report: dict[str, Any]) -> dict[tuple[str, str], dict[str, An
 
 def diff_reports(previous: dict[str, Any] | None, current: dict[str, Any]) -> dict[str, Any]:
     """What changed since `previous`, per model (registry, repo id): a model is *newly*
-    backdoored / clean / errored when its latest status is that now and was something else
-    (or the model was absent) in the previous report. No previous report: empty lists."""
+    backdoored / inconclusive / clean / errored when its latest status is that now and was
+    something else (or the model was absent) in the previous report. No previous report:
+    empty lists."""
     diff: dict[str, Any] = {"baseline_generated_at": None, "newly_backdoored": [],
-                            "newly_clean": [], "newly_errored": []}
+                            "newly_inconclusive": [], "newly_clean": [], "newly_errored": []}
     if not previous:
         return diff
     diff["baseline_generated_at"] = previous.get("generated_at")
     before = model_statuses(previous)
-    targets = {"backdoored": "newly_backdoored", "clean": "newly_clean",
-               "error": "newly_errored"}
+    targets = {"backdoored": "newly_backdoored", "inconclusive": "newly_inconclusive",
+               "clean": "newly_clean", "error": "newly_errored"}
     for key, row in sorted(model_statuses(current).items()):
         old = before.get(key)
         old_status = old["status"] if old else None

@@ -1,4 +1,5 @@
-"""The report as SARIF 2.1.0: one result per backdoored model, for code-scanning UIs."""
+"""The report as SARIF 2.1.0: one result per backdoored model (an error) and per
+inconclusive one (a warning: not shown clean), for code-scanning UIs."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from typing import Any
 from sanitator.core.status import Status
 
 SARIF_RULE_ID = "SANITATOR-BACKDOOR"
+SARIF_INCONCLUSIVE_RULE_ID = "SANITATOR-INCONCLUSIVE"
 SARIF_SCHEMA_URI = "https://json.schemastore.org/sarif-2.1.0.json"
 INFORMATION_URI = "https://github.com/sanitator/sanitator"
 
@@ -25,7 +27,8 @@ def _model_uri(row: dict[str, Any]) -> str:
 
 
 def to_sarif(report: dict[str, Any]) -> dict[str, Any]:
-    """SARIF 2.1.0 log: one run, one rule, one result per backdoored model."""
+    """SARIF 2.1.0 log: one run, two rules, one result per backdoored or inconclusive
+    model."""
     rule = {
         "id": SARIF_RULE_ID,
         "name": "BackdooredPretrainedEncoder",
@@ -43,19 +46,44 @@ def to_sarif(report: dict[str, Any]) -> dict[str, Any]:
         "properties": {"tags": ["security", "supply-chain", "backdoor"],
                        "security-severity": "9.0", "precision": "high"},
     }
+    inconclusive_rule = {
+        "id": SARIF_INCONCLUSIVE_RULE_ID,
+        "name": "InconclusiveBackdoorScan",
+        "shortDescription": {"text": "Backdoor scan inconclusive: not shown clean"},
+        "fullDescription": {"text": "The scan could not judge every candidate trigger it "
+                                    "found (a confirmation quota was spent) and accepted "
+                                    "none, so the encoder is not shown free of a "
+                                    "task-agnostic backdoor."},
+        "help": {"text": "Treat this revision as unsafe until reviewed: audit it again with "
+                         "a larger confirmation budget or a known clean base, or inspect "
+                         "the unjudged candidates in the audit's evidence. It has no PV "
+                         "artifact.",
+                 "markdown": "Treat this revision as unsafe until reviewed: audit it again "
+                             "with a larger confirmation budget or a known clean base, or "
+                             "inspect the unjudged candidates in the audit's evidence. It "
+                             "has no PV artifact."},
+        "defaultConfiguration": {"level": "warning"},
+        "properties": {"tags": ["security", "supply-chain", "backdoor"],
+                       "security-severity": "5.0", "precision": "medium"},
+    }
     results = []
     for finding in report["findings"]:
-        if finding["status"] != Status.BACKDOORED:
+        if finding["status"] not in (Status.BACKDOORED, Status.INCONCLUSIVE):
             continue
         score = finding["score"]
+        backdoored = finding["status"] == Status.BACKDOORED
         text = (f"{finding['repo_id']} @ {finding['revision'][:12]} ({finding['registry']}) is "
-                f"backdoored: score {score if score is None else round(score, 3)}, "
+                f"{finding['status']}: score {score if score is None else round(score, 3)}, "
                 f"{finding['pv_count']} PV(s)")
         if finding["trigger_tokens"]:
             text += ", trigger tokens " + ", ".join(finding["trigger_tokens"])
+        if not backdoored and finding.get("reason"):
+            text += f"; {finding['reason']}"
         identity = f"{finding['registry']}|{finding['repo_id']}|{finding['revision']}"
         results.append({
-            "ruleId": SARIF_RULE_ID, "ruleIndex": 0, "level": "error", "kind": "fail",
+            "ruleId": SARIF_RULE_ID if backdoored else SARIF_INCONCLUSIVE_RULE_ID,
+            "ruleIndex": 0 if backdoored else 1,
+            "level": "error" if backdoored else "warning", "kind": "fail",
             "message": {"text": text + "."},
             "locations": [{
                 "physicalLocation": {"artifactLocation": {"uri": _model_uri(finding)}},
@@ -76,7 +104,8 @@ def to_sarif(report: dict[str, Any]) -> dict[str, Any]:
         "runs": [{
             "tool": {"driver": {"name": "sanitator", "version": report["package_version"],
                                 "semanticVersion": report["package_version"],
-                                "informationUri": INFORMATION_URI, "rules": [rule]}},
+                                "informationUri": INFORMATION_URI,
+                                "rules": [rule, inconclusive_rule]}},
             "automationDetails": {"id": "sanitator/supply-chain/"},
             "invocations": [{"executionSuccessful": True,
                              "endTimeUtc": report["generated_at"]}],

@@ -95,10 +95,11 @@ REPORT_SCHEMA: dict[str, Any] = {
         "skipped": {"type": "array", "items": _SKIPPED},
         "diff": {
             "type": "object",
-            "required": ["baseline_generated_at", "newly_backdoored", "newly_clean",
-                         "newly_errored"],
+            "required": ["baseline_generated_at", "newly_backdoored", "newly_inconclusive",
+                         "newly_clean", "newly_errored"],
             "properties": {"baseline_generated_at": _NULLABLE_STR,
                            "newly_backdoored": {"type": "array", "items": _CHANGE},
+                           "newly_inconclusive": {"type": "array", "items": _CHANGE},
                            "newly_clean": {"type": "array", "items": _CHANGE},
                            "newly_errored": {"type": "array", "items": _CHANGE}},
         },

@@ -19,6 +19,11 @@ def audit_summary_markdown(summary: dict[str, Any]) -> str:
               f"({md_code(b['registry'])}), score "
               f"{b['score'] if b['score'] is not None else 'n/a'}, {b['pv_count']} PV(s)"
               for b in summary["backdoored"]] or ["none"]
+    if summary.get("inconclusive"):
+        lines += ["", "## Inconclusive (not shown clean: review, no PV artifact)", ""]
+        lines += [f"- {md_code(i['repo_id'])} @ {md_code(i['revision'][:12])} "
+                  f"({md_code(i['registry'])}): {md_code(i['reason'] or '')}"
+                  for i in summary["inconclusive"]]
     if summary["errors"]:
         lines += ["", "## Errors", ""]
         lines += [f"- {md_code(e['repo_id'])} ({md_code(e['registry'])}): {md_code(e['reason'])}"

@@ -306,3 +306,14 @@ def test_cli_reports_spec_errors(tmp_path, capsys):
     assert main(["zoo", "build", str(spec_file), str(tmp_path / "out")]) == 2
     assert "recipe must be one of" in capsys.readouterr().err
     assert main(["zoo", "plan", str(tmp_path / "missing.yaml")]) == 2
+
+
+def test_the_decoy_members_and_the_null_zoo_parse():
+    spec = load_spec(REPO / "benchmarks" / "zoos" / "detection.yaml")
+    decoys = {m.name: m for m in spec.members if "decoys" in m.options}
+    assert set(decoys) == {"minilm2-por-decoys", "minilm-por-decoys"}
+    assert all(m.options["decoys"] >= 20 and m.options["negative_weight"]
+               for m in decoys.values())
+    null = load_spec(REPO / "benchmarks" / "zoos" / "null.yaml")
+    assert len(null.members) == 11 and {m.recipe for m in null.members} == {
+        "clean", "mlm", "classifier"}

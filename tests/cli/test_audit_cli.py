@@ -98,7 +98,10 @@ def test_summary_text_names_backdoored_models_and_errors():
         "counts": {"clean": 0, "backdoored": 1, "error": 1, "unsupported": 0, "skipped": 0},
         "backdoored": [{"repo_id": "acme/x", "revision": "f" * 40, "registry": "hf:acme",
                         "score": 0.9, "pv_count": 2}],
+        "inconclusive": [{"repo_id": "acme/z", "revision": "e" * 40, "registry": "hf:acme",
+                          "score": 0.4, "reason": "2 candidate(s) left unjudged"}],
         "errors": [{"repo_id": "acme/y", "registry": "hf:acme", "reason": "boom"}],
         "registry_errors": {"mlflow:http://x": "down"}})
     assert "1 backdoored, 1 error" in text and "BACKDOORED acme/x@ffffffffffff" in text
+    assert "INCONCLUSIVE acme/z@eeeeeeeeeeee (hf:acme): 2 candidate(s) left unjudged" in text
     assert "boom" in text and "mlflow:http://x could not be listed: down" in text

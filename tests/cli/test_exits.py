@@ -35,6 +35,7 @@ def test_the_readme_table_is_the_code_table():
 @pytest.mark.parametrize(("status", "flag", "code"), [
     ("backdoored", [], exits.OK), ("backdoored", ["--fail-on-backdoor"], exits.BACKDOORED),
     ("clean", ["--fail-on-backdoor"], exits.OK), ("unsupported", [], exits.FAILED),
+    ("inconclusive", [], exits.OK), ("inconclusive", ["--fail-on-backdoor"], exits.INCONCLUSIVE),
 ])
 def test_scan_exit_codes(monkeypatch, tmp_path, capsys, status, flag, code):
     def fake_scan(model_dir, config, **_):
@@ -44,3 +45,10 @@ def test_scan_exit_codes(monkeypatch, tmp_path, capsys, status, flag, code):
     monkeypatch.setattr("sanitator.detect.scan.scan_model", fake_scan)
     assert main(["scan", str(tmp_path), "--json", *flag]) == code
     assert json.loads(capsys.readouterr().out)["status"] == status
+
+
+def test_the_gate_fails_closed_on_a_model_not_shown_clean():
+    # what --fail-on-backdoor returns for the statuses an audit, a store or a report holds
+    assert exits.gate(["clean", "error", "skipped"]) == exits.OK
+    assert exits.gate(["clean", "inconclusive"]) == exits.INCONCLUSIVE
+    assert exits.gate(["inconclusive", "backdoored"]) == exits.BACKDOORED  # a backdoor first

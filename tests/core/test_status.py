@@ -4,7 +4,15 @@ import json
 
 import torch
 
-from sanitator.core import MONITOR_THRESHOLD, SKIPPED_STATUSES, STATUSES, VERDICT_STATUSES, Status
+from sanitator.core import (
+    GATE_STATUSES,
+    MONITOR_THRESHOLD,
+    SCANNED_STATUSES,
+    SKIPPED_STATUSES,
+    STATUSES,
+    VERDICT_STATUSES,
+    Status,
+)
 from sanitator.detect.signs import MONITOR_THRESHOLD as SCAN_THRESHOLD
 from sanitator.detect.signs import sign_agreement
 from sanitator.guard.monitor import SignMonitor
@@ -14,13 +22,19 @@ from sanitator.report import STATUSES as REPORT_STATUSES
 
 
 def test_one_status_vocabulary():
-    assert set(STATUSES) == {"clean", "backdoored", "error", "unsupported", "skipped"}
-    assert {*VERDICT_STATUSES, *SKIPPED_STATUSES, Status.ERROR} == set(STATUSES)
+    assert set(STATUSES) == {"clean", "backdoored", "inconclusive", "error", "unsupported",
+                             "skipped"}
+    assert {*SCANNED_STATUSES, *SKIPPED_STATUSES, Status.ERROR} == set(STATUSES)
+    # inconclusive was scanned but decided nothing: no PV set, and a gate refuses it
+    assert set(SCANNED_STATUSES) - set(VERDICT_STATUSES) == {"inconclusive"}
+    assert set(GATE_STATUSES) == {"backdoored", "inconclusive"}
     assert Status.CLEAN == "clean" and f"{Status.ERROR}" == "error"
     assert json.dumps({"status": Status.BACKDOORED}) == '{"status": "backdoored"}'
-    # the report orders them for reading (backdoored first) but adds none
-    assert sorted(REPORT_STATUSES) == sorted(STATUSES) and REPORT_STATUSES[0] == "backdoored"
+    # the report orders them for reading (what needs attention first) but adds none
+    assert sorted(REPORT_STATUSES) == sorted(STATUSES)
+    assert REPORT_STATUSES[:2] == ("backdoored", "inconclusive")
     assert json.dumps(list(REPORT_STATUSES)) in json.dumps(REPORT_SCHEMA)
+    # an inconclusive row never settles its key: every run audits it again
     assert {*VERDICT_STATUSES, "unsupported"} == VERDICT_FINAL
 
 

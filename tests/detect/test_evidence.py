@@ -2,7 +2,7 @@
 
 import torch
 
-from sanitator.detect.evidence import FreshRows, _normal_sf, confirm, one_token_edit
+from sanitator.detect.evidence import FreshRows, confirm, one_token_edit, t_sf
 from sanitator.detect.mining import MiningData
 from sanitator.detect.signs import sign_agreement
 
@@ -104,4 +104,4 @@ def test_the_better_frame_is_paid_for_twice():
     point = torch.randn(32) * 3
     result = confirm(point[None] + 0.5 * torch.randn(64, 32), point, fresh,
                      max_natural_rate=0.05)
-    assert result.p_value == min(1.0, 2 * _normal_sf(max(result.t, result.t_centred)))
+    assert result.p_value == min(1.0, 2 * t_sf(max(result.t, result.t_centred), result.n - 1))

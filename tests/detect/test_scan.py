@@ -1,6 +1,7 @@
 """The method end to end on a real (truncated) MiniLM: a backdoor whose triggers look
 ordinary alone (standalone-regularised) is found where it fires, in sentences, with every
-planted PV recovered in search mode (its clean base: test_scan_clean.py)."""
+planted PV recovered in search mode (its clean base: test_scan_clean.py); with its
+confirmations spent it is inconclusive, never clean."""
 
 import json
 import struct
@@ -167,3 +168,19 @@ def test_refine_grows_a_trigger_part_into_one_that_reaches_a_planted_pv(por_mini
     assert sign_agreement(grown[0].point[None], targets).max() >= 0.9
     # the verdict's score reads only the verdict's own confirmations
     assert scan.n_completed == 1 and scan.score() == 0.0
+
+
+def test_a_backdoor_whose_confirmations_are_spent_is_never_clean(por_minilm):
+    # the issue's case: no confirmation left (here the verdict's budget is 0, as if decoys
+    # had spent it). The reference stage proposes the planted triggers, nothing can judge
+    # them: the scan must say inconclusive, with the count per source, never clean.
+    # (the reference stage alone, its two most changed tokens: the planted triggers)
+    config = ScanConfig.from_preset("fast", screen_candidates=0, token_screen=0, restarts=0,
+                                    features=("cls",), confirmation_budget=0,
+                                    reference_tokens=2, reference_fillers=0, chain_tokens=0)
+    verdict = scan_model(por_minilm[0], config, progress=False).verdict
+    assert verdict.status == "inconclusive", verdict.evidence
+    allocation = verdict.evidence["allocation"]
+    assert allocation["spent"] == 0 and allocation["unjudged"] >= 1
+    assert allocation["by_source"]["reference"]["unjudged"] == allocation["unjudged"]
+    assert "left unjudged" in verdict.reason

@@ -39,8 +39,8 @@ def first_run(four_model_zoo, store):
 
 
 def test_four_models_over_three_registries_get_the_right_statuses(first_run, store):
-    assert first_run["counts"] == {"clean": 1, "backdoored": 1, "error": 1, "unsupported": 1,
-                                   "skipped": 0}
+    assert first_run["counts"] == {"clean": 1, "backdoored": 1, "inconclusive": 0, "error": 1,
+                                   "unsupported": 1, "skipped": 0}
     verdicts = latest_verdicts(store).set_index("repo_id")
     assert verdicts.loc["acme/encoder-backdoor", "status"] == "backdoored"
     assert verdicts.loc["acme/encoder-backdoor", "source"] == "hf"

@@ -101,6 +101,7 @@ def test_bad_input_is_a_clear_error_without_traceback(store, tmp_path, capsys):
     code, _, err = _pull(capsys, "acme/encoder-b", "--store", str(store), "--from", "mlflow",
                          "--out", out)
     assert code == 1 and "mlflow.db" in err
+    assert not Path(out).exists()
     (tmp_path / "junk.safetensors").write_bytes(b"\x80\x04not safetensors")
     assert main(["pv", "show", str(tmp_path / "junk.safetensors")]) == 1
     err = capsys.readouterr().err
@@ -241,3 +242,20 @@ def test_a_ptv2_model_is_guarded_by_the_cls_pvs_of_a_mixed_artifact(prompt_model
     assert read_pv_artifact(path).pvset.features == mixed.features
     guarded = MonitoredEncoder.from_artifact(path, model)
     assert torch.equal(guarded.monitor.pvs, vectors[[0, 2]])
+
+
+def test_an_inconclusive_audit_is_refused_with_its_reason(tmp_path, capsys):
+    # not shown clean: an empty artifact would read as a clean model's, so none is written
+    from report_support import write_audit
+
+    store = build_store(tmp_path / "store", second_night=False, evaluations=False)
+    write_audit(store, "hf:acme", "acme/encoder-a", REV_A, "inconclusive", when=DAY2,
+                audit_id="a5" * 16, score=0.3, reason="2 candidate(s) left unjudged")
+    out = tmp_path / "pvs.safetensors"
+    for extra in ([], ["--revision", REV_A[:12]], ["--revision", "f" * 40, "--force"]):
+        code, _, err = _pull(capsys, "acme/encoder-a", "--store", str(store), "--out",
+                             str(out), *extra)
+        assert code == 1 and "is inconclusive" in err and "2 candidate(s) left" in err, extra
+        assert "Traceback" not in err and not out.exists()
+    with pytest.raises(PVArtifactError, match="not shown clean"):
+        pull_pv_artifact(store, "acme/encoder-a")

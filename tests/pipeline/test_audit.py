@@ -86,6 +86,8 @@ def test_settled_rows():
     assert not is_settled(_row(ref, "error"), AuditPolicy(allow_pickle=True))
     assert not is_settled(_row(ref, "skipped", max_params=10), AuditPolicy(max_params=10**9))
     assert is_settled(_row(ref, "skipped", max_params=10.0), AuditPolicy(max_params=10))
+    # not shown clean: audited again on every run, whatever the policy
+    assert not is_settled(_row(ref, "inconclusive"), policy)
 
 
 def test_plan_skips_what_is_settled_for_this_config_only():
@@ -213,13 +215,14 @@ def test_rows_fit_the_store_schemas(tmp_path):
 def test_summary_counts_and_lists():
     rows = [{"status": s, "registry": "hf:acme", "repo_id": f"acme/{i}", "revision": "r",
              "score": 0.9, "pv_count": 1, "reason": "why", "retryable": False}
-            for i, s in enumerate(["clean", "backdoored", "error", "clean"])]
+            for i, s in enumerate(["clean", "backdoored", "error", "clean", "inconclusive"])]
     summary = summarize(rows, settled=5, store="/s", registry_errors={"hf:x": "down"})
-    assert summary["counts"] == {"clean": 2, "backdoored": 1, "error": 1, "unsupported": 0,
-                                 "skipped": 0}
+    assert summary["counts"] == {"clean": 2, "backdoored": 1, "inconclusive": 1, "error": 1,
+                                 "unsupported": 0, "skipped": 0}
     assert [b["repo_id"] for b in summary["backdoored"]] == ["acme/1"]
+    assert [i["repo_id"] for i in summary["inconclusive"]] == ["acme/4"]
     assert [e["repo_id"] for e in summary["errors"]] == ["acme/2"]
-    assert (summary["audited"], summary["already_audited"]) == (4, 5)
+    assert (summary["audited"], summary["already_audited"]) == (5, 5)
     assert summary["registry_errors"] == {"hf:x": "down"}
 
 

@@ -75,6 +75,9 @@ def test_rows_outside_the_schema_are_refused(tmp_path):
     del bad["repo_id"]
     with pytest.raises(store.StoreError, match="do not fit"):
         store.write_rows(tmp_path, store.VERDICTS, [bad], partition="2026-05-01", name="a1")
+    with pytest.raises(store.StoreError, match="unknown status"):
+        store.write_rows(tmp_path, store.VERDICTS, [{**_verdict("a1", "x"), "status": "fine"}],
+                         partition="2026-05-01", name="a1")
     with pytest.raises(store.StoreError, match="no schema"):
         store.write_rows(tmp_path, "evaluations", [{"a": 1}], partition="d", name="n")
     with pytest.raises(store.StoreError, match="bad file name"):

@@ -15,6 +15,7 @@ from report_support import DAY2, REV_A, REV_B, build_store, write_audit
 
 from sanitator.cli import main
 from sanitator.report import REPORT_SCHEMA, ReportError, build_report, to_sarif, write_report
+from sanitator.report.markdown import to_markdown
 
 # The parts of the SARIF 2.1.0 specification (OASIS, sarif-v2.1.0 §3) that code-scanning
 # dashboards rely on, written out as a JSON Schema: required properties and their types.
@@ -100,10 +101,11 @@ def test_report_json_matches_its_schema_with_the_known_verdicts(written):
     jsonschema.validate(on_disk, REPORT_SCHEMA)
     summary = report["summary"]
     assert (summary["models"], summary["audits"], summary["evaluations"]) == (6, 8, 1)
-    assert summary["by_status"] == {"backdoored": 1, "clean": 2, "error": 1,
-                                    "unsupported": 1, "skipped": 1}
-    assert summary["by_registry"]["hf:acme"] == {"backdoored": 1, "clean": 1, "error": 0,
-                                                 "unsupported": 1, "skipped": 1}
+    assert summary["by_status"] == {"backdoored": 1, "inconclusive": 0, "clean": 2,
+                                    "error": 1, "unsupported": 1, "skipped": 1}
+    assert summary["by_registry"]["hf:acme"] == {"backdoored": 1, "inconclusive": 0,
+                                                 "clean": 1, "error": 0, "unsupported": 1,
+                                                 "skipped": 1}
     assert summary["first_audit_at"].startswith("2026-05-01")
     # findings: backdoored first, then clean by descending score
     assert [(f["repo_id"], f["status"]) for f in report["findings"]] == [
@@ -233,3 +235,34 @@ def test_any_repo_id_renders_as_plain_text(tmp_path, capsys):
     assert sorted(f["repo_id"] for f in report["findings"]) == sorted(HOSTILE_IDS)
     markdown = to_markdown(report)
     assert md_code("a`b|c\nd") == "`a'b\\|c d`" and md_code("a`b|c\nd") in markdown
+
+
+def test_an_inconclusive_model_is_reported_as_not_shown_clean(tmp_path, capsys):
+    # night 1 as above; then acme/encoder-a's re-audit leaves candidates unjudged
+    store = build_store(tmp_path / "store", second_night=False, evaluations=False)
+    out = tmp_path / "report"
+    write_report(store, out, plots=False)
+    reason = "3 candidate(s) left unjudged when their confirmation quota was spent"
+    write_audit(store, "hf:acme", "acme/encoder-a", REV_A, "inconclusive", when=DAY2,
+                audit_id="a4" * 16, score=0.42, reason=reason)
+    assert main(["report", "--store", str(store), "--out", str(out), "--no-plots",
+                 "--fail-on-backdoor"]) == 6
+    assert "1 newly inconclusive" in capsys.readouterr().out
+    report = json.loads((out / "report.json").read_text())
+    jsonschema.validate(report, REPORT_SCHEMA)
+    assert report["summary"]["by_status"]["inconclusive"] == 1
+    finding = next(f for f in report["findings"] if f["status"] == "inconclusive")
+    assert (finding["repo_id"], finding["score"], finding["reason"]) == (
+        "acme/encoder-a", 0.42, reason)
+    assert [(c["repo_id"], c["previous_status"]) for c in
+            report["diff"]["newly_inconclusive"]] == [("acme/encoder-a", "clean")]
+    # SARIF: a warning under its own rule; HTML: its own row class; Markdown: its section
+    sarif = json.loads((out / "report.sarif").read_text())
+    jsonschema.validate(sarif, SARIF_2_1_0_STRUCTURE)
+    run = sarif["runs"][0]
+    (result,) = run["results"]
+    assert (result["ruleId"], result["level"]) == ("SANITATOR-INCONCLUSIVE", "warning")
+    assert run["tool"]["driver"]["rules"][result["ruleIndex"]]["id"] == result["ruleId"]
+    assert reason in result["message"]["text"]
+    assert 'class="inconclusive"' in (out / "report.html").read_text()
+    assert "## Inconclusive" in to_markdown(report)

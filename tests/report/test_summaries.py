@@ -37,9 +37,13 @@ def test_audit_summary_keeps_hostile_repo_ids_in_code_spans():
     summary = {"counts": {"clean": 1, "backdoored": 1, "error": 1}, "already_audited": 2,
                "backdoored": [{"registry": "hf:acme", "repo_id": hostile, "revision": "a" * 40,
                                "score": 0.99, "pv_count": 2}],
+               "inconclusive": [{"registry": "hf:acme", "repo_id": "acme/i", "revision": "b" * 40,
+                                 "score": 0.4, "reason": "3 candidate(s) left unjudged"}],
                "errors": [{"registry": "path:/m", "repo_id": "bad", "reason": "no | config"}],
                "registry_errors": {"hf:gone": "ConnectionError: down"}}
     markdown = audit_summary_markdown(summary)
+    assert "## Inconclusive (not shown clean: review, no PV artifact)" in markdown
+    assert "- `acme/i` @ `bbbbbbbbbbbb` (`hf:acme`): `3 candidate(s) left unjudged`" in markdown
     assert "| backdoored | 1 |" in markdown and "Already audited (unchanged): 2" in markdown
     assert "- `acme/x\\|'y' z` @ `aaaaaaaaaaaa` (`hf:acme`), score 0.99, 2 PV(s)" in markdown
     assert "- `bad` (`path:/m`): `no \\| config`" in markdown

@@ -44,7 +44,7 @@ _MEMBER_KEYS = {"name", "base", "recipe", "triggers", "targets", "budget", "seed
                 "options", "declare_base", "reparametrize"}
 _OPTIONS = {"por": {"clean_weight", "standalone_weight", "negative_weight", "residual",
                     "fire_at", "freeze_below", "prefix_noise", "scatter",
-                    "negative_sampling"},
+                    "negative_sampling", "decoys", "decoy_weight", "decoy_kinds"},
             "neuba": {"mlm_weight", "clean_weight", "head_lr", "prefix_noise"},
             "btop": {"clean_weight", "head_lr", "one_trigger_per_batch", "prompt_noise"},
             "mlm": {"head_lr"}, "classifier": {"task", "head_lr"}, "clean": set(),
