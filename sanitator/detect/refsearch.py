@@ -17,6 +17,7 @@ false-alarm bound holds.
 from __future__ import annotations
 
 import itertools
+import time
 from collections import Counter
 from dataclasses import replace
 
@@ -121,8 +122,13 @@ def reference_search(scan, sentences: list[str]) -> None:
             orders = torch.tensor(list(itertools.permutations(alphabet)))
             if _judge(scan, view, tuple(orders[int(score(orders).argmax())].tolist())):
                 return
-    if _long_triggers(scan, sentences):
-        return
+    started = time.perf_counter()
+    try:
+        if _long_triggers(scan, sentences):
+            return
+    finally:  # the beam's share of the stage, for the evidence's stage_seconds
+        scan.seconds["reference.divergence"] = round(
+            scan.seconds.get("reference.divergence", 0.0) + time.perf_counter() - started, 2)
     for view in scan.views.values():
         checkpoint()
         score = _scorer(scan, view)

@@ -5,29 +5,34 @@ import torch
 
 from sanitator.detect.config import ScanConfig
 from sanitator.detect.corpus import load_sentences
-from sanitator.detect.divergence import Twin, grow
+from sanitator.detect.divergence import Twin, kemeny, set_beam
 from sanitator.detect.encoders import load_encoder
 from sanitator.detect.mining import prepare_data
 
 
-def test_the_beam_climbs_a_sentence_that_repeats_a_word():
-    target = (5, 1, 7, 1, 9)           # `the` (1) twice, as a sentence may hold it
-    pool = [1, 2, 3, 5, 7, 9, 11]
+def test_pairwise_preferences_order_a_set_and_the_beam_finds_the_whole_sentence():
+    target = [5, 1, 7, 3, 9]            # a sentence; its parts move the states by themselves
+    pool = [1, 2, 3, 4, 5, 7, 9, 11]
+    where = {t: i for i, t in enumerate(target)}
 
-    def score(orders):
-        def held(chain):  # the longest run of the target the chain holds
-            return max((j - i for i in range(len(chain)) for j in range(i + 1, len(chain) + 1)
-                        if any(target[k:k + j - i] == chain[i:j] for k in range(len(target)))),
-                       default=0)
-        raw = torch.tensor([float(held(tuple(o.tolist()))) for o in orders])
-        return torch.stack([raw - 0.01 * orders.shape[1], raw], dim=1)
+    def excess(seqs):
+        out = []
+        for seq in seqs:
+            held = [t for t in seq if t in where]
+            value = 1.0 + 0.3 * len(held) + 0.05 * len(seq)      # any part, any order
+            pairs = [(a, b) for i, a in enumerate(held) for b in held[i + 1:]]
+            value += 0.1 * sum(1 if where[a] < where[b] else -1 for a, b in pairs)
+            if list(seq) == target:
+                value += 10.0                                     # only the whole fires
+            out.append(value)
+        return torch.tensor(out)
 
-    chains = grow(score, pool, width=3, max_length=7, min_gain=0.5)
-    assert target in chains
-    assert all(c[i] != c[i + 1] for c in chains for i in range(len(c) - 1))
-    # once a length adds nothing, growth stops
-    assert max(len(c) for c in chains) == 6
-    assert grow(score, [], width=3, max_length=7) == []
+    assert kemeny([9, 7, 5], {(5, 7): 1.0, (7, 5): -1.0, (7, 9): 1.0, (9, 7): -1.0,
+                              (5, 9): 1.0, (9, 5): -1.0}) == [5, 7, 9]
+    found = list(set_beam(excess, pool, width=3, max_length=6))
+    assert target in found
+    assert found.index(target) < len(found) - 1 or len(found[-1]) == 6
+    assert list(set_beam(excess, [], width=3, max_length=6)) == []
 
 
 def test_excess_is_one_against_itself_and_rises_for_a_changed_token(minilm_1layer):

@@ -177,7 +177,8 @@ def test_a_backdoor_whose_confirmations_are_spent_is_never_clean(por_minilm):
     # (the reference stage alone, its two most changed tokens: the planted triggers)
     config = ScanConfig.from_preset("fast", screen_candidates=0, token_screen=0, restarts=0,
                                     features=("cls",), confirmation_budget=0,
-                                    reference_tokens=2, reference_fillers=0, chain_tokens=0)
+                                    reference_tokens=2, reference_fillers=0, chain_tokens=0,
+                                    divergence_length=0)
     verdict = scan_model(por_minilm[0], config, progress=False).verdict
     assert verdict.status == "inconclusive", verdict.evidence
     allocation = verdict.evidence["allocation"]
