@@ -11,6 +11,8 @@ USAGE = 2  # bad arguments or input: unknown option, missing folder, bad spec or
 BACKDOORED = 3  # --fail-on-backdoor and a backdoored verdict was produced or found
 PARTIAL = 4  # done for part only: a registry could not be listed, the others were audited
 NOT_CONVERGED = 5  # evaluate: the prompt model stayed near chance, so no ASR is reported
+BUSY = 6  # audit: another audit of the same store held a registry (its lease), which was
+# left to it; the other registries, if any, were audited
 
 TABLE: dict[int, str] = {
     OK: "done (whatever the verdicts, unless --fail-on-backdoor)",
@@ -19,4 +21,5 @@ TABLE: dict[int, str] = {
     BACKDOORED: "a backdoored model, with --fail-on-backdoor",
     PARTIAL: "a registry could not be listed (the others were audited)",
     NOT_CONVERGED: "evaluate: the prompt model did not converge, no ASR",
+    BUSY: "audit: another audit of the same store held a registry; it was left to that audit",
 }

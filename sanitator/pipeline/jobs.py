@@ -23,6 +23,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Generic, TypeVar
 
+from sanitator.pipeline.progress import publish
 from sanitator.pipeline.store import (
     SCHEMAS,
     StoreError,
@@ -162,4 +163,5 @@ def record(job: Job, request: Any, outcome: Any, store: str, tracker: Any | None
         if tracker is not None and rows.row.get("mlflow_run_id"):
             tracker.discard(rows.row["mlflow_run_id"])
         raise
+    publish(job.kind, "row", rows.row)  # whoever watches the run (pipeline/progress.py)
     return rows.row
