@@ -120,24 +120,69 @@ def local_cluster_kwargs(n_workers: int, torch_threads: int | None, gpu: bool,
     return kwargs
 
 
+def _run_task(**run_task_kwargs: Any) -> Any:
+    """What a worker runs for one task run (prefect-dask's wrapper, for sync tasks)."""
+    from prefect.task_engine import run_task_sync
+
+    return run_task_sync(**run_task_kwargs)
+
+
 class KeyedDaskTaskRunner(DaskTaskRunner):
-    """prefect-dask's task runner, each run submitted under a fresh key. Its own submit
-    lets Dask name a run by hashing every argument, Prefect's serialised settings
-    included: about a second of the flow process's CPU per run, taken from the workers
-    on a small host, for a key that is unique anyway (each run has its own id)."""
+    """prefect-dask's task runner, each run submitted under a fresh key and with the flow
+    run's context serialised once.
+
+    prefect-dask lets Dask name a run by hashing every argument (Prefect's serialised
+    settings included: about a second of the flow process's CPU per run), and serialises
+    the flow run's context again for every run: its settings (a third of a second of
+    CPU each time here) and the subflow's parameters, which hold every request of the
+    fan-out, so each submission cost more the more models there were, and every task
+    shipped all the requests to its worker again (quadratic in the registry's size:
+    benchmarks/load.py). Runs of our jobs take plain data (a job and a request, never
+    futures), so here the context is serialised at the first submission, without the
+    flow's parameters (a task reads them only for a cache key, and ours have no cache
+    policy), and reused; each run adds only its own asset context. A submission that
+    waits for other runs takes prefect-dask's own path."""
 
     @property
     def name(self) -> str:  # its logger's name, as before: prefect.task_runner.dask
         return "dask"
 
+    def _flow_context(self) -> dict[str, Any]:
+        if getattr(self, "_context", None) is None:
+            from prefect.context import serialize_context
+
+            context = serialize_context()
+            flow_run = dict(context.get("flow_run_context") or {})
+            flow_run.pop("parameters", None)
+            if isinstance(flow_run.get("flow_run"), dict):
+                flow_run["flow_run"] = {**flow_run["flow_run"], "parameters": {}}
+            self._context = {**context, "flow_run_context": flow_run}
+        return self._context
+
     def submit(self, task, parameters, wait_for=None, dependencies=None):
         if not self._started:
             raise RuntimeError("The task runner must be started before submitting work.")
-        future = self.client.submit(
-            task, parameters=self._optimize_futures(parameters),
-            wait_for=self._optimize_futures(wait_for) if wait_for else None,
-            dependencies=dependencies, return_type="state", pure=False)
-        return PrefectDaskFuture(wrapped_future=future, task_run_id=future.task_run_id)
+        if wait_for or dependencies:
+            future = self.client.submit(
+                task, parameters=self._optimize_futures(parameters),
+                wait_for=self._optimize_futures(wait_for) if wait_for else None,
+                dependencies=dependencies, return_type="state", pure=False)
+            return PrefectDaskFuture(wrapped_future=future, task_run_id=future.task_run_id)
+        from uuid import uuid4
+
+        from prefect.context import AssetContext
+
+        task_run_id = uuid4()
+        inputs: dict[str, set] = {name: set() for name in parameters}
+        context = {**self._flow_context(), "asset_context": AssetContext.from_task_and_inputs(
+            task=task, task_run_id=task_run_id, task_inputs=inputs,
+            copy_to_child_ctx=True).serialize()}
+        future = distributed.Client.submit(
+            self.client, _run_task, task=task, task_run_id=task_run_id, wait_for=None,
+            return_type="state", parameters=parameters, dependencies=inputs,
+            context=context, pure=False)
+        future.task_run_id = task_run_id
+        return PrefectDaskFuture(wrapped_future=future, task_run_id=task_run_id)
 
 
 def dask_runner(dask_address: str | None, n_workers: int, torch_threads: int | None,

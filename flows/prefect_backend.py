@@ -39,6 +39,14 @@ from pathlib import Path
 
 MEMORY_DATABASE = "sqlite+aiosqlite:///:memory:"
 STOP_SECONDS = 15.0
+# Server services this API has no use for: nobody reads its event history (it ends with
+# the run), no automation is defined on it, no UI subscribes to its event stream. Each
+# task run sends it a handful of events, and storing and matching them cost the server
+# more CPU per audited model than recording the task runs (benchmarks/load.py). The task
+# run recorder stays: task runs and their states are still there while the run lasts.
+QUIET_SERVICES = {"PREFECT_SERVER_SERVICES_EVENT_PERSISTER_ENABLED": "false",
+                  "PREFECT_SERVER_SERVICES_TRIGGERS_ENABLED": "false",
+                  "PREFECT_SERVER_EVENTS_STREAM_OUT_ENABLED": "false"}
 
 # The server runs in a session of its own (a Ctrl-C at the terminal reaches the audit,
 # which stops it), so a signal to the audit's process group misses it: it must end by
@@ -216,7 +224,7 @@ def private_prefect_api(log_file: str | Path,
     env = {**os.environ, "PREFECT_API_DATABASE_CONNECTION_URL": MEMORY_DATABASE,
            # what Prefect's own temporary server sets: no UI, ephemeral services only
            "PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1",
-           "PREFECT__SERVER_FINAL": "1"}
+           "PREFECT__SERVER_FINAL": "1", **QUIET_SERVICES}
     env.pop("PREFECT_API_URL", None)
     timeout = float(os.environ.get("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS") or 120)
     with log_file.open("ab") as log, sock:
