@@ -23,10 +23,12 @@ from sanitator.pipeline import lease, progress
 from sanitator.pipeline.audit import AuditPolicy, summarize
 from sanitator.pipeline.audit_job import DEFAULT_SCANNER, AuditJob
 from sanitator.pipeline.audit_tracking import open_tracker
+from sanitator.pipeline.holder import this_process
+from sanitator.pipeline.jobs import Backlog, record
 from sanitator.pipeline.registries import parse_registry
 from sanitator.pipeline.store import completed_audits, new_audit_id
 from sanitator.report.summaries import audit_summary_markdown, audit_verdicts_table
-from tasks.jobs import crawl_registry, record_task
+from tasks.jobs import crawl_registry
 
 
 def resolve_scan_config(preset: str = "fast", scan_options: dict[str, Any] | None = None,
@@ -143,7 +145,7 @@ def _audit(registries: list[str], store: str, busy: dict[str, str], holding: lea
             parent_run_id = tracker.start_batch(batch_id, {
                 "registries": ",".join(registries), "config_hash": config_hash,
                 "device": device, "allow_pickle": allow_pickle, "max_params": max_params,
-                "config": config_dict}, store=store, holder=lease.this_process())
+                "config": config_dict}, store=store, holder=this_process())
         except Exception as exc:
             logger.warning("MLflow parent run not created: %s", exc)
             tracker = None
@@ -202,16 +204,18 @@ def _crawl_plan_audit(registries: list[str], store: str, job: AuditJob, *, force
     progress.publish_plan(canonical.values(), plan.todo, [r for r, _ in plan.settled_now],
                           plan.settled, notes={canonical[spec]: f"could not be listed: {reason}"
                                                for spec, reason in registry_errors.items()})
-    record = record_task(job)
-    rows = [record(job, request, outcome, store, tracker, parent_run_id, batch_id)
-            for request, outcome in plan.settled_now]
-    if plan.todo:
-        options = dict(dask_options)
-        tracking_uri = options.pop("tracking_uri")
-        tracking_uri = tracking_uri if tracker else None
-        rows += run_jobs(job, plan.todo, store, tracking_uri=tracking_uri,
-                         parent_run_id=parent_run_id, batch_id=batch_id, device=job.device,
-                         **options)
+    rows = []
+    # what the plan settles is recorded while the workers audit the rest (jobs.Backlog)
+    with Backlog(plan.settled_now, lambda request, outcome: record(
+            job, request, outcome, store, tracker, parent_run_id, batch_id)) as backlog:
+        if plan.todo:
+            options = dict(dask_options)
+            tracking_uri = options.pop("tracking_uri")
+            tracking_uri = tracking_uri if tracker else None
+            rows = run_jobs(job, plan.todo, store, tracking_uri=tracking_uri,
+                            parent_run_id=parent_run_id, batch_id=batch_id,
+                            device=job.device, **options)
+    rows = backlog.rows + rows
 
     summary = summarize(rows, settled=len(plan.settled), store=store,
                         registry_errors=registry_errors)

@@ -145,7 +145,10 @@ def _run_flow(args: argparse.Namespace, options: dict[str, Any]) -> int:
     verbose = getattr(args, "verbose", 0)
     bars = None
     if not args.json and sys.stderr.isatty():  # one line per registry, redrawn in place
-        bars = progress.TtyBars(sys.stderr)
+        from sanitator.pipeline.registries import parse_registry
+
+        bars = progress.TtyBars(sys.stderr, progress.AuditProgress(
+            waiting=[parse_registry(spec).spec for spec in args.registry]))
         if not verbose:  # Prefect's INFO lines (its task states, the per-model log
             # lines) would scroll the bars away: they still reach the Prefect API
             quiet_console_logging()

@@ -103,7 +103,7 @@ class AuditTracker:
     def start_batch(self, batch_id: str, params: dict[str, Any], *, store: str | None = None,
                     holder: Any = None) -> str:
         """The parent run of one flow run; returns its run id. `store` and `holder` (the
-        audit process, `sanitator.pipeline.lease.Holder`) let a later run of the same store
+        audit process, `sanitator.pipeline.holder.Holder`) let a later run of the same store
         tell a batch run left RUNNING by a dead audit (`close_orphans`)."""
         from mlflow.entities import Param
 
@@ -127,10 +127,10 @@ class AuditTracker:
 
     def close_orphans(self, store: str, live: set[str]) -> list[str]:
         """End as KILLED the batch runs of `store` left RUNNING by an audit that is gone
-        (`sanitator.pipeline.lease.holder_gone`, given the ids of the store's live lease
+        (`sanitator.pipeline.holder.holder_gone`, given the ids of the store's live lease
         holders), and the audit runs under them still RUNNING; returns the batch runs'
         ids. Best effort: a tracking failure is logged, never raised."""
-        from sanitator.pipeline.lease import holder_gone
+        from sanitator.pipeline.holder import holder_gone
 
         killed: list[str] = []
         try:

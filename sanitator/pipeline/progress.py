@@ -104,8 +104,8 @@ class RegistryProgress:
     done: int = 0
     audited: int = 0
     counts: Counter = field(default_factory=Counter)
-    started: float = 0.0
-    audits_from: float = 0.0           # the last row settled from the listing, or the plan
+    started: float = 0.0               # when watching began
+    audits_from: float = 0.0           # the plan: the audits begin then
     note: str | None = None
 
     @property
@@ -138,23 +138,30 @@ class RegistryProgress:
 
 
 class AuditProgress:
-    """The state both listeners draw from: fed with `(kind, event, data)`."""
+    """The state both listeners draw from: fed with `(kind, event, data)`. `waiting`:
+    registries to show before the plan arrives (the crawl is under way)."""
 
-    def __init__(self, clock: Callable[[], float] = time.monotonic):
+    def __init__(self, clock: Callable[[], float] = time.monotonic,
+                 waiting: Iterable[str] = ()):
         self.clock = clock
-        self.registries: dict[str, RegistryProgress] = {}
+        self.started = clock()
+        self.registries: dict[str, RegistryProgress] = {
+            spec: RegistryProgress(spec, started=self.started,
+                                   note="starting (Prefect API, Dask cluster), then the crawl")
+            for spec in waiting}
 
     def __call__(self, kind: str, event: str, data: Any) -> RegistryProgress | None:
         if kind != "audit":
             return None
         if event == "plan":
             now = self.clock()
+            self.registries = {}
             for spec, item in data["registries"].items():
                 self.registries[spec] = RegistryProgress(
                     spec, rows=item["rows"], already=item["already"],
-                    audits=set(item["audits"]), started=now, audits_from=now)
+                    audits=set(item["audits"]), started=self.started, audits_from=now)
             for spec, note in data.get("notes", {}).items():
-                self.registries.setdefault(spec, RegistryProgress(spec, started=now))
+                self.registries.setdefault(spec, RegistryProgress(spec, started=self.started))
                 self.registries[spec].note = note
             return None
         if event == "row":
@@ -165,8 +172,6 @@ class AuditProgress:
             entry.counts[str(data["status"])] += 1
             if data["audit_id"] in entry.audits:
                 entry.audited += 1
-            else:
-                entry.audits_from = self.clock()
             return entry
         return None
 

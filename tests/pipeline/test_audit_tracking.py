@@ -140,19 +140,19 @@ def test_batch_runs_a_dead_audit_left_running_are_closed_as_killed(tracked, tmp_
 
     from mlflow import MlflowClient
 
-    from sanitator.pipeline import lease
+    from sanitator.pipeline import holder
 
     _, uri, tracker = tracked
     client = MlflowClient(tracking_uri=uri)
     done = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
                           capture_output=True, text=True, check=True)
-    dead = lease.Holder("dead-audit", lease.this_process().host, int(done.stdout), 1.0)
+    dead = holder.Holder("dead-audit", holder.this_process().host, int(done.stdout), 1.0)
     store, other = str(tmp_path / "store"), str(tmp_path / "other-store")
     orphan = tracker.start_batch("b-dead", {}, store=store, holder=dead)
     # an audit run the dead audit began and never ended
     child = client.create_run(tracker.experiment_id(AUDIT_EXPERIMENT_PREFIX + "path:/zoo"),
                               tags={"mlflow.parentRunId": orphan}).info.run_id
-    live = tracker.start_batch("b-live", {}, store=store, holder=lease.this_process())
+    live = tracker.start_batch("b-live", {}, store=store, holder=holder.this_process())
     elsewhere = tracker.start_batch("b-other", {}, store=other, holder=dead)
 
     assert tracker.close_orphans(store, set()) == [orphan]

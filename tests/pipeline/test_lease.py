@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from sanitator.pipeline import lease
+from sanitator.pipeline import holder, lease
 
 REGISTRY = "path:/srv/models"
 
@@ -18,7 +18,7 @@ REGISTRY = "path:/srv/models"
 RACE = """
 import os, sys, time
 from pathlib import Path
-from sanitator.pipeline import lease
+from sanitator.pipeline import holder, lease
 go = Path(sys.argv[1]) / "go"
 while not go.exists():
     time.sleep(0.005)
@@ -44,7 +44,7 @@ def test_of_audits_started_together_exactly_one_takes_the_lease(tmp_path):
 
 HOLD = """
 import sys, time
-from sanitator.pipeline import lease
+from sanitator.pipeline import holder, lease
 taken, _ = lease.acquire(sys.argv[1], sys.argv[2])
 print("held", flush=True)
 time.sleep(600)
@@ -98,7 +98,7 @@ def test_a_waiting_audit_gets_the_lease_once_its_holder_ends(tmp_path, holder_pr
 
 
 def _foreign(path, heartbeat, holder_id="elsewhere-1"):
-    record = lease.Record(REGISTRY, lease.Holder(holder_id, "another-host", 1, 0.0), heartbeat,
+    record = lease.Record(REGISTRY, holder.Holder(holder_id, "another-host", 1, 0.0), heartbeat,
                           heartbeat, ttl=60)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(record.to_json())
@@ -139,14 +139,3 @@ def test_a_holder_whose_lease_was_taken_over_learns_it_at_its_next_beat(tmp_path
         taken.beat()
     lease.release(taken)
     assert taken.path.exists()  # not ours any more: left alone
-
-
-def test_holders_are_gone_when_their_process_or_their_lease_is(tmp_path):
-    done = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
-                          capture_output=True, text=True, check=True)
-    dead = lease.Holder("dead", lease.this_process().host, int(done.stdout), 1.0)
-    assert lease.holder_gone(dead.to_dict(), set())
-    assert not lease.holder_gone(lease.this_process(), set())
-    remote = lease.Holder("remote", "another-host", 1, None)
-    assert not lease.holder_gone(remote, {"remote"})
-    assert lease.holder_gone(remote, set())

@@ -57,22 +57,24 @@ def test_one_log_line_per_audited_model_and_one_for_the_listings_rows():
         progress.publish("audit", "row", _row(request, "error", 0.0))
     assert lines == ["path:/zoo: 2 row(s) settled from the listing without a download; "
                      "2/4 models (+1 already audited): 2 error; 1s elapsed, ETA --"]
-    clock.now += 30
+    clock.now += 29
     progress.publish("audit", "row", _row(todo[0], "clean", 29.5))
     progress.publish("evaluation", "row", {"registry": "path:/zoo"})  # not an audit's
     clock.now += 30
     progress.publish("audit", "row", _row(todo[1], "backdoored", 29.0))
     assert lines[1:] == [
         "path:/zoo a: clean in 29.5 s; 3/4 models (+1 already audited): 1 clean, 2 error; "
-        "31s elapsed, ETA 30s",
+        "30s elapsed, ETA 30s",
         "path:/zoo b: backdoored in 29.0 s; 4/4 models (+1 already audited): 1 clean, "
-        "1 backdoored, 2 error; 1m01s elapsed, ETA 0s"]
+        "1 backdoored, 2 error; 1m00s elapsed, ETA 0s"]
     plan.close()
 
 
 def test_the_terminal_shows_one_line_per_registry_redrawn_in_place():
     clock, stream = Clock(), io.StringIO()
-    bars = progress.TtyBars(stream, progress.AuditProgress(clock), interval=60)
+    bars = progress.TtyBars(stream, progress.AuditProgress(clock, waiting=["path:/zoo"]),
+                            interval=60)
+    assert bars.lines() == ["path:/zoo: starting (Prefect API, Dask cluster), then the crawl"]
     plan = _plan_and_listen(bars)
     todo, _ = next(plan)
     handler = logging.StreamHandler(stream)
