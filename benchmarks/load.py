@@ -272,6 +272,8 @@ def scans(zoo: Path, store: Path, workers: int) -> list[tuple[str, str]]:
     at = run["started"]
     peak = per_role(sampler, sampler.peak)
     growth = rss_per_row(run)
+    flow_cpu = sampler.cpu_between(FLOW, at + first, at + last) / n
+    api_cpu = sampler.cpu_between(API, at + first, at + last) / n
     lines = [
         ("repos audited (real scans of a tiny BERT)", f"{n} ({statuses})"),
         ("wall", f"{wall:.1f} s"),
@@ -285,10 +287,11 @@ def scans(zoo: Path, store: Path, workers: int) -> list[tuple[str, str]]:
         ("  end (the last row to the command's exit)", f"{wall - last:.1f} s"),
         ("  projected for 1,000 such models (same start and end)",
          f"{100 * projected:.1f} % of compute"),
-        ("flow process CPU per model, steady state (Prefect, MLflow, store)",
-         f"{sampler.cpu_between(FLOW, at + first, at + last) / n:.3f} s"),
-        ("Prefect API CPU per model, steady state",
-         f"{sampler.cpu_between(API, at + first, at + last) / n:.3f} s"),
+        ("flow process CPU per model, steady state (Prefect, MLflow, store, scheduler)",
+         f"{flow_cpu:.3f} s"),
+        ("Prefect API CPU per model, steady state", f"{api_cpu:.3f} s"),
+        ("  their CPU beside the scans (on the workers' cores)",
+         f"{100 * (flow_cpu + api_cpu) / (compute / n):.1f} % of a model's audit"),
         ("flow process RSS growth per model (second half)",
          f"{growth / 1024:.1f} KiB" if growth is not None else "-"),
     ]

@@ -34,6 +34,18 @@ log = logging.getLogger(__name__)
 # of the clusters started here keep glibc's defaults, like a plain `sanitator scan`.
 dask.config.set({"distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": None})
 
+# Dask's background work, for a dashboard we do not start: the event loops' tick every
+# 20 ms (it only warns of a loop blocked for seconds), the workers' statistical profiler
+# sampling the scanning thread every 10 ms, the nannies' and workers' memory checks every
+# 100 ms and the system monitors every 500 ms. An idle LocalCluster of 2 workers cost the
+# flow process (scheduler and nannies) 5.5 % of a core and each worker 3.7 %; with these,
+# 0.9 % and 2.6 % (benchmarks/load.py's section in docs/pipeline.md). The memory limits
+# are still enforced, checked once a second.
+dask.config.set({"distributed.admin.tick.interval": "1s",
+                 "distributed.worker.profile.enabled": False,
+                 "distributed.worker.memory.monitor-interval": "1s",
+                 "distributed.admin.system-monitor.interval": "2s"})
+
 # Workers fork from one server process that imported torch and the model code once
 # (multiprocessing's forkserver) instead of each importing them afresh (~9 CPU-seconds
 # per worker): a second cluster in the same process now starts in under a second, and a
