@@ -34,6 +34,18 @@ log = logging.getLogger(__name__)
 # of the clusters started here keep glibc's defaults, like a plain `sanitator scan`.
 dask.config.set({"distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": None})
 
+# Dask's background work, for a dashboard we do not start: the event loops' tick every
+# 20 ms (it only warns of a loop blocked for seconds), the workers' statistical profiler
+# sampling the scanning thread every 10 ms, the nannies' and workers' memory checks every
+# 100 ms and the system monitors every 500 ms. An idle LocalCluster of 2 workers cost the
+# flow process (scheduler and nannies) 5.5 % of a core and each worker 3.7 %; with these,
+# 0.9 % and 2.6 % (benchmarks/load.py's section in docs/pipeline.md). The memory limits
+# are still enforced, checked once a second.
+dask.config.set({"distributed.admin.tick.interval": "1s",
+                 "distributed.worker.profile.enabled": False,
+                 "distributed.worker.memory.monitor-interval": "1s",
+                 "distributed.admin.system-monitor.interval": "2s"})
+
 # Workers fork from one server process that imported torch and the model code once
 # (multiprocessing's forkserver) instead of each importing them afresh (~9 CPU-seconds
 # per worker): a second cluster in the same process now starts in under a second, and a
@@ -120,24 +132,121 @@ def local_cluster_kwargs(n_workers: int, torch_threads: int | None, gpu: bool,
     return kwargs
 
 
+# per worker process: the flow's Prefect settings, validated once, and per worker thread
+# one API client for them (see _run_task)
+_SETTINGS: dict[str, Any] = {}
+_CLIENTS = threading.local()
+
+
+def _api_client(settings_key: str):
+    """This thread's Prefect API client for the settings named `settings_key` (entered
+    once, kept open for the next runs)."""
+    from prefect.context import SyncClientContext
+
+    held = getattr(_CLIENTS, "held", None)
+    if held is not None and held[0] == settings_key:
+        return held[1]
+    if held is not None:
+        with suppress(Exception):
+            held[1].client.__exit__(None, None, None)
+    context = SyncClientContext()  # its client reads the settings entered now
+    context.client.__enter__()
+    with suppress(Exception):  # what entering the context would check once
+        context.client.raise_for_api_version_mismatch_once()
+    _CLIENTS.held = (settings_key, context)
+    return context
+
+
+def _run_task(settings_key: str | None = None, **run_task_kwargs: Any) -> Any:
+    """What a worker runs for one task run (prefect-dask's wrapper, for sync tasks).
+
+    Prefect would rebuild its settings from the flow's serialised ones for every run (a
+    validation of every settings model against the environment, the dotenv files and
+    the given values: about 0.17 s of the worker's CPU) and open two API clients (each
+    loads the system's certificate bundle: about 0.06 s), together most of Prefect's cost
+    per run on a worker. The settings of one flow run are the same for each of its runs,
+    so each worker validates them once (`settings_key` names them), enters a copy around
+    every run, and gives every run the same client (one per worker thread)."""
+    from prefect.context import SettingsContext, SyncClientContext
+    from prefect.task_engine import run_task_sync
+
+    context = dict(run_task_kwargs.get("context") or {})
+    payload = context.pop("settings_context", None)
+    if not payload or settings_key is None:
+        return run_task_sync(**run_task_kwargs)
+    settings = _SETTINGS.get(settings_key)
+    if settings is None:
+        if len(_SETTINGS) > 8:  # a long-lived worker serving many flow runs
+            _SETTINGS.clear()
+        settings = _SETTINGS[settings_key] = SettingsContext(**payload)
+    with settings.model_copy():  # a copy: one instance cannot be entered twice
+        # set, not entered: entering would close the client when the run ends
+        token = SyncClientContext.__var__.set(_api_client(settings_key))
+        try:
+            return run_task_sync(**{**run_task_kwargs, "context": context})
+        finally:
+            SyncClientContext.__var__.reset(token)
+
+
 class KeyedDaskTaskRunner(DaskTaskRunner):
-    """prefect-dask's task runner, each run submitted under a fresh key. Its own submit
-    lets Dask name a run by hashing every argument, Prefect's serialised settings
-    included: about a second of the flow process's CPU per run, taken from the workers
-    on a small host, for a key that is unique anyway (each run has its own id)."""
+    """prefect-dask's task runner, each run submitted under a fresh key and with the flow
+    run's context serialised once.
+
+    prefect-dask lets Dask name a run by hashing every argument (Prefect's serialised
+    settings included: about a second of the flow process's CPU per run), and serialises
+    the flow run's context again for every run: its settings (a third of a second of
+    CPU each time here) and the subflow's parameters, which hold every request of the
+    fan-out, so each submission cost more the more models there were, and every task
+    shipped all the requests to its worker again (quadratic in the registry's size:
+    benchmarks/load.py). Runs of our jobs take plain data (a job and a request, never
+    futures), so here the context is serialised at the first submission, without the
+    flow's parameters (a task reads them only for a cache key, and ours have no cache
+    policy), and reused; each run adds only its own asset context. A submission that
+    waits for other runs takes prefect-dask's own path."""
 
     @property
     def name(self) -> str:  # its logger's name, as before: prefect.task_runner.dask
         return "dask"
 
+    def _flow_context(self) -> dict[str, Any]:
+        if getattr(self, "_context", None) is None:
+            from uuid import uuid4
+
+            from prefect.context import serialize_context
+
+            context = serialize_context()
+            flow_run = dict(context.get("flow_run_context") or {})
+            flow_run.pop("parameters", None)
+            if isinstance(flow_run.get("flow_run"), dict):
+                flow_run["flow_run"] = {**flow_run["flow_run"], "parameters": {}}
+            self._context = {**context, "flow_run_context": flow_run}
+            self._settings_key = uuid4().hex  # the workers validate these settings once
+        return self._context
+
     def submit(self, task, parameters, wait_for=None, dependencies=None):
         if not self._started:
             raise RuntimeError("The task runner must be started before submitting work.")
-        future = self.client.submit(
-            task, parameters=self._optimize_futures(parameters),
-            wait_for=self._optimize_futures(wait_for) if wait_for else None,
-            dependencies=dependencies, return_type="state", pure=False)
-        return PrefectDaskFuture(wrapped_future=future, task_run_id=future.task_run_id)
+        if wait_for or dependencies:
+            future = self.client.submit(
+                task, parameters=self._optimize_futures(parameters),
+                wait_for=self._optimize_futures(wait_for) if wait_for else None,
+                dependencies=dependencies, return_type="state", pure=False)
+            return PrefectDaskFuture(wrapped_future=future, task_run_id=future.task_run_id)
+        from uuid import uuid4
+
+        from prefect.context import AssetContext
+
+        task_run_id = uuid4()
+        inputs: dict[str, set] = {name: set() for name in parameters}
+        context = {**self._flow_context(), "asset_context": AssetContext.from_task_and_inputs(
+            task=task, task_run_id=task_run_id, task_inputs=inputs,
+            copy_to_child_ctx=True).serialize()}
+        future = distributed.Client.submit(
+            self.client, _run_task, settings_key=self._settings_key, task=task,
+            task_run_id=task_run_id, wait_for=None, return_type="state",
+            parameters=parameters, dependencies=inputs, context=context, pure=False)
+        future.task_run_id = task_run_id
+        return PrefectDaskFuture(wrapped_future=future, task_run_id=task_run_id)
 
 
 def dask_runner(dask_address: str | None, n_workers: int, torch_threads: int | None,

@@ -39,6 +39,44 @@ from pathlib import Path
 
 MEMORY_DATABASE = "sqlite+aiosqlite:///:memory:"
 STOP_SECONDS = 15.0
+# Server services this API has no use for: nobody reads its event history (it ends with
+# the run), no automation is defined on it, no UI subscribes to its event stream. Each
+# task run sends it a handful of events, and storing and matching them cost the server
+# more CPU per audited model than recording the task runs (benchmarks/load.py). The task
+# run recorder stays: task runs and their states are still there while the run lasts.
+QUIET_SERVICES = {"PREFECT_SERVER_SERVICES_EVENT_PERSISTER_ENABLED": "false",
+                  "PREFECT_SERVER_SERVICES_TRIGGERS_ENABLED": "false",
+                  "PREFECT_SERVER_EVENTS_STREAM_OUT_ENABLED": "false"}
+
+# The server runs in a session of its own (a Ctrl-C at the terminal reaches the audit,
+# which stops it), so a signal to the audit's process group misses it: it must end by
+# itself when the audit is gone, however the audit ends (kill -9 included). Its stdin is
+# a pipe whose writing end only the audit holds: when the audit is gone the pipe reads
+# end-of-file and the server leaves at once (its database is in memory: nothing to
+# keep). On Linux the kernel also kills it when the audit dies (PR_SET_PDEATHSIG), which
+# needs no thread of its own in the server. argv: parent pid, then uvicorn's arguments.
+SERVE_UNTIL_PARENT_EXITS = r"""
+import os, sys, threading
+parent = int(sys.argv.pop(1))
+try:
+    import ctypes, signal
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1: PR_SET_PDEATHSIG
+except Exception:
+    pass
+if os.getppid() != parent:  # the audit died before the line above
+    os._exit(0)
+def _watch():
+    try:
+        while os.read(0, 4096):
+            pass
+    except OSError:
+        pass
+    os._exit(0)
+threading.Thread(target=_watch, name="parent-watch", daemon=True).start()
+sys.argv[0] = "uvicorn"
+from uvicorn.main import main
+main()
+"""
 
 
 @contextmanager
@@ -186,15 +224,15 @@ def private_prefect_api(log_file: str | Path,
     env = {**os.environ, "PREFECT_API_DATABASE_CONNECTION_URL": MEMORY_DATABASE,
            # what Prefect's own temporary server sets: no UI, ephemeral services only
            "PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1",
-           "PREFECT__SERVER_FINAL": "1"}
+           "PREFECT__SERVER_FINAL": "1", **QUIET_SERVICES}
     env.pop("PREFECT_API_URL", None)
     timeout = float(os.environ.get("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS") or 120)
     with log_file.open("ab") as log, sock:
         process = subprocess.Popen(
-            [sys.executable, "-m", "uvicorn", "--factory",
+            [sys.executable, "-c", SERVE_UNTIL_PARENT_EXITS, str(os.getpid()), "--factory",
              "prefect.server.api.server:create_app", "--fd", str(sock.fileno()),
              "--log-level", "error", "--lifespan", "on"],
-            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
+            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.PIPE, env=env,
             pass_fds=(sock.fileno(),),
             start_new_session=True)  # a Ctrl-C reaches the audit, which stops it
     try:
@@ -210,3 +248,5 @@ def private_prefect_api(log_file: str | Path,
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
+        with suppress(OSError):
+            process.stdin.close()

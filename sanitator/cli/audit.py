@@ -12,6 +12,7 @@ from sanitator.cli import exits
 
 EXIT_BACKDOORED = exits.BACKDOORED
 EXIT_REGISTRY_UNAVAILABLE = exits.PARTIAL
+EXIT_BUSY = exits.BUSY
 PREFECT_LOG = "prefect-server.log"  # the private Prefect API's output, in the store
 
 
@@ -72,7 +73,15 @@ def register(subparsers) -> None:
                         help="audit again even what is already audited with this config")
     parser.add_argument("--work-dir", metavar="DIR",
                         help="where workers download models (default: system temp)")
-    parser.add_argument("--json", action="store_true", help="print the summary as JSON")
+    parser.add_argument("--wait", type=float, default=0.0, metavar="SECONDS",
+                        help="wait up to SECONDS for another audit of the same registry into "
+                             "this store to end (default 0: leave the registry to it and "
+                             f"exit {EXIT_BUSY})")
+    parser.add_argument("--scanner", default=None, metavar="MODULE:FUNCTION",
+                        help="a scanner with scan_model's signature (default: "
+                             "sanitator.detect.scan:scan_model)")
+    parser.add_argument("--json", action="store_true",
+                        help="print the summary as JSON (and draw no progress lines)")
     parser.add_argument("--fail-on-backdoor", action="store_true",
                         help=f"exit {EXIT_BACKDOORED} when a backdoored model is found, "
                              f"else {exits.INCONCLUSIVE} when an inconclusive one is")
@@ -81,7 +90,8 @@ def register(subparsers) -> None:
                      f"{exits.INCONCLUSIVE} an inconclusive one and none backdoored "
                      "(--fail-on-backdoor), "
                      f"{EXIT_REGISTRY_UNAVAILABLE} a registry could not be listed (the others "
-                     "were audited)")
+                     f"were audited), {EXIT_BUSY} another audit of this store held a registry "
+                     "(it was left to that audit)")
     parser.set_defaults(func=run)
 
 
@@ -118,10 +128,46 @@ def run(args: argparse.Namespace) -> int:
         print(f"sanitator audit: bad scan option: {exc}", file=sys.stderr)
         return exits.USAGE
 
+    from sanitator.pipeline import lease
+
+    # one audit per store and registry (sanitator/pipeline/lease.py): taken here, before
+    # the Prefect API and the cluster start, so an overlapping run costs nothing; the
+    # flow takes the same leases again (shared within this process)
+    store = Path(args.out).resolve()
+    holding = lease.hold(store, [parse_registry(spec).spec for spec in args.registry],
+                         wait=args.wait)
+    if not holding.held:
+        for spec, reason in holding.busy_reasons(store).items():
+            print(f"sanitator audit: {spec} is left to another audit: {reason}",
+                  file=sys.stderr)
+        print(f"sanitator audit: nothing audited; every registry is being audited into "
+              f"{store} by another run (wait for it with --wait SECONDS)", file=sys.stderr)
+        return EXIT_BUSY
+    try:
+        return _run_flow(args, options, catalog)
+    finally:
+        holding.release()
+
+
+def _run_flow(args: argparse.Namespace, options: dict[str, Any], catalog: list[str]) -> int:
+    from contextlib import nullcontext
+
     from flows.prefect_backend import flow_backend
+    from sanitator.pipeline import progress
     from sanitator.pipeline.mlflow_schema import CLIENT_MODULES
 
-    unavailable = None
+    verbose = getattr(args, "verbose", 0)
+    bars = None
+    if not args.json and sys.stderr.isatty():  # one line per registry, redrawn in place
+        from sanitator.pipeline.registries import parse_registry
+
+        bars = progress.TtyBars(sys.stderr, progress.AuditProgress(
+            waiting=[parse_registry(spec).spec for spec in args.registry]))
+        if not verbose:  # Prefect's INFO lines (its task states, the per-model log
+            # lines) would scroll the bars away: they still reach the Prefect API
+            quiet_console_logging()
+    unavailable = busy = None
+    extra = {"scanner": args.scanner} if args.scanner else {}
     try:
         # without a configured Prefect API, a private one (docs/pipeline.md, Bookkeeping);
         # without --dask, a LocalCluster started beside it
@@ -129,20 +175,27 @@ def run(args: argparse.Namespace) -> int:
                           n_workers=args.workers, torch_threads=args.threads,
                           device=args.device, flow_module="flows.audit_zoo",
                           preload=() if args.no_mlflow else CLIENT_MODULES,
-                          quiet=not getattr(args, "verbose", 0)) as address:
-            from flows.audit_zoo import RegistryUnavailable, audit_zoo
+                          quiet=not verbose) as address:
+            from flows.audit_zoo import RegistryBusy, RegistryUnavailable, audit_zoo
 
-            try:
-                summary = audit_zoo(
-                    args.registry, args.out, dask_address=address, n_workers=args.workers,
-                    torch_threads=args.threads, mlflow_uri=args.mlflow_uri,
-                    track=not args.no_mlflow, preset=args.preset, scan_options=options,
-                    device=args.device, per_model_timeout=args.timeout or None,
-                    allow_pickle=args.allow_pickle, max_params=args.max_params,
-                    force=args.force, work_dir=args.work_dir,
-                    reference_catalog=catalog or None)
-            except RegistryUnavailable as exc:  # the other registries were audited
-                summary, unavailable = exc.summary, exc
+            if bars is not None:
+                quiet_console_logging()  # Prefect has set its handlers up by now
+            with (progress.listening(bars) if bars else nullcontext()), \
+                    (bars or nullcontext()):
+                try:
+                    summary = audit_zoo(
+                        args.registry, args.out, dask_address=address,
+                        n_workers=args.workers, torch_threads=args.threads,
+                        mlflow_uri=args.mlflow_uri, track=not args.no_mlflow,
+                        preset=args.preset, scan_options=options, device=args.device,
+                        per_model_timeout=args.timeout or None,
+                        allow_pickle=args.allow_pickle, max_params=args.max_params,
+                        force=args.force, work_dir=args.work_dir,
+                        reference_catalog=catalog or None, **extra)
+                except RegistryUnavailable as exc:  # the other registries were audited
+                    summary, unavailable = exc.summary, exc
+                except RegistryBusy as exc:  # another audit took a registry meanwhile
+                    summary, busy = exc.summary, exc
     except Exception as exc:  # the flow failed as a whole (bad store, no cluster, ...)
         print(f"sanitator audit: the audit flow failed: {exc}", file=sys.stderr)
         return exits.FAILED
@@ -153,9 +206,25 @@ def run(args: argparse.Namespace) -> int:
     if unavailable is not None:
         print(f"sanitator audit: {unavailable}", file=sys.stderr)
         return EXIT_REGISTRY_UNAVAILABLE
+    if busy is not None:
+        print(f"sanitator audit: {busy}", file=sys.stderr)
+        return EXIT_BUSY
     if args.fail_on_backdoor:
         return exits.gate(status for status, n in summary["counts"].items() if n)
     return exits.OK
+
+
+def quiet_console_logging() -> None:
+    """INFO records stay off the terminal (the progress lines are drawn there): this
+    process's console handlers and, through the environment, the Dask workers' Prefect
+    console handler show warnings and errors only."""
+    import logging
+    import os
+
+    os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL", "WARNING")
+    for handler in logging.getLogger().handlers:
+        if handler.level < logging.WARNING:
+            handler.setLevel(logging.WARNING)
 
 
 def format_summary(summary: dict[str, Any]) -> str:
@@ -168,6 +237,16 @@ def format_summary(summary: dict[str, Any]) -> str:
               f"{i['reason']}" for i in summary.get("inconclusive", [])]
     lines += [f"  error {e['repo_id']} ({e['registry']}): {e['reason']}"
               for e in summary["errors"]]
+    if summary.get("more_errors"):
+        lines.append(f"  ... and {summary['more_errors']} more error(s): sanitator verdicts "
+                     f"--store {summary['store']} --status error")
     lines += [f"  registry {spec} could not be listed: {reason}"
               for spec, reason in summary["registry_errors"].items()]
+    lines += [f"  registry {spec} was left to another audit: {reason}"
+              for spec, reason in summary.get("registry_busy", {}).items()]
+    recovered = summary.get("recovered") or {}
+    lines += [f"  took over the lease of {spec} {how}"
+              for spec, how in recovered.get("leases", {}).items()]
+    lines += [f"  closed MLflow batch run {run_id}, left RUNNING by a dead audit, as KILLED"
+              for run_id in recovered.get("mlflow_runs_killed", [])]
     return "\n".join(lines)

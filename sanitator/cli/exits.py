@@ -17,6 +17,8 @@ PARTIAL = 4  # done for part only: a registry could not be listed, the others we
 NOT_CONVERGED = 5  # evaluate: the prompt model stayed near chance, so no ASR is reported
 INCONCLUSIVE = 6  # --fail-on-backdoor, none backdoored, but a model not shown clean: its
 # scan left candidates unjudged (status inconclusive); a gate must not pass it
+BUSY = 7  # audit: another audit of the same store held a registry (its lease), which was
+# left to it; the other registries, if any, were audited
 
 TABLE: dict[int, str] = {
     OK: "done (whatever the verdicts, unless --fail-on-backdoor)",
@@ -27,6 +29,7 @@ TABLE: dict[int, str] = {
     NOT_CONVERGED: "evaluate: the prompt model did not converge, no ASR",
     INCONCLUSIVE: "an inconclusive model (not shown clean) and none backdoored, with "
                   "--fail-on-backdoor",
+    BUSY: "audit: another audit of the same store held a registry; it was left to that audit",
 }
 
 

@@ -370,11 +370,18 @@ def _item(values: list[Any] | None, index: int) -> Any:
     return values[index] if values is not None and index < len(values) else None
 
 
+# errors a summary lists (the CLI's, the flow's artifacts); the rest are counted in
+# `more_errors` and listed by the store (`sanitator verdicts`)
+SUMMARY_ERRORS = 20
+
+
 def summarize(rows: list[dict[str, Any]], *, settled: int = 0, store: str | None = None,
-              registry_errors: dict[str, str] | None = None) -> dict[str, Any]:
-    """Counts per status, the backdoored and inconclusive models and the failures of one
-    flow run."""
+              registry_errors: dict[str, str] | None = None,
+              max_errors: int = SUMMARY_ERRORS) -> dict[str, Any]:
+    """Counts per status, the backdoored and inconclusive models and the first
+    `max_errors` failures of one flow run (`more_errors`: how many more)."""
     counts = Counter(row["status"] for row in rows)
+    errors = [r for r in rows if r["status"] == Status.ERROR]
     return {
         "store": store,
         "audited": len(rows),
@@ -389,6 +396,7 @@ def summarize(rows: list[dict[str, Any]], *, settled: int = 0, store: str | None
                           "revision": r["revision"], "score": r["score"], "reason": r["reason"]}
                          for r in rows if r["status"] == Status.INCONCLUSIVE],
         "errors": [{"registry": r["registry"], "repo_id": r["repo_id"], "reason": r["reason"],
-                    "retryable": r["retryable"]} for r in rows if r["status"] == Status.ERROR],
+                    "retryable": r["retryable"]} for r in errors[:max_errors]],
+        "more_errors": max(0, len(errors) - max_errors),
         "registry_errors": dict(registry_errors or {}),
     }

@@ -10,6 +10,7 @@ two writers.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import re
@@ -28,6 +29,8 @@ log = logging.getLogger(__name__)
 BATCH_EXPERIMENT = "sanitator-audit-batches"
 AUDIT_EXPERIMENT_PREFIX = "sanitator-audit/"
 MLFLOW_ARTIFACT = "pvset.safetensors"  # the audit's PV set in its run (read by pv_pull)
+STORE_TAG = "sanitator.store"     # a batch run's store folder
+HOLDER_TAG = "sanitator.holder"   # the audit process that runs it (JSON, pipeline/lease.py)
 _PARAM_LIMIT = 100  # MLflow's params per log_batch call
 _VALUE_LIMIT = 6000
 
@@ -97,13 +100,20 @@ class AuditTracker:
                     self._experiments[name] = found.experiment_id
         return self._experiments[name]
 
-    def start_batch(self, batch_id: str, params: dict[str, Any]) -> str:
-        """The parent run of one flow run; returns its run id."""
+    def start_batch(self, batch_id: str, params: dict[str, Any], *, store: str | None = None,
+                    holder: Any = None) -> str:
+        """The parent run of one flow run; returns its run id. `store` and `holder` (the
+        audit process, `sanitator.pipeline.holder.Holder`) let a later run of the same store
+        tell a batch run left RUNNING by a dead audit (`close_orphans`)."""
         from mlflow.entities import Param
 
+        tags = {"sanitator.batch_id": batch_id}
+        if store is not None:
+            tags[STORE_TAG] = _text(store)
+        if holder is not None:
+            tags[HOLDER_TAG] = json.dumps(holder.to_dict(), sort_keys=True)
         run = self.client.create_run(self.experiment_id(BATCH_EXPERIMENT),
-                                     run_name=f"audit-batch-{batch_id[:8]}",
-                                     tags={"sanitator.batch_id": batch_id})
+                                     run_name=f"audit-batch-{batch_id[:8]}", tags=tags)
         self._log_params(run.info.run_id, [Param(k, _text(v)) for k, v in flatten(params)])
         return run.info.run_id
 
@@ -114,6 +124,46 @@ class AuditTracker:
         self._log_metrics(run_id, metrics)
         self.client.log_dict(run_id, summary, "summary.json")
         self.client.set_terminated(run_id, "FAILED" if failed else "FINISHED")
+
+    def close_orphans(self, store: str, live: set[str]) -> list[str]:
+        """End as KILLED the batch runs of `store` left RUNNING by an audit that is gone
+        (`sanitator.pipeline.holder.holder_gone`, given the ids of the store's live lease
+        holders), and the audit runs under them still RUNNING; returns the batch runs'
+        ids. Best effort: a tracking failure is logged, never raised."""
+        from sanitator.pipeline.holder import holder_gone
+
+        killed: list[str] = []
+        try:
+            batches = self.client.get_experiment_by_name(BATCH_EXPERIMENT)
+            if batches is None:
+                return []
+            running = self.client.search_runs([batches.experiment_id],
+                                              filter_string="attributes.status = 'RUNNING'",
+                                              max_results=1000)
+            for run in running:
+                tags = run.data.tags
+                if tags.get(STORE_TAG) != _text(store) or HOLDER_TAG not in tags:
+                    continue  # another store's run, or one from before holders were tagged
+                if holder_gone(json.loads(tags[HOLDER_TAG]), live):
+                    self.client.set_terminated(run.info.run_id, "KILLED")
+                    killed.append(run.info.run_id)
+            if killed:
+                self._close_children(killed)
+        except Exception as exc:
+            log.warning("cannot close MLflow runs left RUNNING by a dead audit: %s", exc)
+        return killed
+
+    def _close_children(self, parents: list[str]) -> None:
+        experiments = [e.experiment_id for e in self.client.search_experiments(
+            filter_string=f"name LIKE '{AUDIT_EXPERIMENT_PREFIX}%'")]
+        if not experiments:
+            return
+        for parent in parents:
+            for run in self.client.search_runs(
+                    experiments, max_results=1000,
+                    filter_string=f"attributes.status = 'RUNNING' and "
+                                  f"tags.`mlflow.parentRunId` = '{parent}'"):
+                self.client.set_terminated(run.info.run_id, "KILLED")
 
     def close_failed(self, run_id: str) -> None:
         """End a run as FAILED after an exception (best effort: never raises)."""

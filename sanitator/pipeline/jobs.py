@@ -19,11 +19,14 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+import threading
+import time
 from abc import ABC, abstractmethod
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Generic, TypeVar
 
+from sanitator.pipeline.progress import publish
 from sanitator.pipeline.store import (
     SCHEMAS,
     StoreError,
@@ -137,6 +140,11 @@ class Job(ABC, Generic[R, O]):
                            "code); its worker was restarted", retryable=self.timeout_retryable)
 
 
+# One writer at a time in a process, whichever thread records (`Backlog`): the store's
+# files and a sqlite MLflow database see one write after another.
+_WRITING = threading.RLock()
+
+
 def record(job: Job, request: Any, outcome: Any, store: str, tracker: Any | None = None,
            parent_run_id: str | None = None, batch_id: str | None = None) -> dict[str, Any]:
     """Track one outcome in MLflow, then write its rows (atomically); returns the last row.
@@ -146,6 +154,12 @@ def record(job: Job, request: Any, outcome: Any, store: str, tracker: Any | None
     written, and deleted again when the write fails: MLflow never holds a run the store
     does not. A tracking failure never costs the row (`mlflow_run_id` stays null).
     """
+    with _WRITING:
+        return _record(job, request, outcome, store, tracker, parent_run_id, batch_id)
+
+
+def _record(job: Job, request: Any, outcome: Any, store: str, tracker: Any | None,
+            parent_run_id: str | None, batch_id: str | None) -> dict[str, Any]:
     at = utc_now()
     rows = job.rows(request, outcome, at=at, batch_id=batch_id)
     try:
@@ -172,4 +186,56 @@ def record(job: Job, request: Any, outcome: Any, store: str, tracker: Any | None
         if tracker is not None and rows.row.get("mlflow_run_id"):
             tracker.discard(rows.row["mlflow_run_id"])
         raise
+    publish(job.kind, "row", rows.row)  # whoever watches the run (pipeline/progress.py)
     return rows.row
+
+
+class Backlog:
+    """The outcomes a plan settled without a run, recorded on a thread of their own while
+    the runs go on (`with Backlog(...) as backlog: <fan out>`, then `backlog.rows`).
+
+    Each such row is an MLflow run and a Parquet file, about 0.2 s with a sqlite MLflow
+    (benchmarks/load.py): recorded first, thousands of repos without weights in a
+    registry kept the workers waiting for minutes. `record` takes one lock, so the store
+    and the MLflow database still see one writer at a time. A row that fails to record is
+    tried twice more (as the record task is); then the backlog stops and the error is
+    raised when the block ends (at once, if the block raised itself)."""
+
+    RETRIES, RETRY_SECONDS = 2, 2.0
+
+    def __init__(self, items: Iterable[tuple[Any, Any]],
+                 record_one: Callable[[Any, Any], dict[str, Any]]):
+        self.items = list(items)
+        self.record_one = record_one
+        self.rows: list[dict[str, Any]] = []
+        self.error: BaseException | None = None
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, name="sanitator-backlog", daemon=True)
+
+    def _run(self) -> None:
+        for request, outcome in self.items:
+            for attempt in range(self.RETRIES + 1):
+                if self.stop.is_set():
+                    return
+                try:
+                    self.rows.append(self.record_one(request, outcome))
+                    break
+                except Exception as exc:
+                    if attempt == self.RETRIES:
+                        self.error = exc
+                        return
+                    log.warning("recording a settled outcome failed (%s); trying again", exc)
+                    time.sleep(self.RETRY_SECONDS)
+
+    def __enter__(self) -> Backlog:
+        if self.items:
+            self.thread.start()
+        return self
+
+    def __exit__(self, kind, value, traceback) -> None:
+        if kind is not None:
+            self.stop.set()
+        if self.thread.ident is not None:  # started
+            self.thread.join()
+        if kind is None and self.error is not None:
+            raise self.error

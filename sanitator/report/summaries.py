@@ -28,10 +28,17 @@ def audit_summary_markdown(summary: dict[str, Any]) -> str:
         lines += ["", "## Errors", ""]
         lines += [f"- {md_code(e['repo_id'])} ({md_code(e['registry'])}): {md_code(e['reason'])}"
                   for e in summary["errors"]]
+        if summary.get("more_errors"):
+            lines.append(f"- and {summary['more_errors']} more (every row is in the store: "
+                         "`sanitator verdicts`)")
     if summary["registry_errors"]:
         lines += ["", "## Registries that could not be listed", ""]
         lines += [f"- {md_code(spec)}: {md_code(reason)}"
                   for spec, reason in summary["registry_errors"].items()]
+    if summary.get("registry_busy"):
+        lines += ["", "## Registries left to another audit of this store", ""]
+        lines += [f"- {md_code(spec)}: {md_code(reason)}"
+                  for spec, reason in summary["registry_busy"].items()]
     return "\n".join(lines)
 
 

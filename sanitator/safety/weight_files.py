@@ -6,6 +6,7 @@ Every refusal is a ModelRejected with a plain reason."""
 
 from __future__ import annotations
 
+import errno
 import math
 import os
 import re
@@ -61,6 +62,10 @@ def checked_file(folder: Path, name: str, root: Path, max_bytes: int | None = No
         resolved = path.resolve(strict=True)
         info = resolved.stat()
     except (OSError, RuntimeError) as exc:
+        # a link to itself (or round a loop of links) never reaches a file
+        if isinstance(exc, RuntimeError) or getattr(exc, "errno", None) == errno.ELOOP:
+            raise ModelRejected(Status.ERROR, f"{name} is not a regular file (a link that "
+                                "loops back to itself)") from None
         raise ModelRejected(Status.ERROR, f"{name} cannot be read ({short(exc)})") from None
     if not resolved.is_relative_to(root):
         raise ModelRejected(Status.ERROR, f"{name} links outside the model folder "

@@ -105,3 +105,50 @@ def test_summary_text_names_backdoored_models_and_errors():
     assert "1 backdoored, 1 error" in text and "BACKDOORED acme/x@ffffffffffff" in text
     assert "INCONCLUSIVE acme/z@eeeeeeeeeeee (hf:acme): 2 candidate(s) left unjudged" in text
     assert "boom" in text and "mlflow:http://x could not be listed: down" in text
+
+
+def test_the_text_summary_counts_the_errors_it_does_not_list_and_says_what_was_recovered():
+    summary = {"audited": 30, "already_audited": 0, "store": "/s",
+               "counts": {"error": 30}, "backdoored": [], "registry_errors": {},
+               "errors": [{"repo_id": "z/0", "registry": "path:/z", "reason": "no weights"}],
+               "more_errors": 29, "registry_busy": {"path:/y": "another audit holds it"},
+               "recovered": {"leases": {"path:/z": "from a dead audit (pid 7 on h)"},
+                             "mlflow_runs_killed": ["abc"]}}
+    text = format_summary(summary)
+    assert "... and 29 more error(s): sanitator verdicts --store /s --status error" in text
+    assert "registry path:/y was left to another audit: another audit holds it" in text
+    assert "took over the lease of path:/z from a dead audit (pid 7 on h)" in text
+    assert "closed MLflow batch run abc, left RUNNING by a dead audit, as KILLED" in text
+
+
+HOLD_LEASE = """
+import sys, time
+from sanitator.pipeline import lease
+lease.acquire(sys.argv[1], sys.argv[2])
+print("held", flush=True)
+time.sleep(600)
+"""
+
+
+def test_an_audit_of_a_registry_another_audit_holds_exits_busy_before_starting_anything(
+        tmp_path, capsys):
+    import subprocess
+    import sys
+
+    from sanitator.cli import exits
+    from sanitator.pipeline.registries import parse_registry
+
+    zoo, store = tmp_path / "zoo", tmp_path / "store"
+    zoo.mkdir()
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_LEASE, str(store),
+                               parse_registry(f"path:{zoo}").spec],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        assert main(["audit", "-r", f"path:{zoo}", "--out", str(store)]) == exits.BUSY
+    finally:
+        holder.kill()
+        holder.wait()
+    err = capsys.readouterr().err
+    assert f"is left to another audit: another audit holds it (pid {holder.pid} on" in err
+    assert not (store / "prefect-server.log").exists()  # no Prefect API was started

@@ -51,6 +51,9 @@ def test_serve_builds_the_same_deployment(deployments):
     assert arguments["parameters"] == deployments[0]["parameters"]
     runner = audit_zoo_flow.to_deployment(**arguments)
     assert runner.name == "nightly-audit"
+    # one run at a time; one due meanwhile waits its turn (the store's lease does the rest)
+    assert runner.concurrency_limit == 1
+    assert runner.concurrency_options.collision_strategy == "ENQUEUE"
     assert runner.schedules[0].schedule.cron == "0 2 * * *"
     assert runner.parameters["out"] == "/srv/sanitator/store"
     with pytest.raises(SystemExit, match="no deployment"):

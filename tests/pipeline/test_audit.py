@@ -226,6 +226,17 @@ def test_summary_counts_and_lists():
     assert summary["registry_errors"] == {"hf:x": "down"}
 
 
+def test_a_summary_lists_the_first_errors_and_counts_the_rest():
+    rows = [{"status": "error", "registry": "path:/z", "repo_id": f"z/{i}", "revision": "r",
+             "score": None, "pv_count": 0, "reason": "no weights", "retryable": False}
+            for i in range(25)]
+    summary = summarize(rows, max_errors=20)
+    assert summary["counts"]["error"] == 25
+    assert [e["repo_id"] for e in summary["errors"]] == [f"z/{i}" for i in range(20)]
+    assert summary["more_errors"] == 5
+    assert summarize(rows[:3])["more_errors"] == 0
+
+
 def test_crawl_errors_and_bad_listed_configs_become_their_repos_rows():
     broken = dataclasses.replace(_ref("acme/broken"), crawl_error="cannot read: boom")
     flaky = dataclasses.replace(_ref("acme/flaky"), crawl_error="hub answered 503",

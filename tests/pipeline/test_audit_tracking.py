@@ -132,3 +132,34 @@ def test_a_failed_store_write_leaves_no_mlflow_run_behind(tracked, tmp_path):
                         str(not_a_folder), tracker)
     assert [(r.info.status, r.info.lifecycle_stage) for r in _runs(uri, "unwritable")] == [
         ("FAILED", "deleted")]
+
+
+def test_batch_runs_a_dead_audit_left_running_are_closed_as_killed(tracked, tmp_path):
+    import subprocess
+    import sys
+
+    from mlflow import MlflowClient
+
+    from sanitator.pipeline import holder
+
+    _, uri, tracker = tracked
+    client = MlflowClient(tracking_uri=uri)
+    done = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True)
+    dead = holder.Holder("dead-audit", holder.this_process().host, int(done.stdout), 1.0)
+    store, other = str(tmp_path / "store"), str(tmp_path / "other-store")
+    orphan = tracker.start_batch("b-dead", {}, store=store, holder=dead)
+    # an audit run the dead audit began and never ended
+    child = client.create_run(tracker.experiment_id(AUDIT_EXPERIMENT_PREFIX + "path:/zoo"),
+                              tags={"mlflow.parentRunId": orphan}).info.run_id
+    live = tracker.start_batch("b-live", {}, store=store, holder=holder.this_process())
+    elsewhere = tracker.start_batch("b-other", {}, store=other, holder=dead)
+
+    assert tracker.close_orphans(store, set()) == [orphan]
+    status = {run_id: client.get_run(run_id).info.status
+              for run_id in (orphan, child, live, elsewhere)}
+    assert status == {orphan: "KILLED", child: "KILLED", live: "RUNNING",
+                      elsewhere: "RUNNING"}  # another store's batch is not this run's to judge
+    assert tracker.close_orphans(store, set()) == []  # said once
+    for run_id in (live, elsewhere):
+        tracker.close_failed(run_id)

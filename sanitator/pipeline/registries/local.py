@@ -87,6 +87,34 @@ def _relative_files(folder: Path) -> dict[str, int]:
     return files
 
 
+def irregular_scan_file(folder: Path) -> str | None:
+    """Why the folder cannot be audited when a file the scan reads is there by name but is
+    no regular file inside the folder (a named pipe, a device, a link to itself or out of
+    the folder): the preflight's own reason (`checked_file`), so the crawl's row says what
+    a scan would. The listing leaves such entries out, and would read "no weights"."""
+    from sanitator.safety.weight_files import checked_file, model_root
+
+    def regular(entry: os.DirEntry) -> bool:
+        try:
+            return entry.is_file()
+        except OSError:  # a loop of links
+            return False
+
+    try:
+        entries = sorted(entry.name for entry in os.scandir(folder)
+                         if not entry.name.startswith(".") and is_scan_file(entry.name)
+                         and not regular(entry))
+    except OSError:
+        return None  # the listing itself reports an unreadable folder
+    root = model_root(folder)
+    for name in entries:
+        try:
+            checked_file(folder, name, root)
+        except ModelRejected as exc:
+            return exc.reason
+    return None
+
+
 def read_model_config(folder: Path) -> dict[str, Any] | None:
     """model_type and architectures from config.json (type-checked; `invalid` with the
     reason when they are wrong, the file is no JSON object or links out of the folder);
@@ -178,7 +206,8 @@ class LocalRegistry:
         return ModelRef(source=self.source, registry=self.spec, repo_id=printable(repo_id),
                         revision=revision, location=str(folder),
                         files=tuple(sorted(files.items())), size=sum(files.values()),
-                        config=read_model_config(folder), extra=extra)
+                        config=read_model_config(folder), extra=extra,
+                        crawl_error=irregular_scan_file(folder))
 
     def fetch(self, ref: ModelRef, dest: Path, *, allow_pickle: bool = False) -> Path:
         """The folder itself (no copy): workers must see the same filesystem."""

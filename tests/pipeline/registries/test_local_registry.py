@@ -107,3 +107,31 @@ def test_names_that_are_not_utf8_get_printable_repo_ids(tiny_encoders, tmp_path)
     assert sorted(r.repo_id for r in refs) == ["caf\\xe9-\\xff", "ok"]
     ref = next(r for r in refs if r.repo_id != "ok")
     assert LocalRegistry(root).fetch(ref, tmp_path).name.endswith("-\udcff")
+
+
+def test_weights_that_are_no_regular_file_get_the_scans_reason(tiny_encoders, tmp_path):
+    """A named pipe or a link to itself where the weights should be: the crawl's row
+    says what the preflight says, not "no weights"."""
+    import os
+
+    from sanitator.pipeline.audit import AuditPolicy, plan_audits
+    from sanitator.safety.model_policy import ModelRejected
+    from sanitator.safety.preflight import preflight
+
+    root = tmp_path / "zoo"
+    for name in ("pipe", "self-link", "fine"):
+        shutil.copytree(tiny_encoders["bert"], root / name)
+    for name in ("pipe", "self-link"):
+        (root / name / "model.safetensors").unlink()
+    os.mkfifo(root / "pipe" / "model.safetensors")
+    (root / "self-link" / "model.safetensors").symlink_to("model.safetensors")
+    refs = {r.repo_id: r for r in parse_registry(f"path:{root}").crawl()}
+    assert refs["fine"].crawl_error is None
+    plan = plan_audits(refs.values(), [], "c" * 16, AuditPolicy())
+    reasons = {r.ref.repo_id: r.reason for r in plan.rejected}
+    for name in ("pipe", "self-link"):
+        with pytest.raises(ModelRejected) as scan:
+            preflight(root / name)
+        assert reasons[name] == scan.value.reason
+        assert reasons[name].startswith("model.safetensors is not a regular file")
+    assert [r.repo_id for r in plan.todo] == ["fine"]
