@@ -107,6 +107,9 @@ def run(args: argparse.Namespace) -> int:
         "seeds_tried": verdict.seeds_tried,
         "seconds": verdict.seconds,
         "reason": verdict.reason,
+        # what the verdict rests on: the reference used (source, id, revision, distance),
+        # every candidate judged and the confirmations spent (docs/method.md)
+        "evidence": verdict.evidence or {},
     }
     if args.json:
         print(json.dumps(payload))

@@ -209,8 +209,9 @@ class TtyBars:
     BAR = 20
 
     def __init__(self, stream: TextIO, progress: AuditProgress | None = None,
-                 interval: float = 1.0):
+                 interval: float = 1.0, width: int | None = None):
         self.stream = stream
+        self.width = width             # None: the terminal's, asked at each draw
         self.progress = progress or AuditProgress()
         self.interval = interval
         self.drawn = 0                 # lines on screen now
@@ -227,7 +228,7 @@ class TtyBars:
 
     def lines(self) -> list[str]:
         now = self.progress.clock()
-        width = max(40, shutil.get_terminal_size((100, 20)).columns - 1)
+        width = self.width or max(40, shutil.get_terminal_size((100, 20)).columns - 1)
         return [entry.line(now, self.BAR)[:width]
                 for entry in self.progress.registries.values()]
 

@@ -73,7 +73,7 @@ def test_one_log_line_per_audited_model_and_one_for_the_listings_rows():
 def test_the_terminal_shows_one_line_per_registry_redrawn_in_place():
     clock, stream = Clock(), io.StringIO()
     bars = progress.TtyBars(stream, progress.AuditProgress(clock, waiting=["path:/zoo"]),
-                            interval=60)
+                            interval=60, width=200)
     assert bars.lines() == ["path:/zoo: starting (Prefect API, Dask cluster), then the crawl"]
     plan = _plan_and_listen(bars)
     todo, _ = next(plan)
