@@ -94,7 +94,7 @@ def test_scan_command_prints_one_json_object(tiny_encoders):
     payload = json.loads(done.stdout)
     assert payload["status"] == "unsupported"
     assert set(payload) == {"status", "score", "pvs", "trigger_tokens", "seeds_tried",
-                            "seconds", "reason"}
+                            "seconds", "reason", "evidence"}
 
 
 def test_pv_set_round_trips_without_pickle(por_detection, tmp_path):

@@ -52,7 +52,7 @@ def test_scan_prints_one_json_object_and_no_traceback_for_every_rejected_case(
         assert (code, payload["status"]) == (1, case.status), case.name
         assert case.reason in payload["reason"], case.name
         assert set(payload) == {"status", "score", "pvs", "trigger_tokens", "seeds_tried",
-                                "seconds", "reason"}
+                                "seconds", "reason", "evidence"}
         assert "Traceback" not in err, case.name
     assert canaries(hostile_corpus["base"], Path.cwd()) == []
 
