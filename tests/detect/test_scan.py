@@ -114,9 +114,11 @@ def test_pv_set_round_trips_without_pickle(por_detection, tmp_path):
 def test_the_reference_diff_alone_finds_the_backdoor(por_minilm):
     # the fixture derives from the installed MiniLM: its first layer's change names the
     # triggers, and an ordering of them is confirmed fresh like any other candidate
-    # complete=True: as every audit scans (flows/audit_zoo.py); completion capped at 2 rounds
+    # complete=True: as every audit scans (flows/audit_zoo.py); completion capped at 2 rounds;
+    # no divergence beam (its own tests: test_divergence.py), which completion would run out
     config = ScanConfig.from_preset("fast", screen_candidates=0, token_screen=0, restarts=0,
-                                    features=("cls",), complete=True, search_restarts=2)
+                                    features=("cls",), complete=True, search_restarts=2,
+                                    divergence_length=0)
     result = scan_model(por_minilm[0], config, progress=False)
     verdict = result.verdict
     assert verdict.status == "backdoored", verdict.evidence
