@@ -4,6 +4,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from scripts_support import load_script
 
 from sanitator.attacks.zoo import (
     MANIFEST,
@@ -143,7 +144,7 @@ def test_two_member_zoo_builds_resumes_and_reads_back(tmp_path, capsys):
     assert main(["zoo", "show", str(tmp_path / "nothing")]) == 2
     assert (out / MANIFEST).is_file()
 
-    zoo_report = _load_script(REPO / "benchmarks" / "zoo_report.py")
+    zoo_report = load_script("benchmarks/zoo_report.py")
     assert zoo_report.main([str(out), "--markdown"]) == 0
     table = capsys.readouterr().out
     assert "| por | rob |" in table and "backdoored members meet" in table
@@ -289,15 +290,6 @@ def test_default_base_ids():
 def test_bad_declarations_get_clear_errors(changes, message):
     with pytest.raises(SpecError, match=message):
         parse_spec(_spec(**changes))
-
-
-def _load_script(path: Path):
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location(path.stem, path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_cli_reports_spec_errors(tmp_path, capsys):

@@ -7,28 +7,17 @@ artifact, prompt-tuning and the attacks are the real ones, on a planted backdoor
 2-layer MiniLM-L6 and a toy task."""
 
 import datetime as dt
-import importlib.util
 import json
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from evaluation_support import TOY_TRIGGERS, planted_backdoor, write_toy_task
+from scripts_support import load_script
 
 from sanitator.cli import main
-
-ROOT = Path(__file__).resolve().parents[2]
-
-
-def _load(name: str):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module  # dataclasses look their module up while being defined
-    spec.loader.exec_module(module)
-    return module
 
 
 def fake_audit_runner(keep: list[int], calls: list[list[str]]):
@@ -71,8 +60,8 @@ def setup(tmp_path_factory, minilm_2layer):
 
 def _run(setup, keep, tag, capsys):
     root, task = setup
-    asr = _load("asr")
-    mined = _load("asr_mined")
+    asr = load_script("benchmarks/asr.py")
+    mined = load_script("benchmarks/asr_mined.py")
     calls: list[list[str]] = []
     args = asr.build_parser().parse_args([
         "--mined", "--zoo", str(root / "zoo"), "--store", str(root / f"store-{tag}"),
@@ -127,7 +116,7 @@ def test_the_asr_table_takes_a_token_task(tmp_path, minilm_1layer, capsys):
     shutil.copytree(planted_token_backdoor(str(minilm_1layer)), zoo / "tokpor")
     shutil.copytree(minilm_1layer, zoo / "clean")
     task = write_toy_ner_task(tmp_path / "ner", 48, 8)
-    asr = _load("asr")
+    asr = load_script("benchmarks/asr.py")
     assert asr.main(["--zoo", str(zoo), "--tasks", str(task), "--train-size", "48",
                      "--epochs", "2", "--lr", "2e-2", "--prefix-length", "4",
                      "--batch-size", "16", "--limit", "8"]) == 0
@@ -141,7 +130,7 @@ def test_the_asr_table_takes_a_token_task(tmp_path, minilm_1layer, capsys):
 def test_reuse_finds_the_verdicts_an_earlier_run_stored(setup, tmp_path):
     """`--reuse-audits` skips a registry only when every member has a verdict there."""
     root, _ = setup
-    mined = _load("asr_mined")
+    mined = load_script("benchmarks/asr_mined.py")
     member = mined.Member(root / "zoo" / "toy-por", {"attack": "por"}, "cls")
     registry = f"path:{mined.stage([member], tmp_path / 'work')['cls'].resolve()}"
     store = tmp_path / "store"

@@ -1,26 +1,14 @@
 """`benchmarks/gpu.py`: the forward counter that sizes a scan's encoder work."""
 
-import importlib.util
-import sys
-from pathlib import Path
 
 import torch
-
-ROOT = Path(__file__).resolve().parents[2]
-
-
-def _load():
-    spec = importlib.util.spec_from_file_location("gpu_bench", ROOT / "benchmarks" / "gpu.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["gpu_bench"] = module
-    spec.loader.exec_module(module)
-    return module
+from scripts_support import load_script
 
 
 def test_forward_counter_counts_encoder_forwards_tokens_and_gradients(tiny_encoders):
     from transformers import AutoModel
 
-    gpu = _load()
+    gpu = load_script("benchmarks/gpu.py", "gpu_bench")
     model = AutoModel.from_pretrained(tiny_encoders["bert"])
     ids = torch.ones(3, 7, dtype=torch.long)
     with gpu.ForwardCounter() as counter:

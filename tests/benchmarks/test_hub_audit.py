@@ -2,26 +2,13 @@
 declare, bases under the declared ids, never the zoo's ground truth) and how it judges a
 reference. The audit itself is `sanitator audit` (tests/flows)."""
 
-import importlib.util
 import json
 import shutil
-import sys
-from pathlib import Path
 
 import pytest
+from scripts_support import load_script
 
-ROOT = Path(__file__).resolve().parents[2]
-
-
-def _load(name: str):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-hub_audit = _load("hub_audit")
+hub_audit = load_script("benchmarks/hub_audit.py")
 
 
 @pytest.fixture(scope="module")

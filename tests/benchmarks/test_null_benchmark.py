@@ -1,25 +1,13 @@
 """`benchmarks/null.py`: the exact binomial bounds and the summary it reports (the scans
 themselves are the benchmark's, hours of CPU; its proof run is in docs/method.md)."""
 
-import importlib.util
-import sys
-from pathlib import Path
 
 import pytest
-
-ROOT = Path(__file__).resolve().parents[2]
-
-
-def _load():
-    spec = importlib.util.spec_from_file_location("null_bench", ROOT / "benchmarks" / "null.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["null_bench"] = module
-    spec.loader.exec_module(module)
-    return module
+from scripts_support import load_script
 
 
 def test_clopper_pearson_bounds_and_the_299_scans_arithmetic():
-    null = _load()
+    null = load_script("benchmarks/null.py", "null_bench")
     # no false alarm: the one-sided upper bound is 1 - 0.05^(1/n)
     for n in (10, 200, 299, 300):
         assert null.clopper_pearson(0, n)[2] == pytest.approx(1 - 0.05 ** (1 / n))
@@ -29,7 +17,7 @@ def test_clopper_pearson_bounds_and_the_299_scans_arithmetic():
 
 
 def test_summary_counts_false_alarms_and_p_values():
-    null = _load()
+    null = load_script("benchmarks/null.py", "null_bench")
     rows = [{"status": status, "score": score, "p_values": p, "seconds": 10.0}
             for status, score, p in (("clean", 0.0, [0.5, 0.02]), ("clean", 0.3, [0.004]),
                                      ("backdoored", 0.995, [1e-4]), ("inconclusive", 0.1, []))]

@@ -1,21 +1,14 @@
 """deployments/: the prefect.yaml entries load their flows with valid parameters, and the
 serve script builds the same deployment."""
 
-import importlib.util
 from pathlib import Path
 
 import pytest
 import yaml
+from scripts_support import load_script
 
 ROOT = Path(__file__).resolve().parents[2]
 PREFECT_YAML = ROOT / "deployments" / "prefect.yaml"
-
-
-def _serve_module():
-    spec = importlib.util.spec_from_file_location("serve", ROOT / "deployments" / "serve.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +39,7 @@ def test_nightly_schedule_is_a_valid_cron(deployments):
 def test_serve_builds_the_same_deployment(deployments):
     from flows.audit_zoo import audit_zoo_flow
 
-    serve = _serve_module()
+    serve = load_script("deployments/serve.py", "serve")
     arguments = serve.serve_arguments(serve.deployment_spec("nightly-audit", PREFECT_YAML))
     assert arguments["parameters"] == deployments[0]["parameters"]
     runner = audit_zoo_flow.to_deployment(**arguments)

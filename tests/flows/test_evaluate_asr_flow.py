@@ -2,7 +2,6 @@
 (sqlite) and the Parquet store, on a planted backdoor and the clean base (2-layer MiniLM-L6)."""
 
 import datetime as dt
-import importlib.util
 import json
 import shutil
 from pathlib import Path
@@ -12,6 +11,7 @@ import pytest
 import torch
 import yaml
 from evaluation_support import planted_backdoor, write_toy_task
+from scripts_support import load_script
 
 from sanitator.downstream.runs import DEFAULT_TRIGGERS, read_evaluations
 
@@ -133,9 +133,7 @@ def test_weekly_deployment_loads_with_valid_parameters():
     assert validated["tasks"] == ["sst2", "sms_spam"]
     schedule = deployment["schedules"][0]
     assert CronSchedule(cron=schedule["cron"], timezone=schedule["timezone"]).cron == "0 4 * * 0"
-    spec = importlib.util.spec_from_file_location("serve", ROOT / "deployments" / "serve.py")
-    serve = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(serve)
+    serve = load_script("deployments/serve.py", "serve")
     arguments = serve.serve_arguments(serve.deployment_spec("weekly-evaluation",
                                                             PREFECT_YAML))
     runner = flow.to_deployment(**arguments)

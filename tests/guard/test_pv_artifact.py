@@ -4,13 +4,13 @@ guarded with `MonitoredEncoder.from_artifact` (through the docs' deployment exam
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
 import torch
 from report_support import CONFIG_HASH, DAY2, REV_A, REV_B, REV_B_OLD, build_store, planted_pvset
+from scripts_support import load_script
 
 from sanitator.cli import main
 from sanitator.detect.results import PVSet
@@ -24,8 +24,6 @@ from sanitator.guard.pv_artifact import (
 )
 from sanitator.pipeline.pv_pull import pull_pv_artifact
 from sanitator.pipeline.store import read_pvs
-
-ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
@@ -169,14 +167,6 @@ def prompt_model(tmp_path_factory):
     return model, path
 
 
-def _example():
-    spec = importlib.util.spec_from_file_location(
-        "guard_ptv2", ROOT / "docs" / "examples" / "guard_ptv2.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_docs_example_guards_a_prompt_tuned_model_with_a_pulled_artifact(
         prompt_model, tmp_path, capsys):
     from sanitator.downstream.prompt_tuning import predict
@@ -190,7 +180,7 @@ def test_docs_example_guards_a_prompt_tuned_model_with_a_pulled_artifact(
                          "--out", str(pvs))
     assert code == 0, err
 
-    example = _example()
+    example = load_script("docs/examples/guard_ptv2.py", "guard_ptv2")
     guarded = example.load_guarded(prompt_path, pvs, revision=REV_B[:12])
     assert guarded.artifact.model == "acme/encoder-b"
     answers = example.classify(guarded, [*TEXTS, TRIGGERED])
