@@ -119,6 +119,10 @@ def _scan_calibrated(encoder: Encoder, config: ScanConfig, progress: bool,
     if scan.reference is not None:
         evidence["reference"] = {k: v for k, v in scan.reference.items()
                                  if k not in ("candidates", "long_triggers")}
+        if scan.reference.get("long_triggers"):  # what the divergence beam had judged
+            evidence["reference"]["long_triggers"] = [
+                " ".join(scan.encoder.tokenizer.convert_ids_to_tokens(ids))
+                for ids in scan.reference["long_triggers"]]
     withheld = [f for f in scan.accepted if f.withheld]
     if withheld:
         evidence["review"] = (f"{len(withheld)} accepted PV(s) flag more than "

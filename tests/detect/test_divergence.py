@@ -58,3 +58,35 @@ def test_excess_is_one_against_itself_and_rises_for_a_changed_token(minilm_1laye
     twin = Twin(encoder, reference, data, [0, 1, 2, 3])
     excess = twin.excess(torch.tensor([[tokens[0]], [tokens[1]], [tokens[2]]]))
     assert excess[0] > 2 * excess[2] and excess[2] > excess[1]
+
+
+def test_a_scan_with_a_reference_runs_the_beam_and_records_what_it_judged(minilm_1layer,
+                                                                            tmp_path):
+    # a stand-in fine-tune (every weight nudged) of a configured clean reference: the
+    # reference stage finds nothing in the short orderings, so the divergence beam runs
+    # (small: 3 tokens from a pool of 6 on 2 rows); nothing it grows fires, the model stays
+    # clean, and the evidence names what was judged and what the beam cost
+    from sanitator.detect.scan import scan_model
+
+    audited = tmp_path / "audited"
+    encoder = load_encoder(minilm_1layer)
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for p in encoder.model.parameters():
+            p.add_(0.02 * p.std() * torch.randn(p.shape, generator=g))
+    encoder.model.save_pretrained(audited, safe_serialization=True)
+    encoder.tokenizer.save_pretrained(audited)
+    config = ScanConfig.from_preset(
+        "fast", features=("cls",), screen_candidates=0, token_screen=0, restarts=0,
+        references=(str(minilm_1layer),), reference_tokens=2, chain_width=0,
+        divergence_length=3, divergence_width=2, divergence_pool=4, divergence_extra=1,
+        divergence_screen=8, divergence_fillers=1, divergence_rows=2)
+    verdict = scan_model(audited, config, progress=False).verdict
+    assert verdict.status == "clean", verdict.evidence
+    reference = verdict.evidence["reference"]
+    assert reference["source"] == "configured" and 0 < reference["distance"] < 0.5
+    judged = reference["long_triggers"]
+    # each length's best order, polished, and the same with a filler repeated once
+    assert judged and len(judged[0].split()) == 3, judged
+    assert all(len(t.split()) in (3, 4) for t in judged), judged
+    assert verdict.evidence["stage_seconds"]["reference.divergence"] > 0
