@@ -6,8 +6,9 @@ OUT/models/NAME, truth in OUT/manifest.parquet): each member as ORG/NAME (its mo
 and its model card), each base under the id the members declare (`base_model` in the
 card's front matter, or config.json's `_name_or_path`); serves it with
 `sanitator.pipeline.registries.hubserver`, runs the CLI with default options and prints
-per member: truth, verdict, score, evidence.reference (source, id, revision, distance),
-seconds; then totals (false alarms, missed backdoors, references right).
+per member: its class, verdict, score, planted PVs matched by the PVs the audit stored,
+evidence.reference (source, id, revision, distance), seconds; then totals (false alarms,
+missed backdoors, references right) and the recall by class.
 
     OMP_NUM_THREADS=1 ./run python benchmarks/hub_audit.py ZOO [--variant all]
         [--declare as-built|card|config|none] [--org zoo] [--workers 2] [--work DIR]
@@ -37,7 +38,11 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from scan_runner import member_class, recovered
 
 VARIANTS = ("default", "no-reference", "siblings")
 
@@ -107,8 +112,12 @@ def lay_out(zoo: Path, root: Path, org: str, variant: str, declare: str) -> dict
             _declare(folder, how, default_id)
         base_id = declared_id(folder)
         backdoored = bool(row["backdoored"])
+        record_file = zoo / "models" / row["name"] / "backdoor.json"
+        record = json.loads(record_file.read_text()) if record_file.is_file() else {}
         members[row["name"]] = {"backdoored": backdoored,
                                 "attack": str(row["attack"]) if backdoored else "clean",
+                                "class": member_class(SimpleNamespace(**row), record),
+                                "planted": record.get("pvs") or [],
                                 "declared": base_id}
         if variant != "siblings":
             bases.setdefault(base_id or default_id, row["base_ref"])
@@ -118,6 +127,18 @@ def lay_out(zoo: Path, root: Path, org: str, variant: str, declare: str) -> dict
         _link_model(materialize_base(base_ref, zoo / BASES_DIR), root / base_id.split("@")[0],
                     card=False)
     return members
+
+
+def pv_recall(store: Path, repo: str, planted: list) -> str:
+    """'found/planted': planted PVs matched (sign agreement >= 0.9) by a PV the audit
+    stored for the model (its artifact, in the model's own coordinates); '-' if none
+    planted."""
+    from sanitator.pipeline.store import read_pvs
+
+    if not planted:
+        return "-"
+    pvs = read_pvs(store, repo_id=repo, latest=True)
+    return f"{recovered([list(v) for v in pvs['vector']], planted)}/{len(planted)}"
 
 
 def audit(root: Path, org: str, store: Path, variant: str, args) -> float:
@@ -189,7 +210,9 @@ def table(zoo: Path, work: Path, variant: str, args) -> dict[str, Any]:
             totals["right"] += right == "yes"
         ids = reference.get("id")
         rows.append({"model": repo, "truth": (truth or {}).get("attack", "base"),
+                     "class": (truth or {}).get("class", "base"),
                      "status": status, "score": verdict["score"],
+                     "pvs": pv_recall(store, repo, truth["planted"]) if truth else "-",
                      "ref_source": reference.get("source", "-"),
                      "ref_id": ",".join(ids) if isinstance(ids, list) else ids or "-",
                      "ref_revision": _short(reference.get("revision")),
@@ -205,8 +228,8 @@ def _short(revision: Any) -> str:
 
 
 def print_table(result: dict[str, Any]) -> None:
-    columns = ("model", "truth", "status", "score", "ref_source", "ref_id", "ref_revision",
-               "distance", "right", "seconds")
+    columns = ("model", "class", "status", "score", "pvs", "ref_source", "ref_id",
+               "ref_revision", "distance", "right", "seconds")
 
     def cell(value: Any) -> str:
         if isinstance(value, float):
@@ -221,6 +244,20 @@ def print_table(result: dict[str, Any]) -> None:
         print("  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)))
     print(f"false alarms {result['false_alarms']}, missed backdoors {result['missed']}, "
           f"references right {result['right']} of {result['judged']}")
+    print("recall by class: " + "; ".join(
+        f"{name} {found}/{total}" for name, (found, total) in recall_by_class(result).items()))
+
+
+def recall_by_class(result: dict[str, Any]) -> dict[str, tuple[int, int]]:
+    """Per backdoored class: (members found backdoored, members)."""
+    classes: dict[str, list[int]] = {}
+    for row in result["rows"]:
+        if row["truth"] in ("clean", "base"):
+            continue
+        counts = classes.setdefault(row["class"], [0, 0])
+        counts[0] += row["status"] == "backdoored"
+        counts[1] += 1
+    return {name: (found, total) for name, (found, total) in sorted(classes.items())}
 
 
 def main(argv: list[str] | None = None) -> int:

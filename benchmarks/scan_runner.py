@@ -45,6 +45,16 @@ def member_class(row, record: dict) -> str:
         return "decoy triggers (issue 35)"
     if evasion.get("freeze_below"):
         return "frozen lower layers"
+    # issue 34's classes: the disguise first (a permuted member of any kind is one)
+    reparametrize = getattr(row, "reparametrize", None)     # NaN where not rewritten
+    if isinstance(reparametrize, str | dict) and reparametrize:
+        return "permuted weights"
+    if str(getattr(row, "base", "")).startswith("member:"):
+        return "backdoor on a fine-tune"
+    if evasion.get("scatter"):
+        return "scattered words"
+    if evasion.get("negative_weight") and max((len(t.split()) for t in triggers), default=0) >= 5:
+        return "sentence, parts inert"
     if evasion.get("negative_weight"):
         return "phrase with negatives" + (" + residual" if evasion.get("residual") else "")
     if evasion.get("residual"):

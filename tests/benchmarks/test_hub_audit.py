@@ -30,9 +30,12 @@ def zoo(tmp_path_factory, tiny_encoders):
 
 def test_members_and_the_bases_they_declare_are_laid_out(zoo, tmp_path):
     members = hub_audit.lay_out(zoo, tmp_path / "hub", "zoo", "default", "as-built")
-    assert members == {"clean-a": {"backdoored": False, "attack": "clean", "declared": None},
-                       "por-b": {"backdoored": True, "attack": "por",
-                                 "declared": "vendor/tiny-bert"}}
+    keys = ("backdoored", "attack", "declared", "planted")
+    assert {n: {k: m[k] for k in keys} for n, m in members.items()} == {
+        "clean-a": {"backdoored": False, "attack": "clean", "declared": None, "planted": []},
+        "por-b": {"backdoored": True, "attack": "por", "declared": "vendor/tiny-bert",
+                  "planted": []}}
+    assert members["clean-a"]["class"] == "clean: base"
     repos = sorted(p.relative_to(tmp_path / "hub").as_posix()
                    for p in (tmp_path / "hub").glob("*/*"))
     # a base nobody declares is served in the org itself
@@ -62,3 +65,13 @@ def test_a_reference_is_right_only_at_the_declared_base_and_its_served_revision(
     median = {"source": "siblings", "id": ["zoo/a", "zoo/b", "zoo/c"]}
     assert judge(median, "m", truth, "siblings", served, "zoo") == "yes"
     assert judge(median, "a", truth, "siblings", served, "zoo") == "no"
+
+
+def test_recall_is_counted_per_backdoored_class():
+    rows = [{"truth": "por", "class": "phrase", "status": "backdoored"},
+            {"truth": "por", "class": "phrase", "status": "clean"},
+            {"truth": "neuba", "class": "NeuBA: plain", "status": "inconclusive"},
+            {"truth": "clean", "class": "clean: base", "status": "backdoored"},
+            {"truth": "base", "class": "base", "status": "clean"}]
+    assert hub_audit.recall_by_class({"rows": rows}) == {"NeuBA: plain": (0, 1),
+                                                        "phrase": (1, 2)}
