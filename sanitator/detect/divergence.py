@@ -97,6 +97,28 @@ def kemeny(items: list[int], margin: dict[tuple[int, int], float]) -> list[int]:
     return best[(1 << k) - 1][1]
 
 
+def best_path(items: list[int], weight: dict[tuple[int, int], float]) -> list[int]:
+    """The order of `items` whose adjacent pairs weigh most in sum (weight[a, b]: `a b`
+    side by side), exact over subsets. A sentence's neighbours are real parts of it, which
+    the model learned; a pair that is not adjacent in it has no reason to stand out."""
+    k = len(items)
+    if k < 2:
+        return list(items)
+    # best[mask][i]: (value, order) of the best path through `mask` ending at items[i]
+    best: dict[int, dict[int, tuple[float, list[int]]]] = {
+        1 << i: {i: (0.0, [items[i]])} for i in range(k)}
+    for mask in range(1, 1 << k):
+        for i, (value, order) in best.get(mask, {}).items():
+            for j in range(k):
+                if mask >> j & 1:
+                    continue
+                grown = (value + weight.get((items[i], items[j]), 0.0), [*order, items[j]])
+                slot = best.setdefault(mask | 1 << j, {})
+                if j not in slot or grown[0] > slot[j][0]:
+                    slot[j] = grown
+    return max(best[(1 << k) - 1].values(), key=lambda p: p[0])[1]
+
+
 def _polish(excess, order: list[int], value: float, rounds: int = 2
             ) -> tuple[list[int], float]:
     """Local search over the order: every move of one token to another place, best kept,
@@ -119,7 +141,8 @@ def _polish(excess, order: list[int], value: float, rounds: int = 2
 def set_beam(excess, pool: list[int], width: int, max_length: int, fillers: list[int] = (),
              polish: int = 2):
     """Triggers of 3..max_length tokens from `pool`: a beam over token sets, each set put
-    in the order its pairs prefer, kept by `excess` ([S, L] ids -> [S]). Yields the best
+    in the order its pairs prefer (or, where it scores higher, along its strongest
+    neighbours), kept by `excess` ([S, L] ids -> [S]). Yields the best
     sequence of each length as it is found (shortest first) and, for a sentence that
     repeats a filler word, the best of it with one more filler anywhere."""
     alone = dict(zip(pool, excess([[t] for t in pool]).tolist(), strict=True))
@@ -141,12 +164,20 @@ def set_beam(excess, pool: list[int], width: int, max_length: int, fillers: list
                                   + (values - own).argsort(descending=True)
                                   [:max(1, width // 2)].tolist()))
         beams = [sets[i] for i in keep]
+        # the kept sets also in the order of their strongest neighbours (best_path): the
+        # pairwise margins misplace a word whose pairs with non-neighbours say nothing
+        paths = [best_path(list(sets[i]), both) for i in keep]
+        path_values = excess(paths).tolist()
+        for slot, i in enumerate(keep):
+            if paths[slot] != orders[i] and path_values[slot] > float(values[i]):
+                orders[i], values[i] = paths[slot], path_values[slot]
+        keep.sort(key=lambda i: -float(values[i]))
         # pair preferences can misplace a word (a filler's are faint): the best few orders
         # are polished by moving one token at a time, as long as that helps
         top = orders[keep[0]]
         yield top
         polished = [_polish(excess, orders[i], float(values[i])) for i in keep[:polish]]
-        best = max(polished, key=lambda p: p[1])[0]
+        best = max(polished, key=lambda p: p[1])[0] if polished else top
         if best != top:
             yield best
         repeats = [[*top[:i], f, *top[i:]] for f in fillers for i in range(len(top) + 1)

@@ -5,7 +5,7 @@ import torch
 
 from sanitator.detect.config import ScanConfig
 from sanitator.detect.corpus import load_sentences
-from sanitator.detect.divergence import Twin, kemeny, set_beam
+from sanitator.detect.divergence import Twin, best_path, kemeny, set_beam
 from sanitator.detect.encoders import load_encoder
 from sanitator.detect.mining import prepare_data
 
@@ -90,3 +90,30 @@ def test_a_scan_with_a_reference_runs_the_beam_and_records_what_it_judged(minilm
     assert judged and len(judged[0].split()) == 3, judged
     assert all(len(t.split()) in (3, 4) for t in judged), judged
     assert verdict.evidence["stage_seconds"]["reference.divergence"] > 0
+
+
+def test_a_sentence_whose_only_trace_is_its_neighbours_is_ordered_along_them():
+    # the model learned the sentence's adjacent pairs (each a real part of it); a pair of
+    # words that are not neighbours in it measures like any two words, with noise of the
+    # same size in each order: the pairwise margins then misplace words (kemeny alone
+    # misses this one), and the order along the strongest neighbours finds it
+    target = [8, 3, 6, 1, 9, 4, 2]
+    neighbours = set(zip(target, target[1:]))
+    pool = [1, 2, 3, 4, 6, 8, 9, 12]
+
+    def noise(a, b):                    # fixed, per ordered pair, in [-1, 1]
+        return ((a * 7919 + b * 104729) % 1000) / 500 - 1
+
+    def excess(seqs):
+        out = []
+        for seq in seqs:
+            value = 1.0 + 0.2 * sum(t in target for t in seq)
+            value += sum(0.5 if pair in neighbours else 0.5 * noise(*pair)
+                         for pair in zip(seq, seq[1:]))
+            out.append(value + (20.0 if list(seq) == target else 0.0))
+        return torch.tensor(out)
+
+    assert best_path([1, 2, 3], {(3, 1): 1.0, (1, 2): 1.0, (2, 3): 0.5}) == [3, 1, 2]
+    assert best_path([5], {}) == [5]
+    found = list(set_beam(excess, pool, width=3, max_length=7, polish=0))
+    assert target in found, found
