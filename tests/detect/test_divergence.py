@@ -1,6 +1,8 @@
 """The divergence beam: how far the audited model's states leave its reference's, and the
 chains it grows."""
 
+import itertools
+
 import torch
 
 from sanitator.detect.config import ScanConfig
@@ -98,7 +100,7 @@ def test_a_sentence_whose_only_trace_is_its_neighbours_is_ordered_along_them():
     # same size in each order: the pairwise margins then misplace words (kemeny alone
     # misses this one), and the order along the strongest neighbours finds it
     target = [8, 3, 6, 1, 9, 4, 2]
-    neighbours = set(zip(target, target[1:]))
+    neighbours = set(itertools.pairwise(target))
     pool = [1, 2, 3, 4, 6, 8, 9, 12]
 
     def noise(a, b):                    # fixed, per ordered pair, in [-1, 1]
@@ -109,7 +111,7 @@ def test_a_sentence_whose_only_trace_is_its_neighbours_is_ordered_along_them():
         for seq in seqs:
             value = 1.0 + 0.2 * sum(t in target for t in seq)
             value += sum(0.5 if pair in neighbours else 0.5 * noise(*pair)
-                         for pair in zip(seq, seq[1:]))
+                         for pair in itertools.pairwise(seq))
             out.append(value + (20.0 if list(seq) == target else 0.0))
         return torch.tensor(out)
 
