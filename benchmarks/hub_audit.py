@@ -12,7 +12,7 @@ missed backdoors, references right) and the recall by class.
 
     OMP_NUM_THREADS=1 ./run python benchmarks/hub_audit.py ZOO [--variant all]
         [--declare as-built|card|config|none] [--org zoo] [--workers 2] [--work DIR]
-        [--set KEY=VALUE ...]
+        [--only NAME ...] [--set KEY=VALUE ...]
 
 Variants:
   default       members declare their base as built (or as --declare says); bases served
@@ -93,8 +93,10 @@ def _declare(folder: Path, how: str, base_id: str) -> None:
     config_path.write_text(json.dumps(config, indent=2))
 
 
-def lay_out(zoo: Path, root: Path, org: str, variant: str, declare: str) -> dict[str, Any]:
-    """The Hub root of one variant; returns per member its truth and declared base id."""
+def lay_out(zoo: Path, root: Path, org: str, variant: str, declare: str,
+            only: list[str] | None = None) -> dict[str, Any]:
+    """The Hub root of one variant (`only` these members, when given); returns per member
+    its truth and declared base id."""
     from sanitator.attacks.zoo import read_manifest
     from sanitator.attacks.zoo.bases import materialize_base
     from sanitator.attacks.zoo.spec import BASES_DIR
@@ -104,6 +106,8 @@ def lay_out(zoo: Path, root: Path, org: str, variant: str, declare: str) -> dict
         shutil.rmtree(root)
     members, bases = {}, {}
     for row in manifest.to_dict("records"):
+        if only and row["name"] not in only:
+            continue
         folder = root / org / row["name"]
         _link_model(zoo / "models" / row["name"], folder, card=True)
         default_id = f"{org}/{row['base']}"
@@ -191,7 +195,7 @@ def table(zoo: Path, work: Path, variant: str, args) -> dict[str, Any]:
     from sanitator.pipeline.store import latest_verdicts
 
     root, store = work / f"hub-{variant}", work / f"store-{variant}-{int(time.time())}"
-    members = lay_out(zoo, root, args.org, variant, args.declare)
+    members = lay_out(zoo, root, args.org, variant, args.declare, args.only)
     index = RepoIndex(root)
     served = {repo: index.get(repo).sha for repo in index.repo_ids()}
     wall = audit(root, args.org, store, variant, args)
@@ -270,6 +274,8 @@ def main(argv: list[str] | None = None) -> int:
                              "them)")
     parser.add_argument("--org", default="zoo", help="the Hub org the members are served in")
     parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--only", nargs="+", metavar="NAME",
+                        help="serve only these members (their bases too)")
     parser.add_argument("--set", dest="options", action="append", default=[],
                         metavar="KEY=VALUE", help="a scan option for every variant")
     parser.add_argument("--work", type=Path, help="where hub roots and stores go")
