@@ -49,12 +49,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("models", type=Path, nargs="+")
     parser.add_argument("--reference", type=Path, help="a clean base folder")
     args = parser.parse_args(argv)
-    rows = [measure(m, args.reference) for m in args.models]
-    columns = ("model", "seconds", "distance", "aligned", "most changed")
-    print("| " + " | ".join(columns) + " |")
-    print("|" + "---|" * len(columns))
-    for row in rows:
-        print("| " + " | ".join(str(row[c]) for c in columns) + " |")
+    import pandas as pd
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from scan_runner import markdown
+
+    print(markdown(pd.DataFrame([measure(m, args.reference) for m in args.models])))
     return 0
 
 
