@@ -133,16 +133,14 @@ def lay_out(zoo: Path, root: Path, org: str, variant: str, declare: str,
     return members
 
 
-def pv_recall(store: Path, repo: str, planted: list) -> str:
+def pv_recall(pvs, repo: str, planted: list) -> str:
     """'found/planted': planted PVs matched (sign agreement >= 0.9) by a PV the audit
-    stored for the model (its artifact, in the model's own coordinates); '-' if none
-    planted."""
-    from sanitator.pipeline.store import read_pvs
-
+    stored for the model (`pvs`: the store's latest PV rows, read once; in the model's own
+    coordinates); '-' if none planted."""
     if not planted:
         return "-"
-    pvs = read_pvs(store, repo_id=repo, latest=True)
-    return f"{recovered([list(v) for v in pvs['vector']], planted)}/{len(planted)}"
+    found = pvs[pvs["repo_id"] == repo]["vector"] if len(pvs) else []
+    return f"{recovered([list(v) for v in found], planted)}/{len(planted)}"
 
 
 def audit(root: Path, org: str, store: Path, variant: str, args) -> float:
@@ -192,7 +190,7 @@ def judge(reference: dict | None, member: str, truth: dict, variant: str,
 def table(zoo: Path, work: Path, variant: str, args) -> dict[str, Any]:
     from sanitator.cli.verdicts import reference_summary
     from sanitator.pipeline.registries.hubserver.repos import RepoIndex
-    from sanitator.pipeline.store import latest_verdicts
+    from sanitator.pipeline.store import latest_verdicts, read_pvs
 
     root, store = work / f"hub-{variant}", work / f"store-{variant}-{int(time.time())}"
     members = lay_out(zoo, root, args.org, variant, args.declare, args.only)
@@ -200,6 +198,7 @@ def table(zoo: Path, work: Path, variant: str, args) -> dict[str, Any]:
     served = {repo: index.get(repo).sha for repo in index.repo_ids()}
     wall = audit(root, args.org, store, variant, args)
     verdicts = latest_verdicts(store).set_index("repo_id")
+    pvs = read_pvs(store, latest=True)
     rows, totals = [], {"false_alarms": 0, "missed": 0, "right": 0, "judged": 0}
     for repo, verdict in verdicts.iterrows():
         name = repo.split("/", 1)[1] if repo.startswith(f"{args.org}/") else None
@@ -216,7 +215,7 @@ def table(zoo: Path, work: Path, variant: str, args) -> dict[str, Any]:
         rows.append({"model": repo, "truth": (truth or {}).get("attack", "base"),
                      "class": (truth or {}).get("class", "base"),
                      "status": status, "score": verdict["score"],
-                     "pvs": pv_recall(store, repo, truth["planted"]) if truth else "-",
+                     "pvs": pv_recall(pvs, repo, truth["planted"]) if truth else "-",
                      "ref_source": reference.get("source", "-"),
                      "ref_id": ",".join(ids) if isinstance(ids, list) else ids or "-",
                      "ref_revision": _short(reference.get("revision")),

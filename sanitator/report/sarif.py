@@ -26,46 +26,42 @@ def _model_uri(row: dict[str, Any]) -> str:
     return Path(root, repo).resolve().as_uri()
 
 
+def _rule(rule_id: str, name: str, short: str, full: str, help_text: str, *, level: str,
+          severity: str, precision: str) -> dict[str, Any]:
+    """One SARIF reportingDescriptor; `{code}` in the help is plain in its text and
+    backquoted in its markdown."""
+    return {
+        "id": rule_id, "name": name,
+        "shortDescription": {"text": short}, "fullDescription": {"text": full},
+        "help": {"text": help_text.replace("{", "").replace("}", ""),
+                 "markdown": help_text.replace("{", "`").replace("}", "`")},
+        "defaultConfiguration": {"level": level},
+        "properties": {"tags": ["security", "supply-chain", "backdoor"],
+                       "security-severity": severity, "precision": precision},
+    }
+
+
 def to_sarif(report: dict[str, Any]) -> dict[str, Any]:
     """SARIF 2.1.0 log: one run, two rules, one result per backdoored or inconclusive
     model."""
-    rule = {
-        "id": SARIF_RULE_ID,
-        "name": "BackdooredPretrainedEncoder",
-        "shortDescription": {"text": "Task-agnostic backdoor in a pretrained encoder"},
-        "fullDescription": {"text": "LMSanitator found predefined attack vectors (PVs) that "
-                                    "a real trigger reproduces: any model prompt-tuned on "
-                                    "this encoder inherits the backdoor."},
-        "help": {"text": "Do not prompt-tune or deploy this revision. If it must serve, "
-                         "guard it with its PV artifact (`sanitator pv pull`) and "
-                         "MonitoredEncoder.from_artifact.",
-                 "markdown": "Do not prompt-tune or deploy this revision. If it must serve, "
-                             "guard it with its PV artifact (`sanitator pv pull`) and "
-                             "`MonitoredEncoder.from_artifact`."},
-        "defaultConfiguration": {"level": "error"},
-        "properties": {"tags": ["security", "supply-chain", "backdoor"],
-                       "security-severity": "9.0", "precision": "high"},
-    }
-    inconclusive_rule = {
-        "id": SARIF_INCONCLUSIVE_RULE_ID,
-        "name": "InconclusiveBackdoorScan",
-        "shortDescription": {"text": "Backdoor scan inconclusive: not shown clean"},
-        "fullDescription": {"text": "The scan could not judge every candidate trigger it "
-                                    "found (a confirmation quota was spent) and accepted "
-                                    "none, so the encoder is not shown free of a "
-                                    "task-agnostic backdoor."},
-        "help": {"text": "Treat this revision as unsafe until reviewed: audit it again with "
-                         "a larger confirmation budget or a known clean base, or inspect "
-                         "the unjudged candidates in the audit's evidence. It has no PV "
-                         "artifact.",
-                 "markdown": "Treat this revision as unsafe until reviewed: audit it again "
-                             "with a larger confirmation budget or a known clean base, or "
-                             "inspect the unjudged candidates in the audit's evidence. It "
-                             "has no PV artifact."},
-        "defaultConfiguration": {"level": "warning"},
-        "properties": {"tags": ["security", "supply-chain", "backdoor"],
-                       "security-severity": "5.0", "precision": "medium"},
-    }
+    rule = _rule(
+        SARIF_RULE_ID, "BackdooredPretrainedEncoder",
+        "Task-agnostic backdoor in a pretrained encoder",
+        "LMSanitator found predefined attack vectors (PVs) that a real trigger reproduces: "
+        "any model prompt-tuned on this encoder inherits the backdoor.",
+        "Do not prompt-tune or deploy this revision. If it must serve, guard it with its PV "
+        "artifact (`sanitator pv pull`) and {MonitoredEncoder.from_artifact}.",
+        level="error", severity="9.0", precision="high")
+    inconclusive_rule = _rule(
+        SARIF_INCONCLUSIVE_RULE_ID, "InconclusiveBackdoorScan",
+        "Backdoor scan inconclusive: not shown clean",
+        "The scan could not judge every candidate trigger it found (a confirmation quota "
+        "was spent) and accepted none, so the encoder is not shown free of a task-agnostic "
+        "backdoor.",
+        "Treat this revision as unsafe until reviewed: audit it again with a larger "
+        "confirmation budget or a known clean base, or inspect the unjudged candidates in "
+        "the audit's evidence. It has no PV artifact.",
+        level="warning", severity="5.0", precision="medium")
     results = []
     for finding in report["findings"]:
         if finding["status"] not in (Status.BACKDOORED, Status.INCONCLUSIVE):
