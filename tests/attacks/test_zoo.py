@@ -63,9 +63,12 @@ def test_bad_top_level_entries():
         parse_spec({**_spec(members=[{"base": "rob"}]), "evaluation": {"n_sentences": 0}})
     with pytest.raises(SpecError, match="unknown key"):
         parse_spec({**_spec(members=[{"base": "rob"}]), "bazes": {}})
+    with pytest.raises(SpecError, match="name: must be a string"):
+        parse_spec({**_spec(members=[{"base": "rob"}]), "name": None})  # YAML `name: null`
 
 
 def test_checked_in_spec_parses():
+    assert load_spec(REPO / "benchmarks" / "zoos" / "null.yaml").name == "null"
     spec = load_spec(REPO / "benchmarks" / "zoos" / "minilm.yaml")
     minilm = [m for m in spec.members if m.base == "minilm"]
     assert {m.recipe for m in minilm} == {"clean", "mlm", "por", "neuba", "btop"}

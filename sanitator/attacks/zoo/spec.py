@@ -353,7 +353,11 @@ def parse_spec(data: dict[str, Any], *, source: str = "spec") -> ZooSpec:
         raise SpecError(f"{source}: duplicate member names {duplicates}; name them explicitly")
     members = _resolve_member_bases(members)
     _check_ids(members)
-    return ZooSpec(str(data.get("name", "zoo")), tuple(members), evaluation, org, publish)
+    name = data.get("name", "zoo")
+    if not isinstance(name, str) or not name:
+        # a bare `name: null` (or `no`, `1`) is YAML for something else
+        raise _where("name", f"must be a string (quote it), got {name!r}")
+    return ZooSpec(name, tuple(members), evaluation, org, publish)
 
 
 def _resolve_member_bases(members: list[MemberSpec]) -> list[MemberSpec]:
