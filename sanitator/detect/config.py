@@ -150,6 +150,8 @@ class SearchConfig(_Stage):
     divergence_screen: int = 64     # most changed tokens whose own divergence is measured
     divergence_fillers: int = 4     # frequent corpus words in the pool (a sentence's `the`)
     divergence_rows: int = 6        # short search rows the divergence is measured on
+    divergence_climb: int = 8       # rounds of the gradient-ranked swap climb at the end; 0 = off
+    divergence_swaps: int = 6       # swaps measured per place and round (gradient's best)
 
 
 @dataclass(frozen=True)

@@ -37,37 +37,44 @@ class Twin:
         self.ids, self.attention = pad_batch([data.ids[r] for r in rows], pad)
         self.baseline = self._divergence(torch.empty(1, 0, dtype=torch.long))[0]
 
-    @torch.no_grad()
-    def _hidden(self, model: torch.nn.Module, triggers: torch.Tensor
+    def _states(self, model: torch.nn.Module, trigger_embeds: torch.Tensor
                 ) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
-        """Hidden states of every layer with each trigger spliced into every row; each
-        model embeds the tokens with its own embeddings."""
+        """Hidden states of every layer with each trigger [S, L, E] (in `model`'s own
+        embedding space) spliced into every row."""
         device = self.encoder.device
-        table = model.get_input_embeddings().weight
-        embeds = table[self.ids.to(device)]
+        embeds = model.get_input_embeddings().weight[self.ids.to(device)]
         attention = self.attention.to(device)
-        if triggers.shape[1]:
+        if trigger_embeds.shape[1]:
             embeds, attention = splice_triggers(embeds, attention,
                                                 self.data.insert_at[self.rows],
-                                                table[triggers.to(device)])
+                                                trigger_embeds.to(embeds.dtype))
         with self.encoder.autocast():
             out = model(inputs_embeds=embeds, attention_mask=attention,
                         output_hidden_states=True)
         return out.hidden_states[1:], attention
 
-    def _divergence(self, triggers: torch.Tensor) -> torch.Tensor:
+    def _gap(self, ours: tuple[torch.Tensor, ...], theirs: tuple[torch.Tensor, ...],
+             mask: torch.Tensor, n: int) -> torch.Tensor:
         """[S, layers]: mean squared distance of the two models' hidden states over every
         real position, relative to the reference's own squared norm there."""
-        ours, mask = self._hidden(self.encoder.model, triggers)
-        theirs, _ = self._hidden(self.reference, triggers)
         mask = mask.float()
         per_layer = []
         for a, b in zip(ours, theirs, strict=True):
             a, b = a.float(), b.float()
             gap = ((a - b).pow(2).sum(-1) * mask).sum(1)
             scale = (b.pow(2).sum(-1) * mask).sum(1).clamp_min(1e-12)
-            per_layer.append((gap / scale).view(len(triggers) or 1, len(self.rows)).mean(1))
-        return torch.stack(per_layer, dim=1).cpu()
+            per_layer.append((gap / scale).view(n, len(self.rows)).mean(1))
+        return torch.stack(per_layer, dim=1)
+
+    @torch.no_grad()
+    def _divergence(self, triggers: torch.Tensor) -> torch.Tensor:
+        """[S, layers] for token triggers [S, L]; each model embeds them with its own table."""
+        device = self.encoder.device
+        ours, mask = self._states(self.encoder.model, self.encoder.model.get_input_embeddings()
+                                  .weight[triggers.to(device)])
+        theirs, _ = self._states(self.reference, self.reference.get_input_embeddings()
+                                 .weight[triggers.to(device)])
+        return self._gap(ours, theirs, mask, len(triggers) or 1).cpu()
 
     def excess(self, triggers: torch.Tensor) -> torch.Tensor:
         """[S]: the mean over layers of how many times farther apart the two models' hidden
@@ -78,6 +85,28 @@ class Twin:
                               / self.baseline.clamp_min(1e-8), 1.0).mean(dim=1)
                   for i in range(0, len(triggers), CHUNK)]
         return torch.cat(values)
+
+    def swap_gains(self, seq: list[int], tokens: list[int]) -> tuple[list[int], torch.Tensor]:
+        """First-order gain in excess from putting each of `tokens` at each place of `seq`
+        (the gradient through a one-hot choice of token, as in greedy coordinate gradient
+        search): (vocabulary, [L, V]). It ranks swaps; the beam measures the ones it tries."""
+        device = self.encoder.device
+        vocab = list(dict.fromkeys([*tokens, *seq]))
+        index = torch.tensor([vocab.index(t) for t in seq])
+        choice = torch.zeros(len(seq), len(vocab), device=device)
+        choice[torch.arange(len(seq)), index] = 1.0
+        choice.requires_grad_(True)
+        ids = torch.tensor(vocab, device=device)
+        with torch.enable_grad():
+            ours, mask = self._states(self.encoder.model, (
+                choice @ self.encoder.model.get_input_embeddings().weight[ids].float())[None])
+            theirs, _ = self._states(self.reference, (
+                choice @ self.reference.get_input_embeddings().weight[ids].float())[None])
+            moved = self.baseline.to(device) > 1e-8
+            ratio = self._gap(ours, theirs, mask, 1)[0] / self.baseline.to(device).clamp_min(1e-8)
+            torch.where(moved, ratio, 1.0).mean().backward()
+        grad = choice.grad.detach().cpu()
+        return vocab, grad - grad.gather(1, index[:, None])
 
 
 def kemeny(items: list[int], margin: dict[tuple[int, int], float]) -> list[int]:
@@ -124,11 +153,39 @@ def _polish(excess, order: list[int], value: float, rounds: int = 2
     """Local search over the order: every move of one token to another place, best kept,
     for a few rounds."""
     for _ in range(rounds):
-        moves = []
-        for i in range(len(order)):
-            rest = order[:i] + order[i + 1:]
-            moves += [[*rest[:j], order[i], *rest[j:]] for j in range(len(order)) if j != i]
-        moves = [m for m in dict.fromkeys(map(tuple, moves)) if list(m) != order]
+        moves = [m for m in dict.fromkeys(map(tuple, _moves(order))) if list(m) != order]
+        if not moves:
+            break
+        scored = excess([list(m) for m in moves])
+        if float(scored.max()) <= value:
+            break
+        order, value = list(moves[int(scored.argmax())]), float(scored.max())
+    return order, value
+
+
+def _moves(order: list[int]) -> list[list[int]]:
+    """Every order with one token moved to another place."""
+    moves = []
+    for i in range(len(order)):
+        rest = order[:i] + order[i + 1:]
+        moves += [[*rest[:j], order[i], *rest[j:]] for j in range(len(order)) if j != i]
+    return moves
+
+
+def climb(excess, gains, order: list[int], value: float, per_place: int = 6,
+          rounds: int = 8) -> tuple[list[int], float]:
+    """Coordinate ascent from the beam's best: each round measures the swaps the gradient
+    ranks highest at each place (`gains`: order -> (vocabulary, [L, V] gains)) and every
+    move of one token, and keeps the best while it helps. The beam's sets only hold the
+    pool; a sentence word the diff ranked just below it, or one the model's generalisation
+    (other weekdays for `sunday`) pushed out, comes in here one place at a time."""
+    for _ in range(rounds):
+        vocab, gain = gains(order)
+        top = gain.topk(min(per_place, gain.shape[1]), dim=1).indices.tolist()
+        swaps = [[*order[:i], vocab[k], *order[i + 1:]] for i in range(len(order))
+                 for k in top[i] if vocab[k] != order[i]]
+        moves = [m for m in dict.fromkeys(map(tuple, swaps + _moves(order)))
+                 if list(m) != order]
         if not moves:
             break
         scored = excess([list(m) for m in moves])
@@ -139,18 +196,20 @@ def _polish(excess, order: list[int], value: float, rounds: int = 2
 
 
 def set_beam(excess, pool: list[int], width: int, max_length: int, fillers: list[int] = (),
-             polish: int = 2):
+             polish: int = 2, gains=None, climb_rounds: int = 8, per_place: int = 6):
     """Triggers of 3..max_length tokens from `pool`: a beam over token sets, each set put
     in the order its pairs prefer (or, where it scores higher, along its strongest
     neighbours), kept by `excess` ([S, L] ids -> [S]). Yields the best
-    sequence of each length as it is found (shortest first) and, for a sentence that
-    repeats a filler word, the best of it with one more filler anywhere."""
+    sequence of each length as it is found (shortest first), for a sentence that
+    repeats a filler word the best of it with one more filler anywhere, and last, given
+    `gains`, what the climb (`climb`) reaches from the longest length's best."""
     alone = dict(zip(pool, excess([[t] for t in pool]).tolist(), strict=True))
     pairs = [(a, b) for a in pool for b in pool if a != b]
     both = dict(zip(pairs, excess(pairs).tolist(), strict=True))
     margin = {(a, b): both[a, b] - both[b, a] for a, b in pairs}
     beams = sorted({tuple(sorted(p)) for p in pairs},
                    key=lambda s: -max(both[s], both[s[::-1]]))[:width]
+    last = None  # (order, value): the best of the longest length so far
     for _ in range(3, max_length + 1):
         sets = sorted({tuple(sorted((*b, t))) for b in beams for t in pool if t not in b})
         if not sets:
@@ -177,7 +236,8 @@ def set_beam(excess, pool: list[int], width: int, max_length: int, fillers: list
         top = orders[keep[0]]
         yield top
         polished = [_polish(excess, orders[i], float(values[i])) for i in keep[:polish]]
-        best = max(polished, key=lambda p: p[1])[0] if polished else top
+        last = max(polished, key=lambda p: p[1]) if polished else (top, float(values[keep[0]]))
+        best = last[0]
         if best != top:
             yield best
         repeats = [[*top[:i], f, *top[i:]] for f in fillers for i in range(len(top) + 1)
@@ -186,6 +246,10 @@ def set_beam(excess, pool: list[int], width: int, max_length: int, fillers: list
             scored = excess(repeats)
             if float(scored.max()) > float(values[keep[0]]):
                 yield repeats[int(scored.argmax())]
+    if gains is not None and last is not None and climb_rounds > 0:
+        reached = climb(excess, gains, *last, per_place=per_place, rounds=climb_rounds)[0]
+        if reached != last[0]:
+            yield reached
 
 
 def divergence_chains(scan, reference, rows_data: MiningData, rows: list[int],
@@ -208,5 +272,12 @@ def divergence_chains(scan, reference, rows_data: MiningData, rows: list[int],
         extra = [rest[i] for i in alone.argsort(descending=True)
                  [:search.divergence_extra].tolist()]
     pool = list(dict.fromkeys(ranked[:search.divergence_pool] + extra + list(fillers)))
+    # the climb may swap in any token the diff screened, not only the pool's
+    screened = list(dict.fromkeys([*ranked[:search.divergence_screen], *pool]))
+
+    def gains(order: list[int]):
+        scan.searches += 1
+        return twin.swap_gains(order, screened)
     yield from set_beam(excess, pool, search.divergence_width, search.divergence_length,
-                        fillers)
+                        fillers, gains=gains, climb_rounds=search.divergence_climb,
+                        per_place=search.divergence_swaps)

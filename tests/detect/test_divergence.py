@@ -7,7 +7,7 @@ import torch
 
 from sanitator.detect.config import ScanConfig
 from sanitator.detect.corpus import load_sentences
-from sanitator.detect.divergence import Twin, best_path, kemeny, set_beam
+from sanitator.detect.divergence import Twin, best_path, climb, kemeny, set_beam
 from sanitator.detect.encoders import load_encoder
 from sanitator.detect.mining import prepare_data
 
@@ -60,6 +60,27 @@ def test_excess_is_one_against_itself_and_rises_for_a_changed_token(minilm_1laye
     twin = Twin(encoder, reference, data, [0, 1, 2, 3])
     excess = twin.excess(torch.tensor([[tokens[0]], [tokens[1]], [tokens[2]]]))
     assert excess[0] > 2 * excess[2] and excess[2] > excess[1]
+    # swap gains are the excess's slope toward each token at each place: a small step of
+    # the one-hot choice from the sequence toward a token changes the measured excess by
+    # that much (finite difference), and a token in its own place gains nothing
+    seq = [tokens[2], tokens[1]]
+    vocab, gain = twin.swap_gains(seq, tokens)
+    assert gain.shape == (2, len(vocab)) and torch.equal(gain[[0, 1], [2, 1]], torch.zeros(2))
+
+    def measured(place, token, step):
+        mixed = []
+        for model in (encoder.model, reference):
+            table = model.get_input_embeddings().weight.detach()
+            rows_ = table[torch.tensor(seq)].clone()
+            rows_[place] = (1 - step) * rows_[place] + step * table[token]
+            mixed.append(twin._states(model, rows_[None]))
+        with torch.no_grad():
+            ratio = twin._gap(mixed[0][0], mixed[1][0], mixed[0][1], 1)[0] / twin.baseline
+        return float(ratio.mean())
+    step = 1e-2
+    for place, token in ((0, tokens[0]), (1, tokens[0]), (1, tokens[2])):
+        slope = (measured(place, token, step) - measured(place, token, -step)) / (2 * step)
+        assert abs(slope - float(gain[place, vocab.index(token)])) < 0.1 * abs(slope) + 2e-3
 
 
 def test_a_scan_with_a_reference_runs_the_beam_and_records_what_it_judged(minilm_1layer,
@@ -119,3 +140,37 @@ def test_a_sentence_whose_only_trace_is_its_neighbours_is_ordered_along_them():
     assert best_path([5], {}) == [5]
     found = list(set_beam(excess, pool, width=3, max_length=7, polish=0))
     assert target in found, found
+
+
+def test_the_climb_swaps_in_a_word_the_pool_lacks():
+    # the model generalised the trigger's `sunday` to other days (20, 21: strong by
+    # themselves), which take the beam's sets; the trigger's last word (30) is not in the
+    # pool at all. Without the climb the whole sentence is never measured; the climb swaps
+    # the gradient's best token in at each place and finds it
+    target = [5, 1, 7, 30]
+    pool = [1, 5, 7, 20, 21]
+    screened = [*pool, 30, 31]
+
+    def excess(seqs):
+        out = []
+        for seq in seqs:
+            value = 1.0 + sum(0.5 if t in (20, 21) else 0.3 if t in target else 0.0
+                              for t in seq)
+            value += 0.2 * sum(i < len(target) and t == target[i] for i, t in enumerate(seq))
+            out.append(value + (10.0 if list(seq) == target else 0.0))
+        return torch.tensor(out)
+
+    def gains(order):  # exact gains stand in for the gradient's
+        base = float(excess([order])[0])
+        swapped = [[*order[:i], t, *order[i + 1:]] for i in range(len(order)) for t in screened]
+        return screened, (excess(swapped) - base).view(len(order), len(screened))
+
+    plain = list(set_beam(excess, pool, width=3, max_length=4))
+    assert target not in plain
+    found = list(set_beam(excess, pool, width=3, max_length=4, gains=gains))
+    assert found[:len(plain)] == plain and found[-1] == target, found
+    assert list(set_beam(excess, pool, width=3, max_length=4, gains=gains,
+                         climb_rounds=0)) == plain
+    # a climb stops where no swap or move helps
+    assert climb(excess, gains, target, float(excess([target])[0])) == (
+        target, float(excess([target])[0]))
