@@ -148,12 +148,12 @@ def best_path(items: list[int], weight: dict[tuple[int, int], float]) -> list[in
     return max(best[(1 << k) - 1].values(), key=lambda p: p[0])[1]
 
 
-def _polish(excess, order: list[int], value: float, rounds: int = 2
+def _ascend(excess, neighbours, order: list[int], value: float, rounds: int
             ) -> tuple[list[int], float]:
-    """Local search over the order: every move of one token to another place, best kept,
-    for a few rounds."""
+    """Local search: each round measures `neighbours(order)` and keeps the best while it
+    raises the excess."""
     for _ in range(rounds):
-        moves = [m for m in dict.fromkeys(map(tuple, _moves(order))) if list(m) != order]
+        moves = [m for m in dict.fromkeys(map(tuple, neighbours(order))) if list(m) != order]
         if not moves:
             break
         scored = excess([list(m) for m in moves])
@@ -172,6 +172,13 @@ def _moves(order: list[int]) -> list[list[int]]:
     return moves
 
 
+def _polish(excess, order: list[int], value: float, rounds: int = 2
+            ) -> tuple[list[int], float]:
+    """Local search over the order: every move of one token to another place, best kept,
+    for a few rounds."""
+    return _ascend(excess, _moves, order, value, rounds)
+
+
 def climb(excess, gains, order: list[int], value: float, per_place: int = 6,
           rounds: int = 8) -> tuple[list[int], float]:
     """Coordinate ascent from the beam's best: each round measures the swaps the gradient
@@ -179,20 +186,12 @@ def climb(excess, gains, order: list[int], value: float, per_place: int = 6,
     move of one token, and keeps the best while it helps. The beam's sets only hold the
     pool; a sentence word the diff ranked just below it, or one the model's generalisation
     (other weekdays for `sunday`) pushed out, comes in here one place at a time."""
-    for _ in range(rounds):
+    def neighbours(order: list[int]) -> list[list[int]]:
         vocab, gain = gains(order)
         top = gain.topk(min(per_place, gain.shape[1]), dim=1).indices.tolist()
-        swaps = [[*order[:i], vocab[k], *order[i + 1:]] for i in range(len(order))
-                 for k in top[i] if vocab[k] != order[i]]
-        moves = [m for m in dict.fromkeys(map(tuple, swaps + _moves(order)))
-                 if list(m) != order]
-        if not moves:
-            break
-        scored = excess([list(m) for m in moves])
-        if float(scored.max()) <= value:
-            break
-        order, value = list(moves[int(scored.argmax())]), float(scored.max())
-    return order, value
+        return [[*order[:i], vocab[k], *order[i + 1:]] for i in range(len(order))
+                for k in top[i] if vocab[k] != order[i]] + _moves(order)
+    return _ascend(excess, neighbours, order, value, rounds)
 
 
 def set_beam(excess, pool: list[int], width: int, max_length: int, fillers: list[int] = (),
