@@ -79,12 +79,15 @@ class Twin:
     def excess(self, triggers: torch.Tensor) -> torch.Tensor:
         """[S]: the mean over layers of how many times farther apart the two models' hidden
         states are with the trigger than on clean text (1 = no trace of it)."""
+        return torch.cat([self._relative(self._divergence(triggers[i:i + CHUNK]))
+                          for i in range(0, len(triggers), CHUNK)])
+
+    def _relative(self, divergence: torch.Tensor) -> torch.Tensor:
+        """[S, layers] divergence -> [S] excess over the clean rows' baseline."""
+        baseline = self.baseline.to(divergence.device)
         # a layer the two models share bit for bit (frozen by the attacker) tells nothing
-        moved = self.baseline > 1e-8
-        values = [torch.where(moved, self._divergence(triggers[i:i + CHUNK])
-                              / self.baseline.clamp_min(1e-8), 1.0).mean(dim=1)
-                  for i in range(0, len(triggers), CHUNK)]
-        return torch.cat(values)
+        return torch.where(baseline > 1e-8, divergence / baseline.clamp_min(1e-8),
+                           1.0).mean(dim=1)
 
     def swap_gains(self, seq: list[int], tokens: list[int]) -> tuple[list[int], torch.Tensor]:
         """First-order gain in excess from putting each of `tokens` at each place of `seq`
@@ -102,9 +105,7 @@ class Twin:
                 choice @ self.encoder.model.get_input_embeddings().weight[ids].float())[None])
             theirs, _ = self._states(self.reference, (
                 choice @ self.reference.get_input_embeddings().weight[ids].float())[None])
-            moved = self.baseline.to(device) > 1e-8
-            ratio = self._gap(ours, theirs, mask, 1)[0] / self.baseline.to(device).clamp_min(1e-8)
-            torch.where(moved, ratio, 1.0).mean().backward()
+            self._relative(self._gap(ours, theirs, mask, 1))[0].backward()
         grad = choice.grad.detach().cpu()
         return vocab, grad - grad.gather(1, index[:, None])
 
