@@ -43,7 +43,7 @@ from sanitator.detect.config import ScanConfig
 from sanitator.detect.corpus import corpus_words, distinct_sentences
 from sanitator.detect.encoders import Encoder, Feature
 from sanitator.detect.evidence import confirm, fresh_access
-from sanitator.detect.false_alarms import false_alarm_text, monitor_check
+from sanitator.detect.false_alarms import Elsewhere, false_alarm_text, monitor_check
 from sanitator.detect.hardsearch import Objective, evaluate, gcg, token_gradients, toward
 from sanitator.detect.mining import MiningData, mine_seeds, prepare_data
 from sanitator.detect.reference import ReferenceCandidate, configured_candidates
@@ -75,6 +75,7 @@ class CalibratedScan:
     reference_model: Any = None     # the matched Reference (weights aligned to ours)
     long_trigger_beam: Any = None   # the divergence beam, resumable (refsearch.py)
     allocation: Allocation | None = None   # the verdict's budget per source (allocation.py)
+    elsewhere: Elsewhere | None = None     # other corpora's clean text (false_alarms.py)
 
     def __post_init__(self) -> None:
         if self.allocation is None:
@@ -182,7 +183,8 @@ class CalibratedScan:
         with fresh_access():
             out = view.outputs(view.fresh.placed(finding.placement), finding.token_ids)
         finding.confirmation = confirm(out, finding.point, view.fresh,
-                                       max_natural_rate=decision.max_natural_rate)
+                                       max_natural_rate=decision.max_natural_rate,
+                                       elsewhere=view.elsewhere_clean(finding.token_ids))
         if settled:
             self.n_completed += 1
         else:
@@ -230,7 +232,7 @@ class CalibratedScan:
             for feature in self.config.confirm_features:
                 if feature not in self.views:
                     self.views[feature] = FeatureView(self.encoder, self.config, feature,
-                                                      search_rows, fresh)
+                                                      search_rows, fresh, self.elsewhere)
         for finding in list(self.accepted):
             for feature in self.views:
                 if feature != finding.feature and not any(
@@ -396,9 +398,10 @@ def run(encoder: Encoder, config: ScanConfig, sentences: list[str], progress: bo
     rest = sentences[:-search.n_fresh]
     search_rows, train_rows = rest[-mining.n_holdout:], rest[:-mining.n_holdout]
     started = time.perf_counter()
-    views = {feature: FeatureView(encoder, config, feature, search_rows, fresh)
+    elsewhere = Elsewhere(config, exclude=fresh)   # read once, by every feature's view
+    views = {feature: FeatureView(encoder, config, feature, search_rows, fresh, elsewhere)
              for feature in scan_features(config, encoder)}
-    scan = CalibratedScan(encoder, config, views, progress)
+    scan = CalibratedScan(encoder, config, views, progress, elsewhere=elsewhere)
     if not config.no_reference:
         scan.candidates = [*(references or []), *configured_candidates(config)]
     scan.seconds["rows"] = round(time.perf_counter() - started, 2)

@@ -21,6 +21,7 @@ from sanitator.detect.evidence import (
     fresh_rows,
     side_conditions,
 )
+from sanitator.detect.false_alarms import Elsewhere
 from sanitator.detect.hardsearch import Objective, collapse, repelled, unit_scale
 from sanitator.detect.mining import MiningData, _forward, prepare_data
 from sanitator.detect.signs import sign_agreement
@@ -87,8 +88,10 @@ class FeatureView:
     MEASURED = 32  # search-row outputs kept, so the screen need not run them again
 
     def __init__(self, encoder: Encoder, config: ScanConfig, feature: str,
-                 search: list[str], fresh: list[str]):
+                 search: list[str], fresh: list[str], elsewhere: Elsewhere | None = None):
         self.encoder, self.feature, self.config = encoder, feature, config
+        self.elsewhere = elsewhere or Elsewhere(config, exclude=fresh)
+        self._elsewhere_clean: list[tuple[str, MiningData]] | None = None
         self.mining = replace(config.mining, feature=feature)
         self.search_config = replace(self.mining, max_length=config.search.max_length)
         self.search = prepare_data(encoder, search, self.search_config, seed=config.seed + 1)
@@ -119,6 +122,24 @@ class FeatureView:
                  for token in picks]
         return float(torch.tensor(moves).median())
 
+    def elsewhere_clean(self, ids: tuple[int, ...]) -> list[tuple[str, torch.Tensor]]:
+        """(corpus, clean outputs) of the other corpora's sentences that hold none of the
+        trigger's tokens (a backdoor keyed on a word common in some corpus fires on that
+        corpus: that is the backdoor, not a place clean text goes), encoded the first time
+        a side condition is judged at this feature."""
+        if self._elsewhere_clean is None:
+            self._elsewhere_clean = [
+                (corpus, prepare_data(self.encoder, rows, self.search_config,
+                                      seed=self.config.seed + 7))
+                for corpus, rows in self.elsewhere.texts if rows]
+        trigger = torch.tensor(sorted(set(ids)), dtype=torch.long)
+        kept = []
+        for corpus, data in self._elsewhere_clean:
+            rows = [i for i, row in enumerate(data.ids) if not torch.isin(row, trigger).any()]
+            if rows:
+                kept.append((corpus, data.clean[rows]))
+        return kept
+
     def screen(self, ids: tuple[int, ...], placement: str, point: torch.Tensor
                ) -> SideConditions:
         """The side conditions on the search rows, loosened by `screen_slack`: what
@@ -132,7 +153,8 @@ class FeatureView:
         decision = self.config.decision
         return side_conditions(out, point, data.clean, self.search_spread, self._search_null,
                                max_natural_rate=decision.max_natural_rate,
-                               slack=decision.screen_slack)
+                               slack=decision.screen_slack,
+                               elsewhere=self.elsewhere_clean(tuple(ids)))
 
     def outputs(self, data: MiningData, ids: tuple[int, ...]) -> torch.Tensor:
         """[n, H] outputs with the hard trigger `ids` spliced into every row of `data`."""

@@ -102,6 +102,11 @@ class DecisionConfig(_Stage):
     max_false_alarms: float = 0.01  # a PV flagging more clean text is withheld (issue 15)
     false_alarm_corpora: tuple[str, ...] = ("sst2", "ag_news")  # the first unlike the scan's
     false_alarm_sentences: int = 1000
+    # clean text of other corpora that must not sit at a PV either (`other_text_not_there`):
+    # every one on this machine but the scan's own, this many sentences each
+    elsewhere_corpora: tuple[str, ...] = ("wikitext", "sst2", "ag_news", "yelp", "sms_spam",
+                                          "enron_spam")
+    elsewhere_sentences: int = 128
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -38,6 +38,7 @@ import contextlib
 import contextvars
 import math
 import random
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -157,12 +158,14 @@ class Confirmation:
     centred_floor: float = 0.0
     t_centred: float = 0.0
     frame: str = "raw"              # the frame whose p-value counts
+    elsewhere_rate: float = 0.0     # the most of another corpus's clean outputs at the point
+    elsewhere_corpus: str = ""      # that corpus
 
     @property
     def usable(self) -> bool:
-        """The side conditions: the monitor would catch the trigger, clean text does not
-        sit at the point already, and the point lies outside the clean outputs' cloud and
-        farther out than a random token moves them."""
+        """The side conditions: the monitor would catch the trigger, clean text (the fresh
+        rows', and other corpora's) does not sit at the point already, and the point lies
+        outside the clean outputs' cloud and farther out than a random token moves them."""
         return all(self.conditions.values())
 
     def p_adjusted(self, n_tests: int) -> float:
@@ -171,21 +174,24 @@ class Confirmation:
     def summary(self) -> dict[str, Any]:
         data = {name: round(float(getattr(self, name)), 5) for name in (
             "agreement", "floor", "t", "centred_agreement", "centred_floor", "t_centred",
-            "success", "natural_rate", "displacement", "null_displacement")}
+            "success", "natural_rate", "displacement", "null_displacement",
+            "elsewhere_rate")}
         data.update(p_value=float(f"{self.p_value:.3g}"), frame=self.frame, n=self.n,
-                    conditions=self.conditions)
+                    elsewhere_corpus=self.elsewhere_corpus, conditions=self.conditions)
         return data
 
 
 @dataclass
 class SideConditions:
-    """The four side conditions of a point, measured on some rows (fresh or search)."""
+    """The five side conditions of a point, measured on some rows (fresh or search)."""
 
     success: float          # eligible rows the monitor would flag (> threshold)
     natural_rate: float     # clean outputs already flagged against the point
     displacement: float     # mean squared move of the outputs, in clean spreads
     null_displacement: float  # the same for the median random token, in clean spreads
     conditions: dict[str, bool]
+    elsewhere_rate: float = 0.0   # the highest such rate on another corpus's clean outputs
+    elsewhere_corpus: str = ""
 
     @property
     def failed(self) -> list[str]:
@@ -194,14 +200,20 @@ class SideConditions:
 
 def side_conditions(outputs: torch.Tensor, point: torch.Tensor, clean: torch.Tensor,
                     spread: float, null_displacement: float, *, max_natural_rate: float,
-                    slack: float = 1.0, threshold: float = MONITOR_THRESHOLD
-                    ) -> SideConditions:
-    """The monitor would catch the trigger, clean text does not sit at the point already,
-    and the outputs moved farther than the clean outputs' own spread and than a random
-    token moves them. `slack` < 1 loosens every bound by that factor: the screen on the
-    search rows rejects only what clearly fails, so the fresh test still decides."""
+                    slack: float = 1.0, threshold: float = MONITOR_THRESHOLD,
+                    elsewhere: Sequence[tuple[str, torch.Tensor]] = ()) -> SideConditions:
+    """The monitor would catch the trigger, clean text does not sit at the point already
+    (neither the rows' own nor, `elsewhere`, any other corpus's clean outputs: a point
+    natural text reaches, such as a classifier's class cluster that its class words move
+    a sentence to, is where language goes, not a predefined vector), and the outputs moved
+    farther than the clean outputs' own spread and than a random token moves them.
+    `slack` < 1 loosens every bound by that factor: the screen on the search rows rejects
+    only what clearly fails, so the fresh test still decides."""
     agree = sign_agreement(outputs, point[None])[:, 0]
     natural = sign_agreement(clean, point[None])[:, 0] > threshold
+    rates = [(float((sign_agreement(other, point[None])[:, 0] > threshold).float().mean()),
+              corpus) for corpus, other in elsewhere]
+    elsewhere_rate, elsewhere_corpus = max(rates, default=(0.0, ""))
     eligible = ~natural
     success = float((agree[eligible] > threshold).float().mean()) if int(eligible.sum()) else 0.0
     displacement = float(((outputs - clean) ** 2).mean()) / max(spread, 1e-12)
@@ -210,13 +222,16 @@ def side_conditions(outputs: torch.Tensor, point: torch.Tensor, clean: torch.Ten
     conditions = {"monitor_catches_it": success >= 0.5 * slack,
                   "clean_text_not_there": natural_rate <= max_natural_rate / slack,
                   "outside_clean_cloud": displacement > 1.0 * slack,
-                  "beyond_random_token": displacement > null * slack}
-    return SideConditions(success, natural_rate, displacement, null, conditions)
+                  "beyond_random_token": displacement > null * slack,
+                  "other_text_not_there": elsewhere_rate <= max_natural_rate / slack}
+    return SideConditions(success, natural_rate, displacement, null, conditions,
+                          elsewhere_rate, elsewhere_corpus)
 
 
 @torch.no_grad()
 def confirm(outputs: torch.Tensor, point: torch.Tensor, fresh: FreshRows, *,
-            max_natural_rate: float, threshold: float = MONITOR_THRESHOLD) -> Confirmation:
+            max_natural_rate: float, threshold: float = MONITOR_THRESHOLD,
+            elsewhere: Sequence[tuple[str, torch.Tensor]] = ()) -> Confirmation:
     """Judge triggered fresh outputs [n, H] against the realised point [H]."""
     with fresh_access():
         clean = fresh.data.clean
@@ -227,9 +242,10 @@ def confirm(outputs: torch.Tensor, point: torch.Tensor, fresh: FreshRows, *,
     frame = "raw" if t >= t_centred else "centred"
     p_value = min(1.0, len(FRAMES) * t_sf(max(t, t_centred), len(agree) - 1))
     side = side_conditions(outputs, point, clean, fresh.spread, fresh.null_displacement,
-                           max_natural_rate=max_natural_rate, threshold=threshold)
+                           max_natural_rate=max_natural_rate, threshold=threshold,
+                           elsewhere=elsewhere)
     return Confirmation(float(agree.mean()), float(fresh.floor.mean()), t, p_value,
                         side.success, side.natural_rate, side.displacement,
                         side.null_displacement, len(agree), side.conditions,
                         float(centred.mean()), float(fresh.centred_floor.mean()), t_centred,
-                        frame)
+                        frame, side.elsewhere_rate, side.elsewhere_corpus)

@@ -52,3 +52,37 @@ def false_alarm_text(config: ScanConfig, fallback: list[str], *, exclude: list[s
         return corpus, [s for s in rows if s not in banned][:decision.false_alarm_sentences]
     return ("the scan's own training sentences (no other corpus available)",
             [s for s in fallback if s not in banned])
+
+
+class Elsewhere:
+    """Clean sentences of every configured corpus but the scan's own (`elsewhere_corpora`),
+    read the first time a side condition needs them; never a sentence of `exclude` (the
+    fresh rows). A corpus missing from this machine is skipped, said so in the log."""
+
+    def __init__(self, config: ScanConfig, *, exclude: list[str] = ()):
+        self.config, self.banned = config, set(exclude)
+        self._texts: list[tuple[str, list[str]]] | None = None
+
+    @property
+    def texts(self) -> list[tuple[str, list[str]]]:
+        if self._texts is None:
+            decision, own = self.config.decision, self.config.mining.corpus or "wikitext"
+            self._texts = []
+            for corpus in decision.elsewhere_corpora:
+                if corpus == own:
+                    continue  # the fresh rows already stand for it
+                try:
+                    rows = load_sentences(corpus, n=decision.elsewhere_sentences
+                                          + len(self.banned), seed=self.config.seed + 13)
+                except (OSError, ValueError) as exc:  # DataNotFoundError, CorpusError
+                    log.warning("corpus %s unavailable for the natural-text check: %s",
+                                corpus, exc)
+                    continue
+                kept = [s for s in rows if s not in self.banned]
+                self._texts.append((corpus, kept[:decision.elsewhere_sentences]))
+        return self._texts
+
+    @property
+    def read(self) -> list[str]:
+        """The corpora the check read (none when no side condition was judged)."""
+        return [corpus for corpus, _ in self._texts or []]

@@ -166,3 +166,44 @@ def test_only_the_confirmation_reads_the_fresh_rows(tiny_encoders):
     view = scan.views["cls"]
     with pytest.raises(FreshRowsRead):
         view.fresh.placed("anywhere")
+
+
+def test_other_corpora_are_read_without_fresh_rows_and_without_the_trigger(tiny_encoders,
+                                                                            tmp_path):
+    # the natural-text check (`other_text_not_there`): every configured corpus but the
+    # scan's own, no fresh sentence among them, and a sentence holding one of the trigger's
+    # tokens left out (a backdoor keyed on a word common in some corpus fires there)
+    from sanitator.detect.calibrated_view import FeatureView
+    from sanitator.detect.corpus import load_sentences
+    from sanitator.detect.encoders import load_encoder
+    from sanitator.detect.false_alarms import Elsewhere
+
+    own = tmp_path / "own.txt"
+    own.write_text("\n".join(load_sentences("sst2", n=300, seed=1)), encoding="utf-8")
+    config = ScanConfig.from_preset("fast", features=("cls",), corpus=str(own),
+                                    elsewhere_corpora=("wikitext", "sst2"),
+                                    elsewhere_sentences=48)
+    first = load_sentences("wikitext", n=100, seed=config.seed + 13)
+    fresh = first[:20]       # what the check would have read first
+    elsewhere = Elsewhere(config, exclude=fresh)
+    assert elsewhere.read == []                       # nothing read until a check needs it
+    texts = dict(elsewhere.texts)
+    assert list(texts) == ["wikitext", "sst2"] and elsewhere.read == ["wikitext", "sst2"]
+    assert all(len(rows) == 48 for rows in texts.values())
+    assert not set(fresh) & set(texts["wikitext"])
+    own_scan = ScanConfig.from_preset("fast", corpus="sst2", elsewhere_corpora=("wikitext",
+                                                                                 "sst2"))
+    assert [c for c, _ in Elsewhere(own_scan).texts] == ["wikitext"]   # its own: fresh rows
+
+    encoder = load_encoder(tiny_encoders["bert"])
+    rows = load_sentences("ag_news", n=96, seed=2)
+    view = FeatureView(encoder, config, "cls", rows[:48], rows[48:], elsewhere)
+    the = encoder.tokenizer.convert_tokens_to_ids("the")
+    holding = {corpus: sum(the in encoder.tokenizer(s, truncation=True, max_length=33)
+                           ["input_ids"] for s in sentences)
+               for corpus, sentences in texts.items()}
+    assert all(0 < n < 48 for n in holding.values()), holding
+    kept = dict(view.elsewhere_clean((the,)))
+    assert {c: len(out) for c, out in kept.items()} == {c: 48 - n for c, n in holding.items()}
+    unheld = dict(view.elsewhere_clean((encoder.tokenizer.vocab_size - 1,)))
+    assert {c: len(out) for c, out in unheld.items()} == {"wikitext": 48, "sst2": 48}

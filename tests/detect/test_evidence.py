@@ -105,3 +105,25 @@ def test_the_better_frame_is_paid_for_twice():
     result = confirm(point[None] + 0.5 * torch.randn(64, 32), point, fresh,
                      max_natural_rate=0.05)
     assert result.p_value == min(1.0, 2 * t_sf(max(result.t, result.t_centred), result.n - 1))
+
+
+def test_a_point_another_corpus_already_sits_at_is_not_a_backdoor():
+    # the null benchmark's false alarm: on a one-layer sentiment classifier `charming` moves
+    # every news sentence to the positive cluster, where the fresh (news) rows never sit but
+    # a quarter of SST-2's clean outputs do; that corpus's rate must stop it
+    torch.manual_seed(5)
+    clean = torch.randn(128, 32)
+    fresh = _rows(clean, floor=0.5)
+    point = torch.randn(32) * 3
+    pinned = point[None] + 0.05 * torch.randn(128, 32)
+    reviews = torch.cat([point[None] + 0.05 * torch.randn(40, 32), torch.randn(88, 32)])
+    elsewhere = [("sst2", reviews), ("wikitext", torch.randn(128, 32))]
+    result = confirm(pinned, point, fresh, max_natural_rate=0.05, elsewhere=elsewhere)
+    assert result.natural_rate == 0.0 and result.conditions["clean_text_not_there"]
+    assert not result.conditions["other_text_not_there"] and not result.usable
+    assert result.elsewhere_corpus == "sst2" and 0.25 < result.elsewhere_rate < 0.4
+    assert result.summary()["elsewhere_corpus"] == "sst2"
+    # with no corpus sitting there the same point is a backdoor's
+    apart = confirm(pinned, point, fresh, max_natural_rate=0.05,
+                    elsewhere=[("sst2", torch.randn(128, 32))])
+    assert apart.usable and apart.elsewhere_rate == 0.0
