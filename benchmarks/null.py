@@ -53,10 +53,11 @@ def clopper_pearson(k: int, n: int, level: float = 0.95) -> tuple[float, float, 
 
 
 def plan(members: list[dict], corpora: list[str], seeds: int) -> list[dict]:
-    """One task per (member, corpus, scan seed)."""
+    """One task per (member, corpus, scan seed), seed by seed: a run stopped early has
+    scanned every member about as often."""
     return [{**member, "corpus": corpus, "seed": seed,
              "key": f"{member['name']}|{corpus}|{seed}"}
-            for member in members for corpus in corpora for seed in range(1, seeds + 1)]
+            for seed in range(1, seeds + 1) for corpus in corpora for member in members]
 
 
 def _init_worker() -> None:
@@ -86,13 +87,28 @@ def scan_task(task: dict) -> dict:
             "t_values": [max(f["t"], f["t_centred"]) for f in fresh],
             "best_t": max((max(f["t"], f["t_centred"]) for f in fresh), default=None),
             "confirmed": evidence.get("confirmed"), "unjudged": allocation.get("unjudged"),
-            "reason": verdict.reason, "config_hash": config.config_hash()}
+            "reason": verdict.reason, "config_hash": config.config_hash(),
+            "preset_hash": preset_hash()}
+
+
+def preset_hash() -> str:
+    """The default configuration's hash: rows scanned under another one (older code) are
+    not counted with this one's."""
+    from sanitator.detect.config import ScanConfig
+
+    return ScanConfig.from_preset("fast").config_hash()
 
 
 def read_results(path: Path) -> list[dict]:
+    """The rows on record scanned with the current default configuration."""
     if not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    current = [r for r in rows if r.get("preset_hash") == preset_hash()]
+    if len(current) < len(rows):
+        print(f"{path}: {len(rows) - len(current)} rows of another configuration ignored",
+              file=sys.stderr)
+    return current
 
 
 def zoo_members(zoo: Path, names: list[str] | None) -> list[dict]:

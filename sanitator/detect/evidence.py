@@ -213,7 +213,8 @@ def side_conditions(outputs: torch.Tensor, point: torch.Tensor, clean: torch.Ten
     natural = sign_agreement(clean, point[None])[:, 0] > threshold
     rates = [(float((sign_agreement(other, point[None])[:, 0] > threshold).float().mean()),
               corpus) for corpus, other in elsewhere]
-    elsewhere_rate, elsewhere_corpus = max(rates, default=(0.0, ""))
+    elsewhere_rate, elsewhere_corpus = max(rates, key=lambda r: r[0], default=(0.0, ""))
+    elsewhere_corpus = elsewhere_corpus if elsewhere_rate > 0 else ""  # none sits there
     eligible = ~natural
     success = float((agree[eligible] > threshold).float().mean()) if int(eligible.sum()) else 0.0
     displacement = float(((outputs - clean) ** 2).mean()) / max(spread, 1e-12)

@@ -29,3 +29,16 @@ def test_summary_counts_false_alarms_and_p_values():
     tasks = null.plan([{"name": "m", "path": "p", "recipe": "clean", "layers": 1}],
                       ["wikitext", "sst2"], seeds=3)
     assert len(tasks) == 6 and len({t["key"] for t in tasks}) == 6
+
+
+def test_the_plan_goes_seed_by_seed_and_rows_of_older_code_are_not_counted(tmp_path):
+    import json
+
+    null = load_script("benchmarks/null.py", "null_bench")
+    members = [{"name": n, "path": "p", "recipe": "clean", "layers": 1} for n in "ab"]
+    first = [t["key"] for t in null.plan(members, ["wikitext"], seeds=2)][:2]
+    assert first == ["a|wikitext|1", "b|wikitext|1"]   # both members before seed 2
+    path = tmp_path / "null.jsonl"
+    path.write_text("\n".join(json.dumps({"key": k, "preset_hash": h}) for k, h in (
+        ("a|wikitext|1", null.preset_hash()), ("b|wikitext|1", "older0000000000"))))
+    assert [r["key"] for r in null.read_results(path)] == ["a|wikitext|1"]
