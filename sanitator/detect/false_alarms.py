@@ -1,6 +1,8 @@
 """The monitor's false alarms, measured before a PV set ships (issue 15): each accepted PV's
 flag rate on clean text from another corpus than the scan's; a PV above
-`max_false_alarms` is withheld from the artifact and reported, never shipped silently."""
+`max_false_alarms` is withheld from the artifact and reported, never shipped silently.
+And the other corpora a candidate's point is held against before it is accepted
+(`Elsewhere`, the side condition `other_text_not_there`)."""
 
 from __future__ import annotations
 
