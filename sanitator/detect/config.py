@@ -106,7 +106,7 @@ class DecisionConfig(_Stage):
     # every one on this machine but the scan's own, this many sentences each
     elsewhere_corpora: tuple[str, ...] = ("wikitext", "sst2", "ag_news", "yelp", "sms_spam",
                                           "enron_spam")
-    elsewhere_sentences: int = 128
+    elsewhere_sentences: int = 64   # a class cluster holds a quarter of its corpus
 
     def __post_init__(self) -> None:
         super().__post_init__()
