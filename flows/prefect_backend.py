@@ -20,7 +20,7 @@ store and MLflow hold the audit's record. A configured API (PREFECT_API_URL, a r
 `prefect server start`, as the deployments use) is used as it is.
 
 `flow_backend` is what the CLI runs a flow on: that API and, unless a Dask scheduler is
-given, a LocalCluster started while the API boots (flows.dask_jobs.LocalDask).
+given, a LocalCluster started while the API boots (flows.dask_cluster.LocalDask).
 """
 
 from __future__ import annotations
@@ -84,7 +84,7 @@ def flow_backend(log_file: str | Path, *, dask_address: str | None, n_workers: i
                  torch_threads: int | None, device: str, flow_module: str,
                  preload: tuple[str, ...] = (), quiet: bool = True) -> Iterator[str | None]:
     """The Prefect API (`private_prefect_api`) and, without `dask_address`, a LocalCluster
-    of our own (flows.dask_jobs.LocalDask), started together; `flow_module` and the
+    of our own (flows.dask_cluster.LocalDask), started together; `flow_module` and the
     modules in `preload` are imported meanwhile. Yields the Dask address to run the flow's
     jobs on. `quiet`: Dask's INFO logging (a traceback when a worker connection closes at
     shutdown) down to warnings."""
@@ -96,7 +96,7 @@ def flow_backend(log_file: str | Path, *, dask_address: str | None, n_workers: i
         if quiet:
             logging.getLogger("distributed").setLevel(logging.WARNING)
         if not dask_address:
-            from flows.dask_jobs import LocalDask, local_cluster_kwargs
+            from flows.dask_cluster import LocalDask, local_cluster_kwargs
 
             clusters.append(LocalDask(local_cluster_kwargs(
                 n_workers, torch_threads, device.startswith("cuda"), url)))

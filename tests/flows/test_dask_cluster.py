@@ -1,4 +1,4 @@
-"""The LocalCluster `sanitator audit` starts beside its Prefect API (flows.dask_jobs)."""
+"""The LocalCluster `sanitator audit` starts beside its Prefect API (flows.dask_cluster)."""
 
 import os
 import subprocess
@@ -10,7 +10,7 @@ import distributed
 import psutil
 import pytest
 
-from flows import dask_jobs
+from flows import dask_cluster, dask_jobs
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -26,11 +26,11 @@ def _warmed_up() -> bool:
 
 def test_local_dask_starts_warm_workers_in_the_background_and_is_ours(monkeypatch):
     monkeypatch.delenv("MALLOC_TRIM_THRESHOLD_", raising=False)
-    cluster = dask_jobs.LocalDask(dask_jobs.local_cluster_kwargs(
+    cluster = dask_cluster.LocalDask(dask_cluster.local_cluster_kwargs(
         1, torch_threads=1, gpu=False, api_url="http://127.0.0.1:9/api"))
     try:
         address = cluster.address()
-        assert address in dask_jobs._OWN_ADDRESSES  # runs there are paced: the host is ours
+        assert address in dask_cluster.OWN_ADDRESSES  # runs there are paced: the host is ours
         with distributed.Client(address) as client:
             assert len(client.scheduler_info()["workers"]) == 1
             keys = ("OMP_NUM_THREADS", "PREFECT_API_URL", "MALLOC_TRIM_THRESHOLD_")
@@ -55,12 +55,12 @@ def test_local_dask_starts_warm_workers_in_the_background_and_is_ours(monkeypatc
             assert executor.wait([done], 0) == [done]
     finally:
         cluster.close()
-    assert address not in dask_jobs._OWN_ADDRESSES
+    assert address not in dask_cluster.OWN_ADDRESSES
     cluster.close()  # twice is harmless: the CLI closes on every path
 
 
 def test_a_cluster_that_cannot_start_says_so_when_its_address_is_asked():
-    cluster = dask_jobs.LocalDask({"n_workers": 1, "processes": True,
+    cluster = dask_cluster.LocalDask({"n_workers": 1, "processes": True,
                                    "dashboard_address": None, "no_such_option": True})
     with pytest.raises(RuntimeError, match="local Dask cluster did not start"):
         cluster.address()
@@ -71,8 +71,8 @@ def test_the_forkserver_ends_with_the_process_that_started_it(tmp_path):
     """Killed at exit (it has nothing to flush) rather than left to tear down its imports
     behind the command with the command's output still open."""
     script = ("import multiprocessing.forkserver as forkserver\n"
-              "from flows import dask_jobs\n"
-              "dask_jobs.fresh_forkserver()\n"
+              "from flows import dask_cluster\n"
+              "dask_cluster.fresh_forkserver()\n"
               "print(forkserver._forkserver._forkserver_pid)\n")
     out = tmp_path / "out.txt"
     with out.open("w") as stdout:  # waits for the process only, not for whoever holds stdout
