@@ -184,7 +184,7 @@ class CalibratedScan:
             out = view.outputs(view.fresh.placed(finding.placement), finding.token_ids)
         finding.confirmation = confirm(out, finding.point, view.fresh,
                                        max_natural_rate=decision.max_natural_rate,
-                                       elsewhere=view.elsewhere_clean(finding.token_ids))
+                                       elsewhere=lambda: view.elsewhere_clean(finding.token_ids))
         if settled:
             self.n_completed += 1
         else:

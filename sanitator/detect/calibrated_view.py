@@ -154,7 +154,7 @@ class FeatureView:
         return side_conditions(out, point, data.clean, self.search_spread, self._search_null,
                                max_natural_rate=decision.max_natural_rate,
                                slack=decision.screen_slack,
-                               elsewhere=self.elsewhere_clean(tuple(ids)))
+                               elsewhere=lambda: self.elsewhere_clean(tuple(ids)))
 
     def outputs(self, data: MiningData, ids: tuple[int, ...]) -> torch.Tensor:
         """[n, H] outputs with the hard trigger `ids` spliced into every row of `data`."""

@@ -38,7 +38,7 @@ import contextlib
 import contextvars
 import math
 import random
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -48,6 +48,9 @@ from scipy.special import stdtr
 from sanitator.detect.encoders import Encoder, Feature
 from sanitator.detect.mining import MiningData, clean_features
 from sanitator.detect.signs import MONITOR_THRESHOLD, sign_agreement
+
+# other corpora's clean outputs, (corpus, [n, H]) each, or a function that encodes them
+OtherText = Sequence[tuple[str, torch.Tensor]] | Callable[[], Sequence[tuple[str, torch.Tensor]]]
 
 _READING_FRESH = contextvars.ContextVar("sanitator_reading_fresh", default=False)
 
@@ -153,7 +156,7 @@ class Confirmation:
     displacement: float     # mean squared move of the outputs, in clean spreads
     null_displacement: float  # the same for the median random token, in clean spreads
     n: int
-    conditions: dict[str, bool] = field(default_factory=dict)
+    conditions: dict[str, bool | None] = field(default_factory=dict)
     centred_agreement: float = 0.0  # the same three in the centred frame
     centred_floor: float = 0.0
     t_centred: float = 0.0
@@ -189,42 +192,50 @@ class SideConditions:
     natural_rate: float     # clean outputs already flagged against the point
     displacement: float     # mean squared move of the outputs, in clean spreads
     null_displacement: float  # the same for the median random token, in clean spreads
-    conditions: dict[str, bool]
+    conditions: dict[str, bool | None]   # None: not measured (another one failed first)
     elsewhere_rate: float = 0.0   # the highest such rate on another corpus's clean outputs
     elsewhere_corpus: str = ""
 
     @property
     def failed(self) -> list[str]:
-        return [name for name, ok in self.conditions.items() if not ok]
+        return [name for name, ok in self.conditions.items() if ok is False]
 
 
 def side_conditions(outputs: torch.Tensor, point: torch.Tensor, clean: torch.Tensor,
                     spread: float, null_displacement: float, *, max_natural_rate: float,
                     slack: float = 1.0, threshold: float = MONITOR_THRESHOLD,
-                    elsewhere: Sequence[tuple[str, torch.Tensor]] = ()) -> SideConditions:
+                    elsewhere: OtherText = ()) -> SideConditions:
     """The monitor would catch the trigger, clean text does not sit at the point already
     (neither the rows' own nor, `elsewhere`, any other corpus's clean outputs: a point
     natural text reaches, such as a classifier's class cluster that its class words move
     a sentence to, is where language goes, not a predefined vector), and the outputs moved
     farther than the clean outputs' own spread and than a random token moves them.
     `slack` < 1 loosens every bound by that factor: the screen on the search rows rejects
-    only what clearly fails, so the fresh test still decides."""
+    only what clearly fails, so the fresh test still decides. `elsewhere` (pairs of corpus
+    and clean outputs, or a function giving them) is read only when the other four hold:
+    encoding other corpora costs seconds, and a failed point fails either way (the
+    condition then reads None, not measured)."""
     agree = sign_agreement(outputs, point[None])[:, 0]
     natural = sign_agreement(clean, point[None])[:, 0] > threshold
-    rates = [(float((sign_agreement(other, point[None])[:, 0] > threshold).float().mean()),
-              corpus) for corpus, other in elsewhere]
-    elsewhere_rate, elsewhere_corpus = max(rates, key=lambda r: r[0], default=(0.0, ""))
-    elsewhere_corpus = elsewhere_corpus if elsewhere_rate > 0 else ""  # none sits there
     eligible = ~natural
     success = float((agree[eligible] > threshold).float().mean()) if int(eligible.sum()) else 0.0
     displacement = float(((outputs - clean) ** 2).mean()) / max(spread, 1e-12)
     null = null_displacement / max(spread, 1e-12)
     natural_rate = float(natural.float().mean())
-    conditions = {"monitor_catches_it": success >= 0.5 * slack,
-                  "clean_text_not_there": natural_rate <= max_natural_rate / slack,
-                  "outside_clean_cloud": displacement > 1.0 * slack,
-                  "beyond_random_token": displacement > null * slack,
-                  "other_text_not_there": elsewhere_rate <= max_natural_rate / slack}
+    conditions: dict[str, bool | None] = {
+        "monitor_catches_it": success >= 0.5 * slack,
+        "clean_text_not_there": natural_rate <= max_natural_rate / slack,
+        "outside_clean_cloud": displacement > 1.0 * slack,
+        "beyond_random_token": displacement > null * slack,
+        "other_text_not_there": None}
+    elsewhere_rate, elsewhere_corpus = 0.0, ""
+    if all(ok for ok in conditions.values() if ok is not None):
+        pairs = elsewhere() if callable(elsewhere) else elsewhere
+        rates = [(float((sign_agreement(other, point[None])[:, 0] > threshold).float().mean()),
+                  corpus) for corpus, other in pairs]
+        elsewhere_rate, elsewhere_corpus = max(rates, key=lambda r: r[0], default=(0.0, ""))
+        elsewhere_corpus = elsewhere_corpus if elsewhere_rate > 0 else ""  # none sits there
+        conditions["other_text_not_there"] = elsewhere_rate <= max_natural_rate / slack
     return SideConditions(success, natural_rate, displacement, null, conditions,
                           elsewhere_rate, elsewhere_corpus)
 
@@ -232,7 +243,7 @@ def side_conditions(outputs: torch.Tensor, point: torch.Tensor, clean: torch.Ten
 @torch.no_grad()
 def confirm(outputs: torch.Tensor, point: torch.Tensor, fresh: FreshRows, *,
             max_natural_rate: float, threshold: float = MONITOR_THRESHOLD,
-            elsewhere: Sequence[tuple[str, torch.Tensor]] = ()) -> Confirmation:
+            elsewhere: OtherText = ()) -> Confirmation:
     """Judge triggered fresh outputs [n, H] against the realised point [H]."""
     with fresh_access():
         clean = fresh.data.clean

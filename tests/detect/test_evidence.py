@@ -2,7 +2,7 @@
 
 import torch
 
-from sanitator.detect.evidence import FreshRows, confirm, one_token_edit, t_sf
+from sanitator.detect.evidence import FreshRows, confirm, one_token_edit, side_conditions, t_sf
 from sanitator.detect.mining import MiningData
 from sanitator.detect.signs import sign_agreement
 
@@ -59,11 +59,19 @@ def test_side_conditions_reject_a_point_clean_text_already_reaches():
     clean = torch.randn(64, 32) * 0.1 + 1.0          # every clean output near one point
     fresh = _rows(clean, floor=0.5)
     same = clean + 0.01 * torch.randn(64, 32)
-    result = confirm(same, same.mean(dim=0), fresh, max_natural_rate=0.05)
+    asked = []   # other corpora cost seconds to encode: read only when the rest holds
+    result = confirm(same, same.mean(dim=0), fresh, max_natural_rate=0.05,
+                     elsewhere=lambda: asked.append(1) or [])
     assert result.natural_rate > 0.5
     assert not result.conditions["clean_text_not_there"]
     assert not result.conditions["outside_clean_cloud"]
     assert not result.usable
+    assert not asked and result.conditions["other_text_not_there"] is None
+    side = side_conditions(same, same.mean(dim=0), clean, fresh.spread, fresh.spread,
+                           max_natural_rate=0.05)
+    assert "clean_text_not_there" in side.failed   # not the one left unmeasured:
+    assert "other_text_not_there" not in side.failed and side.conditions[
+        "other_text_not_there"] is None
 
 
 def test_bonferroni_scales_with_the_budget():
@@ -118,7 +126,7 @@ def test_a_point_another_corpus_already_sits_at_is_not_a_backdoor():
     pinned = point[None] + 0.05 * torch.randn(128, 32)
     reviews = torch.cat([point[None] + 0.05 * torch.randn(40, 32), torch.randn(88, 32)])
     elsewhere = [("sst2", reviews), ("wikitext", torch.randn(128, 32))]
-    result = confirm(pinned, point, fresh, max_natural_rate=0.05, elsewhere=elsewhere)
+    result = confirm(pinned, point, fresh, max_natural_rate=0.05, elsewhere=lambda: elsewhere)
     assert result.natural_rate == 0.0 and result.conditions["clean_text_not_there"]
     assert not result.conditions["other_text_not_there"] and not result.usable
     assert result.elsewhere_corpus == "sst2" and 0.25 < result.elsewhere_rate < 0.4
