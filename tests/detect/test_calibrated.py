@@ -194,6 +194,8 @@ def test_other_corpora_are_read_without_fresh_rows_and_without_the_trigger(tiny_
     own_scan = ScanConfig.from_preset("fast", corpus="sst2", elsewhere_corpora=("wikitext",
                                                                                  "sst2"))
     assert [c for c, _ in Elsewhere(own_scan).texts] == ["wikitext"]   # its own: fresh rows
+    missing = ScanConfig.from_preset("fast", elsewhere_corpora=("no_such_corpus", "sst2"))
+    assert [c for c, _ in Elsewhere(missing).texts] == ["sst2"]   # skipped, said in the log
 
     encoder = load_encoder(tiny_encoders["bert"])
     rows = load_sentences("ag_news", n=96, seed=2)
