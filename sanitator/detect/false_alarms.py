@@ -56,13 +56,19 @@ def false_alarm_text(config: ScanConfig, fallback: list[str], *, exclude: list[s
             [s for s in fallback if s not in banned])
 
 
+def _key(sentence: str) -> str:
+    """What a sentence says, whatever its case and spacing: a fresh row copied into
+    another corpus is still the fresh row."""
+    return " ".join(sentence.lower().split())
+
+
 class Elsewhere:
     """Clean sentences of every configured corpus but the scan's own (`elsewhere_corpora`),
     read the first time a side condition needs them; never a sentence of `exclude` (the
     fresh rows). A corpus missing from this machine is skipped, said so in the log."""
 
     def __init__(self, config: ScanConfig, *, exclude: list[str] = ()):
-        self.config, self.banned = config, set(exclude)
+        self.config, self.banned = config, {_key(s) for s in exclude}
         self._texts: list[tuple[str, list[str]]] | None = None
 
     @property
@@ -80,7 +86,7 @@ class Elsewhere:
                     log.warning("corpus %s unavailable for the natural-text check: %s",
                                 corpus, exc)
                     continue
-                kept = [s for s in rows if s not in self.banned]
+                kept = [s for s in rows if _key(s) not in self.banned]
                 self._texts.append((corpus, kept[:decision.elsewhere_sentences]))
         return self._texts
 
