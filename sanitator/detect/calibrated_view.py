@@ -126,7 +126,7 @@ class FeatureView:
         """(corpus, clean outputs) of the other corpora's sentences that hold none of the
         trigger's tokens (a backdoor keyed on a word common in some corpus fires on that
         corpus: that is the backdoor, not a place clean text goes), encoded the first time
-        a side condition is judged at this feature."""
+        a candidate at this feature meets the other four side conditions."""
         if self._elsewhere_clean is None:
             self._elsewhere_clean = [
                 (corpus, prepare_data(self.encoder, rows, self.search_config,
