@@ -35,15 +35,20 @@ def monitor_check(scan, sentences: list[str], corpus: str) -> None:
             finding.withheld = rate > decision.max_false_alarms
 
 
+def _own_corpus(config: ScanConfig) -> str:
+    """The name of the corpus the scan reads (a path when the user gave one)."""
+    return str(config.mining.corpus or "wikitext")
+
+
 def false_alarm_text(config: ScanConfig, fallback: list[str], *, exclude: list[str] = ()
                      ) -> tuple[str, list[str]]:
     """Clean text from another corpus than the scan's (the scan's own training sentences,
     said so, where no other corpus is on this machine); never a sentence of `exclude` (the
     fresh rows, which only the confirmation reads)."""
-    decision, mining = config.decision, config.mining
+    decision = config.decision
     banned = set(exclude)
     for corpus in decision.false_alarm_corpora:
-        if corpus == (mining.corpus or "wikitext"):
+        if corpus == _own_corpus(config):
             continue
         try:
             rows = load_sentences(corpus, n=decision.false_alarm_sentences + len(banned),
@@ -74,7 +79,7 @@ class Elsewhere:
     @property
     def texts(self) -> list[tuple[str, list[str]]]:
         if self._texts is None:
-            decision, own = self.config.decision, self.config.mining.corpus or "wikitext"
+            decision, own = self.config.decision, _own_corpus(self.config)
             self._texts = []
             for corpus in decision.elsewhere_corpora:
                 if corpus == own:
