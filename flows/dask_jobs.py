@@ -8,7 +8,9 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import uuid
 from contextlib import nullcontext, suppress
+from dataclasses import dataclass
 from typing import Any
 
 import distributed
@@ -91,10 +93,8 @@ class KeyedDaskTaskRunner(DaskTaskRunner):
     prefect-dask lets Dask name a run by hashing every argument (Prefect's serialised
     settings included: about a second of the flow process's CPU per run), and serialises
     the flow run's context again for every run: its settings (a third of a second of
-    CPU each time here) and the subflow's parameters, which hold every request of the
-    fan-out, so each submission cost more the more models there were, and every task
-    shipped all the requests to its worker again (quadratic in the registry's size:
-    benchmarks/load.py). Runs of our jobs take plain data (a job and a request, never
+    CPU each time here) and the subflow's parameters (which once held every request of
+    the fan-out: each submission cost more the more models there were, benchmarks/load.py). Runs of our jobs take plain data (a job and a request, never
     futures), so here the context is serialised at the first submission, without the
     flow's parameters (a task reads them only for a cache key, and ours have no cache
     policy), and reused; each run adds only its own asset context. A submission that
@@ -253,8 +253,23 @@ class DaskExecutor:
             self.logger.warning("could not restart the workers of hung runs: %s", exc)
 
 
+# Requests reach the subflow through a handle, never as its parameters: Prefect refuses
+# a flow run whose parameters exceed 512 KiB, and 1,000 requests (each with its
+# references' file lists) are several MB. The subflow runs in this process, so a
+# process-local table is enough.
+_BATCHES: dict[str, list[Any]] = {}
+
+
+@dataclass(frozen=True)
+class RequestBatch:
+    """What the subflow's parameters show of its requests: their count and a key."""
+
+    key: str
+    count: int
+
+
 @flow(name="run-jobs-on-dask", validate_parameters=False)
-def run_on_dask(job: Job, requests: list[Any], store: str, tracking_uri: str | None = None,
+def run_on_dask(job: Job, batch: RequestBatch, store: str, tracking_uri: str | None = None,
                 parent_run_id: str | None = None, batch_id: str | None = None,
                 work_dir: str | None = None, torch_threads: int | None = None,
                 timeout: float | None = None, gpu: bool = False, pace: bool = False
@@ -263,6 +278,7 @@ def run_on_dask(job: Job, requests: list[Any], store: str, tracking_uri: str | N
     `pace`: runs re-size their torch threads as others free the host (tasks/jobs.py)."""
     from prefect.context import FlowRunContext
 
+    requests = _BATCHES[batch.key]
     logger = get_run_logger()
     tracker = open_tracker(tracking_uri, store)
     client = FlowRunContext.get().task_runner.client
@@ -291,5 +307,10 @@ def run_jobs(job: Job, requests: list[Any], store: str, *, dask_address: str | N
     subflow = run_on_dask.with_options(name=SUBFLOW_NAMES[job.kind], task_runner=runner)
     # on a LocalCluster of our own (not a user's scheduler) a run takes the cores others free
     own = not dask_address or dask_address in OWN_ADDRESSES
-    return subflow(job, requests, store, torch_threads=torch_threads, gpu=gpu,
-                   pace=own, **options)
+    batch = RequestBatch(uuid.uuid4().hex, len(requests))
+    _BATCHES[batch.key] = list(requests)
+    try:
+        return subflow(job, batch, store, torch_threads=torch_threads, gpu=gpu,
+                       pace=own, **options)
+    finally:
+        _BATCHES.pop(batch.key, None)

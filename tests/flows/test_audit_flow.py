@@ -132,10 +132,22 @@ def _worker_pids() -> list[int]:
     return [p.pid for p in psutil.Process().children(recursive=True) if forked(p)]
 
 
+def _widen(folder, files: int = 12000) -> None:
+    """Give a repo many files: each is listed in its audit request (and its siblings')."""
+    extra = folder / "checkpoints"
+    extra.mkdir()
+    for index in range(files):
+        (extra / f"step-{index:06d}-of-a-long-training-run.txt").touch()
+
+
 def test_killed_worker_timeouts_and_hangs_still_account_for_every_model(
         tmp_path, tiny_encoders, monkeypatch):
     """Kill the worker running a slow model mid-run; a model over its timeout and a model
-    stuck in uninterruptible code are still recorded; every model ends in one row."""
+    stuck in uninterruptible code are still recorded; every model ends in one row.
+
+    Two of the repos hold 12,000 files each, so the requests are about 1.4 MB: past the
+    512 KiB Prefect allows a flow run's parameters (a registry of 1,000 models passes it
+    too), so they must reach the fan-out some other way."""
     import shutil
 
     import flows.audit_zoo as audit_flow
@@ -145,6 +157,8 @@ def test_killed_worker_timeouts_and_hangs_still_account_for_every_model(
     names = ["lazy-1", "slow-1", "slow-2", "stuck-1"]
     for name in names:
         shutil.copytree(tiny_encoders["bert"], zoo / name)
+    for name in ("slow-1", "slow-2"):
+        _widen(zoo / name)
     markers = tmp_path / "markers"
     markers.mkdir()
     monkeypatch.setenv("FAKE_SCAN_MARKERS", str(markers))
@@ -190,3 +204,4 @@ def test_killed_worker_timeouts_and_hangs_still_account_for_every_model(
     other = ({"slow-1", "slow-2"} - set(killed)).pop()
     assert scans.count(killed[0]) == 2 and scans.count(other) == 1, sorted(scans)
     assert _worker_pids() == []  # the cluster is gone with the flow
+
