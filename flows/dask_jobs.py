@@ -94,7 +94,8 @@ class KeyedDaskTaskRunner(DaskTaskRunner):
     settings included: about a second of the flow process's CPU per run), and serialises
     the flow run's context again for every run: its settings (a third of a second of
     CPU each time here) and the subflow's parameters (which once held every request of
-    the fan-out: each submission cost more the more models there were, benchmarks/load.py). Runs of our jobs take plain data (a job and a request, never
+    the fan-out: each submission cost more the more models there were,
+    benchmarks/load.py). Runs of our jobs take plain data (a job and a request, never
     futures), so here the context is serialised at the first submission, without the
     flow's parameters (a task reads them only for a cache key, and ours have no cache
     policy), and reused; each run adds only its own asset context. A submission that
