@@ -269,8 +269,7 @@ class RequestBatch:
     count: int
 
 
-@flow(name="run-jobs-on-dask", validate_parameters=False)
-def run_on_dask(job: Job, batch: RequestBatch, store: str, tracking_uri: str | None = None,
+def _run_on_dask(job: Job, batch: RequestBatch, store: str, tracking_uri: str | None = None,
                 parent_run_id: str | None = None, batch_id: str | None = None,
                 work_dir: str | None = None, torch_threads: int | None = None,
                 timeout: float | None = None, gpu: bool = False, pace: bool = False
@@ -297,6 +296,12 @@ def run_on_dask(job: Job, batch: RequestBatch, store: str, tracking_uri: str | N
                    lambda request, outcome: record(job, request, outcome, store, tracker,
                                                    parent_run_id, batch_id),
                    timeout=timeout, logger=logger)
+
+
+# The flow wraps a function that this module also names, so that cloudpickle ships it by
+# reference: every task run carries the flow in its context, and a function pickled by
+# value takes its globals along (the requests of the whole batch, for each of them).
+run_on_dask = flow(name="run-jobs-on-dask", validate_parameters=False)(_run_on_dask)
 
 
 def run_jobs(job: Job, requests: list[Any], store: str, *, dask_address: str | None,
