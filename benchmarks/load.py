@@ -183,8 +183,8 @@ def audit(zoo: Path, store: Path, workers: int, *, mlflow: bool = True) -> dict:
                 marks["planned"] = time.monotonic()
             if "settled from the listing" in line:
                 marks["settled"] = time.monotonic()
-            if "Traceback" in line or " ERROR " in line:
-                errors.append(line.strip())
+            if "Traceback" in line or " ERROR " in line or line.startswith("sanitator"):
+                errors.append(line.strip()[:2000])  # the command's own last word too
 
     reader = threading.Thread(target=read_log, daemon=True)
     reader.start()
