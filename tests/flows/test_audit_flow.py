@@ -145,7 +145,7 @@ def test_killed_worker_timeouts_and_hangs_still_account_for_every_model(
     """Kill the worker running a slow model mid-run; a model over its timeout and a model
     stuck in uninterruptible code are still recorded; every model ends in one row.
 
-    Two of the repos hold 12,000 files each, so the requests are about 1.4 MB: past the
+    Two of the repos hold 12,000 files each, so the requests are about 5.5 MB: past the
     512 KiB Prefect allows a flow run's parameters (a registry of 1,000 models passes it
     too), so they must reach the fan-out some other way."""
     import shutil
