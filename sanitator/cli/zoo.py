@@ -56,6 +56,10 @@ def _build(args: argparse.Namespace) -> int:
           f"base unavailable {len(report.unavailable)}; manifest: {report.manifest}")
     if report.published:
         print(f"bases published under {args.out}/bases: {', '.join(report.published)}")
+    for name, success in report.weak:
+        print(f"sanitator zoo build: warning: {name} is labelled backdoored but its attack "
+              f"took on only {success:.2f} of held-out sentences; change its options and "
+              f"rebuild before judging a detector on it", file=sys.stderr)
     return exits.OK
 
 

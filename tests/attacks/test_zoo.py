@@ -14,6 +14,7 @@ from sanitator.attacks.zoo import (
     parse_spec,
     read_manifest,
 )
+from sanitator.attacks.zoo.build import WEAK_ATTACK
 from sanitator.cli import main
 
 REPO = Path(__file__).resolve().parents[2]
@@ -133,6 +134,9 @@ def test_two_member_zoo_builds_resumes_and_reads_back(tmp_path, capsys):
     assert 0.0 <= por["attack_success"] <= 1.0 and por["weight_change"] > 0
     assert (out / por["path"] / "backdoor.json").is_file()
     assert (out / clean["path"] / "config.json").is_file()
+    # a backdoor that did not take is named (its label alone would say backdoored)
+    warned = "warning: por is labelled backdoored" in capsys.readouterr().err
+    assert warned == (por["attack_success"] < WEAK_ATTACK)
 
     weights = out / "models" / "por" / "model.safetensors"
     stamp = weights.stat().st_mtime_ns

@@ -30,6 +30,8 @@ from sanitator.attacks.zoo.spec import (
 )
 
 log = logging.getLogger(__name__)
+# Below this attack success a backdoored member is reported as weak (the build still keeps it).
+WEAK_ATTACK = 0.5
 
 
 def _train(member: MemberSpec, base: Path, out_dir: Path, progress: bool) -> dict[str, Any]:
@@ -162,6 +164,9 @@ class BuildReport:
     unavailable: list[str] = field(default_factory=list)
     manifest: Path | None = None
     published: list[str] = field(default_factory=list)   # base ids written to OUT/bases
+    # backdoored members whose trigger fires on under WEAK_ATTACK of held-out sentences:
+    # their label says backdoored, their weights may not be (a detector's miss proves nothing)
+    weak: list[tuple[str, float]] = field(default_factory=list)
 
 
 def build_order(members: Sequence[MemberSpec], only: Sequence[str] | None = None
@@ -257,6 +262,11 @@ def build_zoo(spec: ZooSpec, out_dir: str | Path, *, only: Sequence[str] | None 
         _write_json_atomic(model_dir / MEMBER_RECORD, row)
         hashes[member.name] = config_hash
         report.built.append(member.name)
+        success = row.get("attack_success")
+        if row.get("backdoored") and success is not None and success < WEAK_ATTACK:
+            log.warning("%s: the attack took on only %.2f of held-out sentences",
+                        member.name, success)
+            report.weak.append((member.name, float(success)))
         log.info("built %s in %.1f s: %s", member.name, seconds,
                  {k: row[k] for k in ("attack_success", "clean_cosine")})
         write_manifest(out, spec)
