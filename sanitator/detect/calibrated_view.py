@@ -111,6 +111,7 @@ class FeatureView:
         self.scale = unit_scale(self.search.clean)
         self.known: list[torch.Tensor] = []   # accepted points at this feature
         self._measured: dict[tuple[tuple[int, ...], str], torch.Tensor] = {}
+        self._margins: dict[tuple[tuple[int, ...], str], tuple[torch.Tensor, float]] = {}
 
     def _null_displacement(self, data: MiningData, seed: int) -> float:
         """Median squared move of the outputs by a random single token: how far any real
@@ -169,7 +170,12 @@ class FeatureView:
 
     def measure(self, ids: tuple[int, ...], placement: str) -> tuple[torch.Tensor, float]:
         """(realised point, search margin) of a trigger on the search rows: how far their
-        agreement with the point beats their floor, in the better frame (evidence.py)."""
+        agreement with the point beats their floor, in the better frame (evidence.py).
+        Measured once per trigger and placement: completion judges the reference stage's
+        triggers again."""
+        key = (tuple(ids), placement)
+        if key in self._margins:
+            return self._margins[key]
         out = self.outputs(self.search.placed(placement), ids)
         if len(self._measured) >= self.MEASURED:
             self._measured.pop(next(iter(self._measured)))
@@ -179,7 +185,8 @@ class FeatureView:
         raw = float(sign_agreement(out, point[None]).mean()) - self.search_floor
         centred = (float(sign_agreement(out - centre, (point - centre)[None]).mean())
                    - self.search_centred_floor)
-        return point, max(raw, centred)
+        self._margins[key] = point, max(raw, centred)
+        return self._margins[key]
 
     def objective(self, repel: bool) -> Objective:
         base = collapse(self.scale)

@@ -110,6 +110,25 @@ class Twin:
         return vocab, grad - grad.gather(1, index[:, None])
 
 
+class Memo:
+    """`excess` measured once per sequence: the beam's polish, the climb's moves and the
+    pool's singles revisit many sequences (a lookup, not a forward of both models)."""
+
+    def __init__(self, excess):
+        self.excess, self.values = excess, {}
+        self.counts = {"measured": 0, "repeated": 0}
+
+    def __call__(self, seqs) -> torch.Tensor:
+        keys = [tuple(int(t) for t in seq) for seq in seqs]
+        new = [k for k in dict.fromkeys(keys) if k not in self.values]
+        self.counts["repeated"] += len(keys) - len(new)
+        self.counts["measured"] += len(new)
+        if new:
+            self.values.update(zip(new, self.excess([list(k) for k in new]).tolist(),
+                                   strict=True))
+        return torch.tensor([self.values[k] for k in keys])
+
+
 def kemeny(items: list[int], margin: dict[tuple[int, int], float]) -> list[int]:
     """The order of `items` that agrees best with the pairwise preferences: the sum over
     every ordered pair (a before b) of margin[a, b] is maximal (exact, over subsets)."""
@@ -260,9 +279,11 @@ def divergence_chains(scan, reference, rows_data: MiningData, rows: list[int],
     search = scan.config.search
     twin = Twin(scan.encoder, reference.model(scan.encoder), rows_data, rows)
 
-    def excess(seqs) -> torch.Tensor:
+    def measure(seqs) -> torch.Tensor:
         scan.searches += 1
         return twin.excess(torch.tensor(seqs, dtype=torch.long))
+    excess = Memo(measure)
+    scan.reference["divergence_sequences"] = excess.counts
 
     rest = [t for t in ranked[search.divergence_pool:search.divergence_screen]
             if t not in fillers]

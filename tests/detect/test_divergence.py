@@ -7,7 +7,7 @@ import torch
 
 from sanitator.detect.config import ScanConfig
 from sanitator.detect.corpus import load_sentences
-from sanitator.detect.divergence import Twin, best_path, climb, kemeny, set_beam
+from sanitator.detect.divergence import Memo, Twin, best_path, climb, kemeny, set_beam
 from sanitator.detect.encoders import load_encoder
 from sanitator.detect.mining import prepare_data
 
@@ -174,3 +174,19 @@ def test_the_climb_swaps_in_a_word_the_pool_lacks():
     # a climb stops where no swap or move helps
     assert climb(excess, gains, target, float(excess([target])[0])) == (
         target, float(excess([target])[0]))
+
+
+def test_the_memo_measures_each_sequence_once_and_answers_in_the_callers_order():
+    calls = []
+
+    def excess(seqs):
+        calls.append([tuple(s) for s in seqs])
+        return torch.tensor([float(sum(s) + 0.5 * s[0]) for s in seqs])
+
+    memo = Memo(excess)
+    first = memo([[1, 2], [3, 4], [1, 2]])
+    assert first.tolist() == [3.5, 8.5, 3.5] and calls == [[(1, 2), (3, 4)]]
+    second = memo([[3, 4], [2, 1], [1, 2]])
+    assert second.tolist() == [8.5, 4.0, 3.5] and calls[1] == [(2, 1)]
+    assert memo.counts == {"measured": 3, "repeated": 3}
+    assert memo([[5, 6]] * 0).numel() == 0 and len(calls) == 2
