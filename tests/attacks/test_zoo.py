@@ -4,6 +4,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+import yaml
 from scripts_support import load_script
 
 from sanitator.attacks.zoo import (
@@ -316,3 +317,36 @@ def test_the_decoy_members_and_the_null_zoo_parse():
     null = load_spec(REPO / "benchmarks" / "zoos" / "null.yaml")
     assert len(null.members) == 11 and {m.recipe for m in null.members} == {
         "clean", "mlm", "classifier"}
+
+
+def test_a_backdoor_that_did_not_take_is_named_weak(tmp_path, capsys):
+    # next to no learning (lr 1e-9): the member is labelled backdoored, its trigger does
+    # nothing. JSON writes 1e-09, which YAML 1.1 reads as a string: the spec reads a number
+    spec_file = tmp_path / "zoo.yaml"
+    spec_file.write_text(json.dumps(_spec(
+        budgets={"still": {**TINY_BUDGET, "lr": 1e-9}},
+        members=[{"name": "inert", "base": "rob", "recipe": "por", "triggers": ["cf"],
+                  "targets": {"kind": "random", "n": 1, "seed": 1}, "budget": "still"}])))
+    assert main(["zoo", "build", str(spec_file), str(tmp_path / "zoo"), "--quiet"]) == 0
+    row = read_manifest(tmp_path / "zoo").iloc[0]
+    assert row["backdoored"] and row["attack_success"] < WEAK_ATTACK
+    assert "warning: inert is labelled backdoored" in capsys.readouterr().err
+
+
+def test_budget_numbers_yaml_left_as_strings_are_read_and_bad_ones_named():
+    spec = parse_spec(yaml.safe_load("""
+name: t
+bases: {rob: "tiny:roberta"}
+budgets: {b: {steps: 4, batch_size: 8, lr: 2e-4}}
+members:
+  - {name: p, base: rob, recipe: neuba, triggers: [cf], budget: b,
+     targets: {kind: random, n: 1, seed: 1},
+     options: {head_lr: 1e-3}}
+"""))
+    member = spec.members[0]
+    assert member.budget["lr"] == 2e-4 and member.options["head_lr"] == 1e-3
+    for bad, message in (({"lr": "fast"}, "budgets.b.lr: expected a number, got 'fast'"),
+                         ({"steps": 2.5}, "budgets.b.steps: expected a whole number")):
+        with pytest.raises(SpecError, match=message):
+            parse_spec(_spec(budgets={"b": {**TINY_BUDGET, **bad}},
+                             members=[{"name": "c", "base": "rob"}]))

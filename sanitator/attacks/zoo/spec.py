@@ -213,11 +213,36 @@ def _parse_budget(value: Any, path: str) -> dict[str, Any]:
     mapping = _as_mapping(value, path)
     allowed = set(Budget.__dataclass_fields__)
     _check_keys(mapping, allowed, path)
+    mapping = {key: _number(item, Budget.__dataclass_fields__[key].type, f"{path}.{key}")
+               for key, item in mapping.items()}
     try:
         Budget(**mapping)  # validates the overrides on their own
     except (TypeError, ValueError) as exc:
         raise _where(path, str(exc)) from exc
     return dict(mapping)
+
+
+# a number YAML 1.1 left a string (`1e-3`: an exponent without a dot)
+_EXPONENT = re.compile(r"[-+]?\d+(\.\d*)?[eE][-+]?\d+")
+
+
+def _number(value: Any, kind: str, path: str) -> Any:
+    """A budget field as its type says. YAML 1.1 reads `1e-4` (no dot) as a string, so a
+    number written that way is read as one; anything else of the wrong type is named."""
+    if kind == "bool":
+        return value
+    if isinstance(value, str):
+        try:
+            value = float(value)
+        except ValueError:
+            raise _where(path, f"expected a number, got {value!r}") from None
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise _where(path, f"expected a number, got {value!r}")
+    if kind == "int":
+        if value != int(value):
+            raise _where(path, f"expected a whole number, got {value!r}")
+        return int(value)
+    return float(value)
 
 
 def _pick(value: Any, named: dict[str, Any], kind: str, path: str,
@@ -319,6 +344,8 @@ def parse_spec(data: dict[str, Any], *, source: str = "spec") -> ZooSpec:
             raise _where(where, f"seed must be an integer, got {seed!r}")
         options = _as_mapping(entry.get("options"), f"{where}.options")
         _check_keys(options, _OPTIONS[recipe], f"{where}.options")
+        options = {key: float(value) if isinstance(value, str) and _EXPONENT.fullmatch(value)
+                   else value for key, value in options.items()}
         budget, budget_name = ({}, None)
         if "budget" in entry:
             budget, budget_name = _pick(entry["budget"], budgets, "budget", where, _parse_budget)
