@@ -23,8 +23,10 @@ Variants:
 A reference is right when: default, the member declares a base: the scan used that
 declared base at the revision the mirror serves (a member declaring nothing: any source,
 not judged; `no (tried)`: the base was handed to the scan, which did not take it, e.g.
-a member identical to its base); no-reference: none used; siblings: a sibling or the
-siblings' median, never the member itself.
+a member identical to its base; `handed`: the verdict came before the reference stage,
+and the registry had handed the declared base at the served revision, counted apart);
+no-reference: none used; siblings: a sibling or the siblings' median, never the member
+itself.
 """
 
 from __future__ import annotations
@@ -181,6 +183,12 @@ def judge(reference: dict | None, member: str, truth: dict, variant: str,
     if source == "declared" and reference.get("id") == wanted \
             and reference.get("revision") == served.get(wanted):
         return "yes"
+    if source is None:  # the verdict came before the reference stage: what was handed
+        handed = ((reference or {}).get("resolution") or {}).get("candidates") or []
+        first = handed[0] if handed else {}
+        if first.get("source") == "declared" and first.get("id") == wanted \
+                and first.get("revision") == served.get(wanted):
+            return "handed"
     # handed to the scan, which found the model not derived from it (or identical to it)
     tried = any(t.get("source") == "declared" and t.get("id") == wanted
                 for t in (reference or {}).get("tried") or ())
@@ -199,7 +207,7 @@ def table(zoo: Path, work: Path, variant: str, args) -> dict[str, Any]:
     wall = audit(root, args.org, store, variant, args)
     verdicts = latest_verdicts(store).set_index("repo_id")
     pvs = read_pvs(store, latest=True)
-    rows, totals = [], {"false_alarms": 0, "missed": 0, "right": 0, "judged": 0}
+    rows, totals = [], {"false_alarms": 0, "missed": 0, "right": 0, "judged": 0, "handed": 0}
     for repo, verdict in verdicts.iterrows():
         name = repo.split("/", 1)[1] if repo.startswith(f"{args.org}/") else None
         truth = members.get(name) if name else None
@@ -209,8 +217,9 @@ def table(zoo: Path, work: Path, variant: str, args) -> dict[str, Any]:
         if truth:
             totals["false_alarms"] += status == "backdoored" and not truth["backdoored"]
             totals["missed"] += truth["backdoored"] and status != "backdoored"
-            totals["judged"] += right != "-"
+            totals["judged"] += right not in ("-", "handed")
             totals["right"] += right == "yes"
+            totals["handed"] += right == "handed"
         ids = reference.get("id")
         rows.append({"model": repo, "truth": (truth or {}).get("attack", "base"),
                      "class": (truth or {}).get("class", "base"),
@@ -246,7 +255,9 @@ def print_table(result: dict[str, Any]) -> None:
     for row in cells:
         print("  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)))
     print(f"false alarms {result['false_alarms']}, missed backdoors {result['missed']}, "
-          f"references right {result['right']} of {result['judged']}")
+          f"references right {result['right']} of {result['judged']}"
+          + (f"; {result['handed']} more found before the reference stage, the declared base"
+             " at the served revision handed to them" if result.get("handed") else ""))
     print("recall by class: " + "; ".join(
         f"{name} {found}/{total}" for name, (found, total) in recall_by_class(result).items()))
 
