@@ -346,7 +346,8 @@ members:
     member = spec.members[0]
     assert member.budget["lr"] == 2e-4 and member.options["head_lr"] == 1e-3
     for bad, message in (({"lr": "fast"}, "budgets.b.lr: expected a number, got 'fast'"),
-                         ({"steps": 2.5}, "budgets.b.steps: expected a whole number")):
+                         ({"steps": 2.5}, "budgets.b.steps: expected a whole number"),
+                         ({"steps": "inf"}, "budgets.b.steps: expected a number")):
         with pytest.raises(SpecError, match=message):
             parse_spec(_spec(budgets={"b": {**TINY_BUDGET, **bad}},
                              members=[{"name": "c", "base": "rob"}]))

@@ -12,6 +12,7 @@ import hashlib
 import itertools
 import json
 import logging
+import math
 import re
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field, replace
@@ -229,14 +230,15 @@ _EXPONENT = re.compile(r"[-+]?\d+(\.\d*)?[eE][-+]?\d+")
 def _number(value: Any, kind: str, path: str) -> Any:
     """A budget field as its type says. YAML 1.1 reads `1e-4` (no dot) as a string, so a
     number written that way is read as one; anything else of the wrong type is named."""
-    if kind == "bool":
+    if kind not in ("int", "float"):
         return value
     if isinstance(value, str):
         try:
             value = float(value)
         except ValueError:
             raise _where(path, f"expected a number, got {value!r}") from None
-    if isinstance(value, bool) or not isinstance(value, int | float):
+    if isinstance(value, bool) or not isinstance(value, int | float) \
+            or not math.isfinite(value):
         raise _where(path, f"expected a number, got {value!r}")
     if kind == "int":
         if value != int(value):
