@@ -4,7 +4,6 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-import yaml
 from scripts_support import load_script
 
 from sanitator.attacks.zoo import (
@@ -333,8 +332,9 @@ def test_a_backdoor_that_did_not_take_is_named_weak(tmp_path, capsys):
     assert "warning: inert is labelled backdoored" in capsys.readouterr().err
 
 
-def test_budget_numbers_yaml_left_as_strings_are_read_and_bad_ones_named():
-    spec = parse_spec(yaml.safe_load("""
+def test_budget_numbers_yaml_left_as_strings_are_read_and_bad_ones_named(tmp_path):
+    spec_file = tmp_path / "zoo.yaml"
+    spec_file.write_text("""
 name: t
 bases: {rob: "tiny:roberta"}
 budgets: {b: {steps: 4, batch_size: 8, lr: 2e-4}}
@@ -342,8 +342,8 @@ members:
   - {name: p, base: rob, recipe: neuba, triggers: [cf], budget: b,
      targets: {kind: random, n: 1, seed: 1},
      options: {head_lr: 1e-3}}
-"""))
-    member = spec.members[0]
+""")
+    member = load_spec(spec_file).members[0]
     assert member.budget["lr"] == 2e-4 and member.options["head_lr"] == 1e-3
     for bad, message in (({"lr": "fast"}, "budgets.b.lr: expected a number, got 'fast'"),
                          ({"steps": 2.5}, "budgets.b.steps: expected a whole number"),

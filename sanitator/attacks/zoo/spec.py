@@ -223,20 +223,10 @@ def _parse_budget(value: Any, path: str) -> dict[str, Any]:
     return dict(mapping)
 
 
-# a number YAML 1.1 left a string (`1e-3`: an exponent without a dot)
-_EXPONENT = re.compile(r"[-+]?\d+(\.\d*)?[eE][-+]?\d+")
-
-
 def _number(value: Any, kind: str, path: str) -> Any:
-    """A budget field as its type says. YAML 1.1 reads `1e-4` (no dot) as a string, so a
-    number written that way is read as one; anything else of the wrong type is named."""
+    """A budget field as its type says; a value of the wrong type is named."""
     if kind not in ("int", "float"):
         return value
-    if isinstance(value, str):
-        try:
-            value = float(value)
-        except ValueError:
-            raise _where(path, f"expected a number, got {value!r}") from None
     if isinstance(value, bool) or not isinstance(value, int | float) \
             or not math.isfinite(value):
         raise _where(path, f"expected a number, got {value!r}")
@@ -346,8 +336,6 @@ def parse_spec(data: dict[str, Any], *, source: str = "spec") -> ZooSpec:
             raise _where(where, f"seed must be an integer, got {seed!r}")
         options = _as_mapping(entry.get("options"), f"{where}.options")
         _check_keys(options, _OPTIONS[recipe], f"{where}.options")
-        options = {key: float(value) if isinstance(value, str) and _EXPONENT.fullmatch(value)
-                   else value for key, value in options.items()}
         budget, budget_name = ({}, None)
         if "budget" in entry:
             budget, budget_name = _pick(entry["budget"], budgets, "budget", where, _parse_budget)
@@ -426,6 +414,19 @@ def _check_ids(members: list[MemberSpec]) -> None:
                             f"of the member {member_ids[member.base_id]}")
 
 
+def _loader():
+    """A safe YAML loader that reads `1e-4` as a number, as YAML 1.2 does: YAML 1.1 (PyYAML)
+    wants a dot in a float and would hand every such budget, option or target a string."""
+    import yaml
+
+    class SpecLoader(yaml.SafeLoader):
+        pass
+    SpecLoader.add_implicit_resolver("tag:yaml.org,2002:float",
+                                     re.compile(r"^[-+]?\d+(\.\d*)?[eE][-+]?\d+$"),
+                                     list("-+0123456789"))
+    return SpecLoader
+
+
 def load_spec(path: str | Path) -> ZooSpec:
     """Read and validate a YAML zoo spec."""
     import yaml
@@ -434,7 +435,7 @@ def load_spec(path: str | Path) -> ZooSpec:
     if not path.is_file():
         raise SpecError(f"{path}: no such spec file")
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.load(path.read_text(), Loader=_loader())  # a SafeLoader
     except yaml.YAMLError as exc:
         raise SpecError(f"{path}: not valid YAML ({exc})") from exc
     return parse_spec(data, source=str(path))
